@@ -1,0 +1,274 @@
+"""The SD1.5 UNet inflated to video, with AnimateDiff motion modules and PIA's 9-channel condition input.
+
+Activations are channels-last with the frames of each clip folded into the batch, `(b*f, h, w, c)` with f
+fastest, so every spatial layer is an image layer; only the motion modules and (in `pia` norm semantics) the
+ResNet/output GroupNorm statistics look across frames. Names mirror diffusers' `UNetMotionModel`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pia_jax.config import UNetConfig
+from pia_jax.layers import Attention, Builder, FeedForward, nearest_resize
+from pia_jax.motion import MotionModule
+
+# Attention kernel per call site (see attention.py): temporal sequences are short, so XLA wins there.
+DEFAULT_KERNELS = {"self": "auto", "cross": "auto", "temporal": "xla"}
+
+
+def timestep_embedding(t, dim: int):
+    """[cos | sin] sinusoidal embedding of (b,) timesteps, frequencies 1e4^(-k / (dim/2)), in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class ResnetBlock2D(nnx.Module):
+    def __init__(self, mk: Builder, cin, cout, temb_dim, cfg: UNetConfig):
+        self.frames_pooled = cfg.pooled("resnet")
+        self.norm1 = mk.group_norm(cfg.norm_num_groups, cin, cfg.norm_eps)
+        self.conv1 = mk.conv(cin, cout)
+        self.time_emb_proj = mk.linear(temb_dim, cout)
+        self.norm2 = mk.group_norm(cfg.norm_num_groups, cout, cfg.norm_eps)
+        self.conv2 = mk.conv(cout, cout)
+        self.conv_shortcut = mk.conv(cin, cout, kernel=1) if cin != cout else None
+
+    def __call__(self, x, temb, frames):
+        f = frames if self.frames_pooled else 1
+        h = self.conv1(jax.nn.silu(self.norm1(x, f)))
+        h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h, f)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, mk: Builder, dim, heads, context_dim, kernels):
+        self.norm1, self.norm2, self.norm3 = (mk.layer_norm(dim) for _ in range(3))
+        self.attn1 = Attention(mk, dim, heads, kernel=kernels["self"])
+        self.attn2 = Attention(mk, dim, heads, context_dim=context_dim, kernel=kernels["cross"])
+        self.ff = FeedForward(mk, dim)
+
+    def __call__(self, x_NxSxC, context_BxTxD):
+        x_NxSxC = x_NxSxC + self.attn1(self.norm1(x_NxSxC))
+        # every frame attends to the same text: fold frames into the query sequence, project k/v once per video
+        n, s, c = x_NxSxC.shape
+        b = context_BxTxD.shape[0]
+        x_BxFSxC = x_NxSxC.reshape(b, (n // b) * s, c)
+        x_BxFSxC = x_BxFSxC + self.attn2(self.norm2(x_BxFSxC), context_BxTxD)
+        x_NxSxC = x_BxFSxC.reshape(n, s, c)
+        return x_NxSxC + self.ff(self.norm3(x_NxSxC))
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer: per-frame GroupNorm, 1x1 conv in, self + cross attention + GEGLU, 1x1 conv out."""
+
+    def __init__(self, mk: Builder, channels, heads, context_dim, groups, kernels):
+        self.norm = mk.group_norm(groups, channels, 1e-6)
+        self.proj_in = mk.conv(channels, channels, kernel=1)
+        self.transformer_blocks = nnx.List([BasicTransformerBlock(mk, channels, heads, context_dim, kernels)])
+        self.proj_out = mk.conv(channels, channels, kernel=1)
+
+    def __call__(self, x, context):
+        n, h, w, c = x.shape
+        y = self.proj_in(self.norm(x)).reshape(n, h * w, c)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y.reshape(n, h, w, c))
+
+
+class Downsample2D(nnx.Module):
+    def __init__(self, mk: Builder, channels):
+        self.conv = mk.conv(channels, channels, stride=2)  # pad 1: odd sizes round up, as in torch
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, mk: Builder, channels):
+        self.conv = mk.conv(channels, channels)
+
+    def __call__(self, x, size=None):
+        return self.conv(nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2])))
+
+
+class _Layers(nnx.Module):
+    """resnet -> [spatial transformer] -> motion module, per layer; the shared body of all UNet blocks."""
+
+    def __init__(self, mk, cfg: UNetConfig, channels, cins, cross_attention, kernels):
+        heads, groups = cfg.motion_num_attention_heads, cfg.norm_num_groups
+        temb_dim = 4 * cfg.block_out_channels[0]
+        self.resnets = nnx.List([ResnetBlock2D(mk, cin, channels, temb_dim, cfg) for cin in cins])
+        self.attentions = nnx.List([
+            Transformer2DModel(mk, channels, cfg.num_attention_heads, cfg.cross_attention_dim, groups, kernels)
+            for _ in cins] if cross_attention else [])
+        self.motion_modules = nnx.List([
+            MotionModule(mk, channels, heads, groups, cfg.motion_max_seq_length, cfg.pooled("motion"),
+                         kernels["temporal"]) for _ in cins])
+
+    def layer(self, i, x, temb, context, frames):
+        x = self.resnets[i](x, temb, frames)
+        if self.attentions:
+            x = self.attentions[i](x, context)
+        return self.motion_modules[i](x, frames)
+
+
+class DownBlock(_Layers):
+    """CrossAttnDownBlockMotion (cross_attention=True) or DownBlockMotion."""
+
+    def __init__(self, mk, cfg, cin, cout, cross_attention, add_downsample, kernels):
+        super().__init__(mk, cfg, cout, [cin] + [cout] * (cfg.layers_per_block - 1), cross_attention, kernels)
+        self.downsamplers = nnx.List([Downsample2D(mk, cout)] if add_downsample else [])
+
+    def __call__(self, x, temb, context, frames):
+        skips = []
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb, context, frames)
+            skips.append(x)
+        if self.downsamplers:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(_Layers):
+    """CrossAttnUpBlockMotion (cross_attention=True) or UpBlockMotion; consumes one skip per layer."""
+
+    def __init__(self, mk, cfg, prev_cout, cout, skip_channels, cross_attention, add_upsample, kernels):
+        self.cins = [(prev_cout if i == 0 else cout) + skip for i, skip in enumerate(skip_channels)]
+        super().__init__(mk, cfg, cout, self.cins, cross_attention, kernels)
+        self.upsamplers = nnx.List([Upsample2D(mk, cout)] if add_upsample else [])
+
+    def __call__(self, x, skips, temb, context, frames, upsample_size=None):
+        for i in range(len(self.resnets)):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = self.layer(i, x, temb, context, frames)
+        if self.upsamplers:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nnx.Module):
+    """resnet -> spatial transformer -> [motion module] -> resnet."""
+
+    def __init__(self, mk, cfg: UNetConfig, kernels):
+        c, temb_dim = cfg.block_out_channels[-1], 4 * cfg.block_out_channels[0]
+        self.resnets = nnx.List([ResnetBlock2D(mk, c, c, temb_dim, cfg) for _ in range(2)])
+        self.attentions = nnx.List([Transformer2DModel(mk, c, cfg.num_attention_heads, cfg.cross_attention_dim,
+                                                       cfg.norm_num_groups, kernels)])
+        self.motion_modules = nnx.List([
+            MotionModule(mk, c, cfg.motion_num_attention_heads, cfg.norm_num_groups, cfg.motion_max_seq_length,
+                         cfg.pooled("motion"), kernels["temporal"])] if cfg.motion_mid_block else [])
+
+    def __call__(self, x, temb, context, frames):
+        x = self.resnets[0](x, temb, frames)
+        x = self.attentions[0](x, context)
+        if self.motion_modules:
+            x = self.motion_modules[0](x, frames)
+        return self.resnets[1](x, temb, frames)
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, mk, cin, dim):
+        self.linear_1, self.linear_2 = mk.linear(cin, dim), mk.linear(dim, dim)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class UNetMotionModel(nnx.Module):
+    """Noise prediction for video latents.
+
+    __call__(sample, timestep, encoder_hidden_states, mask, condition):
+      sample (b, f, h, w, 4) noisy latents; timestep scalar or (b,); encoder_hidden_states (b, 77, 768);
+      mask broadcastable to (b, f, h, w, 1) (per-frame affinity), condition broadcastable to (b, f, h, w, 4)
+      (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode).
+    Returns the predicted noise (b, f, h, w, out_channels) in fp32.
+    """
+
+    def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_kernels=None):
+        self.config, self.dtype = cfg, dtype
+        kernels = {**DEFAULT_KERNELS, **(attention_kernels or {})}
+        mk = Builder(rngs, dtype, param_dtype)
+        chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = mk.conv(cfg.in_channels, chans[0])
+        self.time_embedding = TimestepEmbedding(mk, chans[0], 4 * chans[0])
+
+        self.down_blocks = nnx.List([
+            DownBlock(mk, cfg, chans[max(i - 1, 0)], chans[i], kind == "CrossAttnDownBlockMotion", i < n - 1, kernels)
+            for i, kind in enumerate(cfg.down_block_types)])
+        self.mid_block = MidBlock(mk, cfg, kernels)
+        # skip channels in the order the up blocks pop them: conv_in output, then each down layer/downsampler
+        skip_chans = [chans[0]] + [c for i, c in enumerate(chans)
+                                   for _ in range(cfg.layers_per_block + (i < n - 1))]
+        up = []
+        for i, kind in enumerate(cfg.up_block_types):
+            cout = chans[n - 1 - i]
+            skips = [skip_chans.pop() for _ in range(cfg.layers_per_block + 1)]
+            up.append(UpBlock(mk, cfg, chans[n - i] if i else chans[-1], cout, skips,
+                              kind == "CrossAttnUpBlockMotion", i < n - 1, kernels))
+        self.up_blocks = nnx.List(up)
+        self.conv_norm_out = mk.group_norm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
+        self.conv_out = mk.conv(chans[0], cfg.out_channels)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None):
+        cfg = self.config
+        b, f, h, w, _ = sample.shape
+        x = sample
+        if cfg.in_channels == 9:  # PIA: [noisy latent | affinity mask | condition latent]
+            mask = jnp.zeros(()) if mask is None else mask
+            condition = jnp.zeros(()) if condition is None else condition
+            x = jnp.concatenate([sample, jnp.broadcast_to(mask, (b, f, h, w, 1)).astype(sample.dtype),
+                                 jnp.broadcast_to(condition, (b, f, h, w, 4)).astype(sample.dtype)], axis=-1)
+        elif mask is not None or condition is not None:
+            raise ValueError(f"a {cfg.in_channels}-channel UNet takes no mask/condition input")
+        if x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} input channels, got {x.shape[-1]}")
+        x = x.reshape(b * f, h, w, cfg.in_channels).astype(self.dtype)
+
+        t = jnp.broadcast_to(jnp.asarray(timestep), (b,))
+        temb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0]).astype(self.dtype))
+        temb = jnp.repeat(temb, f, axis=0)  # (b*f, 4*c0), f fastest
+        context = encoder_hidden_states.astype(self.dtype)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context, f)
+            skips += block_skips
+        x = self.mid_block(x, temb, context, f)
+        for block in self.up_blocks:
+            layer_skips = skips[len(skips) - len(block.resnets):]
+            del skips[len(skips) - len(block.resnets):]
+            # the next block's skips fix the upsampled size (matters when h, w are not multiples of 2**blocks)
+            size = skips[-1].shape[1:3] if skips else None
+            x = block(x, layer_skips, temb, context, f, size)
+        x = jax.nn.silu(self.conv_norm_out(x, f if cfg.pooled("out") else 1))
+        x = self.conv_out(x)
+        return x.reshape(b, f, h, w, -1).astype(jnp.float32)
+
+
+def widen_conv_in(unet: UNetMotionModel, rngs: nnx.Rngs, in_channels: int = 9) -> UNetMotionModel:
+    """Adds zero-initialized condition channels to a 4-channel UNet's conv_in (PIA's training start).
+
+    The first 4 input channels and the bias are kept, so the widened model computes exactly what the 4-channel one
+    did whatever the mask and condition inputs are.
+    """
+    old = unet.conv_in
+    kernel = old.kernel[...]
+    cin = kernel.shape[2]
+    if cin >= in_channels:
+        raise ValueError(f"conv_in already has {cin} input channels")
+    mk = Builder(rngs, old.dtype, old.param_dtype)
+    new = mk.conv(in_channels, kernel.shape[3])
+    new.kernel[...] = jnp.zeros_like(new.kernel[...]).at[:, :, :cin, :].set(kernel)
+    new.bias[...] = old.bias[...]
+    unet.conv_in = new
+    unet.config = dataclasses.replace(unet.config, in_channels=in_channels)
+    return unet
