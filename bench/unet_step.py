@@ -68,11 +68,11 @@ def bench_jax(cfg, args):
         times.append(time.perf_counter() - t0)
     ms = 1e3 * statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", float("nan")) / 2**30
+    peak = f"{stats['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in stats else "n/a"
     rate = (f"{flops / (ms / 1e3) / 1e12:.1f} TFLOP/s ({flops / 1e9:.1f} GFLOP/step, XLA's count of the HLO)"
             if np.isfinite(flops) else "no flop count from this jax version")
     print(f"jax     {args.dtype} compute / {args.param_dtype} params: compile {compile_s:.1f} s, "
-          f"{ms:.1f} ms/step (median of {args.iters}), {rate}, peak memory {peak:.1f} GiB")
+          f"{ms:.1f} ms/step (median of {args.iters}), {rate}, peak memory {peak}")
     return ms
 
 
