@@ -1,8 +1,8 @@
 """AnimateDiff motion module: a temporal transformer over the frames at each spatial site.
 
 Names mirror diffusers' `AnimateDiffTransformer3D`; the original AnimateDiff/PIA checkpoints name the same weights
-`temporal_transformer.transformer_blocks.0.attention_blocks.{0,1}` / `norms.{0,1}` / `ff_norm` (renamed by rule
-in weights.py).
+`temporal_transformer.transformer_blocks.0.attention_blocks.{0,1}` / `norms.{0,1}` / `ff_norm`, which a
+converter maps onto these names by rule.
 """
 
 import numpy as np

@@ -22,6 +22,10 @@ FP32_TOL = 1e-4  # fp32 vs fp32, summation order only (see the module docstring)
 BF16_TOL = 5e-2  # bf16 keeps 8 mantissa bits (~4e-3 per rounding); errors add up over ~20 layers to ~1e-2
 
 
+# one jitted wrapper each, so repeated shapes reuse their compilation
+ENCODE = nnx.jit(AutoencoderKL.encode)
+DECODE = nnx.jit(AutoencoderKL.decode)
+
 def torch_vae(cfg: VAEConfig, seed=0):
     n = len(cfg.block_out_channels)
     ref = TorchAutoencoderKL(
@@ -62,7 +66,7 @@ def check_encode(ref, model, x, noise_seed, what):
         # the same noise go into our explicit-noise sampler.
         noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(noise_seed))
         sample = dist.sample(generator=torch.Generator().manual_seed(noise_seed))
-    mean, logvar = nnx.jit(AutoencoderKL.encode)(model, jnp.asarray(x))
+    mean, logvar = ENCODE(model, jnp.asarray(x))
     assert_close(mean, nhwc(dist.mean), FP32_TOL, f"{what} mean")
     assert_close(logvar, nhwc(dist.logvar), FP32_TOL, f"{what} logvar")
     assert_close(sample_posterior(mean, logvar, jnp.asarray(nhwc(noise))), nhwc(sample), FP32_TOL, f"{what} sample")
@@ -71,7 +75,7 @@ def check_encode(ref, model, x, noise_seed, what):
 def check_decode(ref, model, z, what):
     with torch.no_grad():
         expected = nhwc(ref.decode(nchw(z)).sample)
-    out = nnx.jit(AutoencoderKL.decode)(model, jnp.asarray(z))
+    out = DECODE(model, jnp.asarray(z))
     assert_close(out, expected, FP32_TOL, f"{what} decode")
     return np.asarray(out), expected
 
@@ -144,11 +148,11 @@ def test_bf16_compute_close_to_fp32(tiny):
     ref, model = tiny
     model_bf16 = jax_vae(ref, TINY.vae, dtype=jnp.bfloat16)
     z = jnp.asarray(np.random.default_rng(7).standard_normal((2, 12, 10, 4)).astype(np.float32))
-    out_bf16 = nnx.jit(AutoencoderKL.decode)(model_bf16, z)
-    out_fp32 = nnx.jit(AutoencoderKL.decode)(model, z)
+    out_bf16 = DECODE(model_bf16, z)
+    out_fp32 = DECODE(model, z)
     assert out_bf16.dtype == jnp.bfloat16
     assert bool(jnp.isfinite(out_bf16.astype(jnp.float32)).all())
     assert_close(out_bf16.astype(jnp.float32), out_fp32, BF16_TOL, "bf16 decode")
-    mean_bf16, _ = nnx.jit(AutoencoderKL.encode)(model_bf16, jnp.asarray(images((1, 24, 16, 3), seed=8)))
-    mean_fp32, _ = nnx.jit(AutoencoderKL.encode)(model, jnp.asarray(images((1, 24, 16, 3), seed=8)))
+    mean_bf16, _ = ENCODE(model_bf16, jnp.asarray(images((1, 24, 16, 3), seed=8)))
+    mean_fp32, _ = ENCODE(model, jnp.asarray(images((1, 24, 16, 3), seed=8)))
     assert_close(mean_bf16.astype(jnp.float32), mean_fp32, BF16_TOL, "bf16 encode mean")
