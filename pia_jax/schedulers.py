@@ -1,0 +1,298 @@
+"""Noise schedulers as data: DDIM and DPM-Solver++ 2M with every per-step coefficient precomputed on the host, so a
+sampler is one `jax.lax.fori_loop` over a pure `step` that compiles once per shape.
+
+The parity target is diffusers' DDIMScheduler and DPMSolverMultistepScheduler (same config keys, same timesteps, same
+float32 formulas; tests/test_schedulers.py runs both). Sampling convention: sample = alpha·x0 + sigma·ε at every step.
+Not implemented (rejected by `from_diffusers`): dynamic thresholding, zero-terminal-SNR rescaling, trained betas,
+learned variance, SDE and third-order solvers, exponential/beta/lu/flow sigmas.
+"""
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("ddim", "dpmpp_2m")
+_CHOICES = dict(
+    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    timestep_spacing=("leading", "trailing", "linspace"),
+    prediction_type=("epsilon", "v_prediction", "sample"),
+    solver_order=(1, 2),
+    algorithm_type=("dpmsolver++",),
+    solver_type=("midpoint", "heun"),
+    final_sigmas_type=("zero", "sigma_min"),
+)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Keys and meanings as in diffusers' scheduler configs; defaults = the PIA reference (DDIM, linear betas)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    steps_offset: int = 1
+    timestep_spacing: str = "leading"
+    prediction_type: str = "epsilon"
+    # DDIM
+    set_alpha_to_one: bool = True
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    eta: float = 0.0  # an argument of diffusers' step(); here part of the schedule
+    # DPM-Solver++ (multistep)
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    use_karras_sigmas: bool = False
+    final_sigmas_type: str = "zero"
+
+    def __post_init__(self):
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose from {allowed}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+PIA_DDIM = SchedulerConfig()
+
+
+def to_dict(config: SchedulerConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict) -> SchedulerConfig:
+    return SchedulerConfig(**data)
+
+
+# diffusers' class defaults, for keys that an older scheduler_config.json lacks (DDIM's; DPM differs in one key).
+_DIFFUSERS_DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
+    timestep_spacing="leading", prediction_type="epsilon", set_alpha_to_one=True, clip_sample=True,
+    clip_sample_range=1.0, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+    lower_order_final=True, euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero")
+# diffusers features not implemented here, with the value each key must have.
+_UNSUPPORTED = dict(
+    trained_betas=None, rescale_betas_zero_snr=False, thresholding=False, variance_type=None,
+    use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
+    lambda_min_clipped=-math.inf, use_dynamic_shifting=False)
+
+
+def from_diffusers(data: dict, kind: str = "ddim") -> SchedulerConfig:
+    """The config from a diffusers `scheduler/scheduler_config.json` dict (of any scheduler class), as diffusers'
+    `from_config` into the class of `kind` builds it: missing keys take that class's defaults, keys that do not
+    apply (`_class_name`, `skip_prk_steps`, ...) are ignored, and features not implemented here raise."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    for key, required in _UNSUPPORTED.items():
+        if data.get(key, required) != required:
+            raise ValueError(f"{key}={data[key]!r} is not supported (only {required!r})")
+    defaults = dict(_DIFFUSERS_DEFAULTS, timestep_spacing="linspace" if kind == "dpmpp_2m" else "leading")
+    return SchedulerConfig(**{k: data.get(k, v) for k, v in defaults.items()})
+
+
+def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(..., dtype=float32) to the bit: torch's CPU kernel fills the first half from `start` and the
+    second from `end`, each value one fused multiply-add (exact in float64, then rounded once)."""
+    start, end = np.float32(start), np.float32(end)
+    step = np.float64((end - start) / np.float32(n - 1))
+    i = np.arange(n)
+    first = np.float64(start) + step * i[: n // 2]
+    second = np.float64(end) - step * (n - 1 - i[n // 2:])
+    return np.concatenate([first, second]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """ᾱ_t for t = 0 .. num_train_timesteps-1, float32 exactly as diffusers computes it (read-only, cached)."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        betas = _torch_linspace(config.beta_start, config.beta_end, n)
+    elif config.beta_schedule == "scaled_linear":
+        betas = _torch_linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n) ** 2
+    else:  # squaredcos_cap_v2 (GLIDE's cosine schedule), computed in Python floats
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], np.float32)
+    out = np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)  # torch accumulates in float64
+    out.setflags(write=False)
+    return out
+
+
+def _timesteps(config: SchedulerConfig, kind: str, n: int) -> np.ndarray:
+    """diffusers' `set_timesteps(n)` spacings (DPM-Solver spaces n+1 points and drops the last, except 'trailing')."""
+    T, spacing = config.num_train_timesteps, config.timestep_spacing
+    m = n + (kind == "dpmpp_2m")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, m).round()[::-1][:n]
+    elif spacing == "leading":
+        ts = (np.arange(m) * (T // m)).round()[::-1][:n] + config.steps_offset
+    else:
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    return ts.astype(np.int64)
+
+
+def _karras_timesteps(config: SchedulerConfig, sigmas: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Karras et al. (2022) sigmas (rho 7) between the training extremes, and the fractional timesteps they sit at
+    (interpolated in log sigma), as diffusers computes both."""
+    rho = 7.0
+    lo, hi = sigmas[0].item() ** (1 / rho), sigmas[-1].item() ** (1 / rho)
+    karras = (hi + np.linspace(0, 1, n) * (lo - hi)) ** rho
+    log_sigmas = np.log(sigmas)
+    log_sigma = np.log(np.maximum(karras, 1e-10))
+    low = np.cumsum(log_sigma - log_sigmas[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    t = (1 - w) * low + w * (low + 1)
+    if config.beta_schedule != "squaredcos_cap_v2":
+        t = t.round()
+    return karras, t.astype(np.int64)
+
+
+def _pytree(*meta):
+    """Registers a dataclass as a pytree: its arrays are leaves, the `meta` fields static (part of jit's cache key)."""
+    def register(cls):
+        data = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
+        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(meta))
+    return register
+
+
+@_pytree("prediction_type", "clip", "stochastic")
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """Per-step (S,) arrays; x_prev = alpha_prev·x0 + direction·ε + std·noise."""
+    timesteps: jax.Array   # int32, the model's timestep input
+    alpha: jax.Array       # sqrt(ᾱ_t)
+    sigma: jax.Array       # sqrt(1 - ᾱ_t)
+    alpha_prev: jax.Array  # sqrt(ᾱ_prev), ᾱ_prev = 1 (or ᾱ_0) after the last step
+    direction: jax.Array   # sqrt(1 - ᾱ_prev - std²)
+    std: jax.Array         # η · sqrt((1-ᾱ_prev)/(1-ᾱ_t) · (1 - ᾱ_t/ᾱ_prev))
+    prediction_type: str = "epsilon"
+    clip: float | None = None
+    stochastic: bool = False
+
+
+@_pytree("prediction_type")
+@dataclass(frozen=True)
+class DPMSchedule:
+    """Per-step (S,) arrays; x_next = ratio·x - phi·x0 + c1·(x0 - x0_prev) (DPM-Solver++ in its data form)."""
+    timesteps: jax.Array  # int32, the model's timestep input
+    alpha: jax.Array      # 1/sqrt(1+σ²), σ = sqrt((1-ᾱ)/ᾱ) this step's noise level (at its timestep, or Karras')
+    sigma: jax.Array      # σ·alpha
+    ratio: jax.Array      # sigma_next / sigma
+    phi: jax.Array        # alpha_next·(exp(-h) - 1), h = λ_next - λ, λ = log(alpha/sigma)
+    c1: jax.Array         # weight of the second-order difference; 0 on first-order steps
+    prediction_type: str = "epsilon"
+
+
+Schedule = DDIMSchedule | DPMSchedule
+
+
+def make_schedule(kind: str, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0) -> Schedule:
+    """The sampling schedule of `num_inference_steps`; `strength` < 1 keeps only the last int(steps·strength) steps,
+    as diffusers' img2img and PIA pipelines do (start from the image noised with `add_noise_start`)."""
+    n = num_inference_steps
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0 < n <= config.num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {n}")
+    start = n - min(int(n * strength), n)
+    if start >= n:
+        raise ValueError(f"strength {strength} leaves no step of {n}")
+    acp = alphas_cumprod(config)
+    ts = _timesteps(config, kind, n)
+
+    def f32(a):  # the steps taken, as device arrays
+        return jnp.asarray(np.asarray(a, np.float32)[start:])
+
+    if kind == "ddim":
+        prev = ts - config.num_train_timesteps // n  # diffusers' rule for every spacing, so also for 'linspace'
+        final = np.float32(1) if config.set_alpha_to_one else acp[0]
+        a, a_prev = acp[ts], np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+        variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        std = np.float32(config.eta) * variance ** 0.5
+        return DDIMSchedule(
+            jnp.asarray(ts[start:], jnp.int32), f32(a ** 0.5), f32((1 - a) ** 0.5), f32(a_prev ** 0.5),
+            f32((1 - a_prev - std ** 2) ** 0.5), f32(std), config.prediction_type,
+            config.clip_sample_range if config.clip_sample else None, config.eta > 0)
+
+    sigmas = ((1 - acp) / acp) ** 0.5
+    if config.use_karras_sigmas:
+        sigmas, ts = _karras_timesteps(config, sigmas, n)
+    else:
+        sigmas = np.interp(ts, np.arange(len(sigmas)), sigmas)  # = sigmas[ts], clamped (leading + offset gives T)
+    # Where the last step lands: σ = 0 (it returns its x0 prediction; always first order) or the smallest training σ.
+    last = 0.0 if config.final_sigmas_type == "zero" else ((1 - acp[0]) / acp[0]) ** 0.5
+    sigmas = np.append(sigmas, last).astype(np.float32)  # (N+1,)
+    alpha = 1 / (sigmas ** 2 + 1) ** 0.5
+    sigma = sigmas * alpha
+    N = len(ts)
+    with np.errstate(divide="ignore", invalid="ignore"):  # λ = inf at σ = 0; 0·inf where masked out below
+        lam = np.log(alpha) - np.log(sigma)
+        h = lam[1:] - lam[:-1]
+        r0 = np.roll(h, 1) / h  # the previous step's h over this one's (wraps at k = 0, which is first order)
+        phi = alpha[1:] * (np.exp(-h) - 1)
+        if config.solver_type == "midpoint":
+            c1 = -0.5 * phi * (1 / r0)
+        else:
+            c1 = alpha[1:] * ((np.exp(-h) - 1) / h + 1) * (1 / r0)
+    # First order on the first step taken, and on the last one where diffusers lowers it.
+    k = np.arange(N)
+    lower_final = (config.euler_at_final or (config.lower_order_final and N < 15)
+                   or config.final_sigmas_type == "zero")
+    first = (config.solver_order == 1) | (k == start) | ((k == N - 1) & lower_final)
+    return DPMSchedule(
+        jnp.asarray(ts[start:], jnp.int32), f32(alpha[:-1]), f32(sigma[:-1]), f32(sigma[1:] / sigma[:-1]), f32(phi),
+        f32(np.where(first, 0, c1)), config.prediction_type)
+
+
+def init_state(schedule: Schedule, sample: jax.Array):
+    """The solver's carry: nothing for DDIM, the previous x0 prediction (float32) for DPM-Solver++."""
+    return () if isinstance(schedule, DDIMSchedule) else jnp.zeros(sample.shape, jnp.float32)
+
+
+def _x0_eps(prediction_type, out, x, alpha, sigma):
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out, alpha * out + sigma * x
+    return out, (x - alpha * out) / sigma
+
+
+def step(schedule: Schedule, state, i, model_output: jax.Array, sample: jax.Array, noise: jax.Array | None = None):
+    """One denoising step i (a Python or traced int) -> (sample after step i, new state). Float32 inside, the sample's
+    dtype out. DDIM with eta > 0 needs `noise` (standard normal, the sample's shape)."""
+    x, out = sample.astype(jnp.float32), model_output.astype(jnp.float32)
+    x0, eps = _x0_eps(schedule.prediction_type, out, x, schedule.alpha[i], schedule.sigma[i])
+    if isinstance(schedule, DDIMSchedule):
+        if schedule.clip is not None:
+            x0 = jnp.clip(x0, -schedule.clip, schedule.clip)
+        prev = schedule.alpha_prev[i] * x0 + schedule.direction[i] * eps
+        if schedule.stochastic:
+            if noise is None:
+                raise ValueError("DDIM with eta > 0 needs noise")
+            prev = prev + schedule.std[i] * noise.astype(jnp.float32)
+    else:
+        prev = schedule.ratio[i] * x - schedule.phi[i] * x0 + schedule.c1[i] * (x0 - state)
+        state = x0
+    return prev.astype(sample.dtype), state
+
+
+def add_noise(alphas, x0: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    """Forward diffusion sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise as diffusers' DDPM/DDIM `add_noise`; `alphas` is a
+    SchedulerConfig or its alphas_cumprod; `timesteps` an int or one per leading (batch) entry."""
+    acp = jnp.asarray(alphas_cumprod(alphas) if isinstance(alphas, SchedulerConfig) else alphas, jnp.float32)
+    a = acp[jnp.asarray(timesteps)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    return (jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1 - a) * noise.astype(jnp.float32)).astype(x0.dtype)
+
+
+def add_noise_start(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """x0 noised to the schedule's first step (the img2img start): diffusers' `add_noise` at timesteps[0]; for
+    DPM-Solver this uses the step's own σ (with Karras sigmas that is not ᾱ at the rounded timestep)."""
+    y = schedule.alpha[0] * x0.astype(jnp.float32) + schedule.sigma[0] * noise.astype(jnp.float32)
+    return y.astype(x0.dtype)

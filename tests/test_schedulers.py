@@ -1,0 +1,206 @@
+"""pia_jax.schedulers against diffusers' DDIMScheduler and DPMSolverMultistepScheduler, step by step.
+
+Both sides run float32 with the same coefficient formulas; ours precomputes the per-step scalars in numpy float32
+and folds a few products (DPM's (1/r0)·0.5·phi) into one, so every step differs by a few float32 roundings (~1e-7
+relative). DDIM divides by sqrt(ᾱ_t) (~0.07 at t = 961), which scales an absolute error in x0 up by ~15 before
+sqrt(ᾱ_prev) scales it back, so per-step errors reach ~1e-6 of the output scale and 25-50 steps accumulate them
+to a few 1e-6 (measured: at most 2e-6 here). TOL = 2e-5 leaves margin; a wrong coefficient, timestep or solver
+order gives errors of 1e-3 or more.
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from pia_jax import schedulers as S
+from tests.oracle import assert_close
+
+TOL = 2e-5
+SHAPE = (2, 4, 3, 8, 8)  # small video latents (b, c, f, h, w); the schedulers only broadcast
+
+
+def reference(kind, cfg: S.SchedulerConfig):
+    """The diffusers scheduler for our config (each class takes only its own keys)."""
+    d = S.to_dict(cfg)
+    if kind == "ddim":
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "timestep_spacing",
+                "prediction_type", "set_alpha_to_one", "clip_sample", "clip_sample_range")
+        return DDIMScheduler(**{k: d[k] for k in keys})
+    drop = ("set_alpha_to_one", "clip_sample", "clip_sample_range", "eta")
+    return DPMSolverMultistepScheduler(**{k: v for k, v in d.items() if k not in drop})
+
+
+TRACES = [0]  # how often the sampler loop below was traced (= compiled)
+
+
+@jax.jit
+def sample_loop(schedule, x, noises, var_noises):
+    """A sampler with the stand-in model eps_i = 0.5·x + noises[i]; returns every intermediate sample."""
+    TRACES[0] += 1
+
+    def body(i, carry):
+        x, state, traj = carry
+        x, state = S.step(schedule, state, i, 0.5 * x + noises[i], x, var_noises[i])
+        return x, state, traj.at[i].set(x)
+
+    n = schedule.timesteps.shape[0]
+    return jax.lax.fori_loop(0, n, body, (x, S.init_state(schedule, x), jnp.zeros((n,) + x.shape, x.dtype)))[2]
+
+
+def torch_loop(kind, cfg, steps, strength, x0, noise, noises, var_noises):
+    ref = reference(kind, cfg)
+    ref.set_timesteps(steps)
+    start = steps - min(int(steps * strength), steps)  # diffusers' get_timesteps in the img2img and PIA pipelines
+    timesteps = ref.timesteps[start:]
+    if hasattr(ref, "set_begin_index"):  # as the pipelines do (DPM-Solver counts steps from there)
+        ref.set_begin_index(start)
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    x = ref.add_noise(t(x0), t(noise), timesteps[:1]) if start else t(noise)
+    traj = []
+    for i, ts in enumerate(timesteps):
+        eps = 0.5 * x + t(noises[i])
+        extra = dict(eta=cfg.eta, variance_noise=t(var_noises[i])) if kind == "ddim" else {}
+        x = ref.step(eps, ts, x, **extra).prev_sample
+        traj.append(x.numpy())
+    return timesteps.numpy(), np.stack(traj)
+
+
+CASES = [  # kind, config changes, steps, strength
+    ("ddim", {}, 25, 1.0),  # the PIA reference
+    ("ddim", {}, 50, 0.6),
+    ("ddim", dict(eta=0.7), 25, 1.0),
+    ("ddim", dict(timestep_spacing="trailing", prediction_type="v_prediction"), 50, 1.0),
+    ("ddim", dict(beta_schedule="scaled_linear", timestep_spacing="linspace", set_alpha_to_one=False,
+                  clip_sample=True, clip_sample_range=2.0), 10, 1.0),
+    ("ddim", dict(prediction_type="sample", beta_schedule="squaredcos_cap_v2"), 25, 1.0),
+    ("dpmpp_2m", {}, 25, 1.0),
+    ("dpmpp_2m", dict(use_karras_sigmas=True), 25, 1.0),
+    ("dpmpp_2m", dict(use_karras_sigmas=True, timestep_spacing="linspace"), 10, 1.0),  # lower_order_final (< 15)
+    ("dpmpp_2m", dict(use_karras_sigmas=True), 25, 0.6),
+    ("dpmpp_2m", dict(prediction_type="v_prediction", timestep_spacing="trailing", solver_type="heun"), 50, 1.0),
+    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", beta_schedule="scaled_linear"), 20, 1.0),  # 2nd order to the end
+    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", solver_order=1), 10, 1.0),
+]
+
+
+@pytest.mark.parametrize("kind,changes,steps,strength", CASES)
+def test_step_parity(kind, changes, steps, strength):
+    cfg = dataclasses.replace(S.PIA_DDIM, **changes)
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2,) + SHAPE, np.float32)
+    noises, var_noises = rng.standard_normal((2, steps) + SHAPE, np.float32)
+    timesteps, expected = torch_loop(kind, cfg, steps, strength, x0, noise, noises, var_noises)
+
+    schedule = S.make_schedule(kind, cfg, steps, strength)
+    np.testing.assert_array_equal(schedule.timesteps, timesteps)
+    x = S.add_noise_start(schedule, x0, noise) if strength < 1 else noise
+    got = np.asarray(sample_loop(schedule, x, noises, var_noises))
+    for i in range(len(timesteps)):
+        assert_close(got[i], expected[i], TOL, f"{kind} {changes} step {i} (t={timesteps[i]})")
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_bitwise(beta_schedule):
+    cfg = dataclasses.replace(S.PIA_DDIM, beta_schedule=beta_schedule)
+    np.testing.assert_array_equal(S.alphas_cumprod(cfg), reference("ddim", cfg).alphas_cumprod.numpy())
+    cfg = dataclasses.replace(cfg, beta_start=1e-4, beta_end=0.02, num_train_timesteps=999)
+    np.testing.assert_array_equal(S.alphas_cumprod(cfg), reference("ddim", cfg).alphas_cumprod.numpy())
+
+
+@pytest.mark.parametrize("kind,karras", [("ddim", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
+def test_timesteps(kind, karras):
+    for spacing in ("leading", "trailing", "linspace"):
+        for offset in (0, 1):
+            cfg = S.SchedulerConfig(timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras)
+            ref = reference(kind, cfg)
+            for n in (1, 7, 10, 25, 50, 999):
+                ref.set_timesteps(n)
+                np.testing.assert_array_equal(S.make_schedule(kind, cfg, n).timesteps, ref.timesteps.numpy(),
+                                              f"{kind} {spacing} offset {offset} steps {n}")
+
+
+def test_pia_reference_timesteps():
+    # PIA base.yaml: DDIM, linear betas, steps_offset 1, 25 steps (pia_reference.md §0 item 3)
+    np.testing.assert_array_equal(S.make_schedule("ddim", S.PIA_DDIM, 25).timesteps, np.arange(961, 0, -40))
+    assert S.make_schedule("ddim", S.PIA_DDIM, 25, strength=0.6).timesteps[0] == 561  # 15 of the 25 steps
+
+
+def test_ddim_step_by_hand():
+    """pia_reference.md §9: x0 = (x - sqrt(1-ᾱ)ε)/sqrt(ᾱ); x_prev = sqrt(ᾱ_prev)x0 + sqrt(1-ᾱ_prev)ε; ᾱ_prev = 1 at the
+    end. ᾱ here in float64 from float64 betas, independent of the module (the float32 cumprod differs by ~1e-6)."""
+    acp = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000))
+    schedule = S.make_schedule("ddim", S.PIA_DDIM, 25)
+    rng = np.random.default_rng(1)
+    x, eps = rng.standard_normal((2, 4, 8), np.float32).astype(np.float64)
+    for i, (t, a_prev) in {0: (961, acp[921]), 24: (1, 1.0)}.items():
+        x0 = (x - math.sqrt(1 - acp[t]) * eps) / math.sqrt(acp[t])
+        expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        got, _ = S.step(schedule, (), i, jnp.asarray(eps, jnp.float32), jnp.asarray(x, jnp.float32))
+        assert_close(got, expected, 1e-5, f"DDIM step {i} by hand")
+
+
+def test_add_noise():
+    cfg = S.PIA_DDIM
+    ref = reference("ddim", cfg)
+    rng = np.random.default_rng(2)
+    x0, noise = rng.standard_normal((2,) + SHAPE, np.float32)
+    t = np.array([999, 1])
+    expected = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    for alphas in (cfg, S.alphas_cumprod(cfg)):
+        assert_close(S.add_noise(alphas, x0, noise, t), expected, 1e-6, "add_noise")
+    expected = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.tensor([500])).numpy()
+    assert_close(S.add_noise(cfg, x0, noise, 500), expected, 1e-6, "add_noise, one timestep")
+
+
+def test_compiles_once():
+    rng = np.random.default_rng(3)
+    shape = (1, 4, 2, 8, 8)  # one no other test uses
+    karras = dataclasses.replace(S.PIA_DDIM, use_karras_sigmas=True)
+    before = TRACES[0]
+    for cfg, steps, strength in ((S.PIA_DDIM, 10, 1.0), (karras, 10, 1.0), (S.PIA_DDIM, 20, 0.5)):
+        schedule = S.make_schedule("dpmpp_2m", cfg, steps, strength)  # 10 steps each time; their values are data
+        x, noises, var_noises = rng.standard_normal(shape), *rng.standard_normal((2, 10) + shape)
+        sample_loop(schedule, np.float32(x), np.float32(noises), np.float32(var_noises)).block_until_ready()
+    assert TRACES[0] - before == 1
+
+
+def test_sample_dtype():
+    """Float32 math for a bf16 sample: the same as stepping the upcast inputs, then rounding once."""
+    schedule = S.make_schedule("dpmpp_2m", S.PIA_DDIM, 10)
+    rng = np.random.default_rng(4)
+    x, out, prev = (jnp.asarray(a, jnp.bfloat16) for a in rng.standard_normal((3,) + SHAPE, np.float32))
+    state = prev.astype(jnp.float32)
+    got, new_state = S.step(schedule, state, 3, out, x)
+    f32, _ = S.step(schedule, state, 3, out.astype(jnp.float32), x.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16 and new_state.dtype == jnp.float32
+    np.testing.assert_array_equal(got, f32.astype(jnp.bfloat16))
+
+
+def test_config_io():
+    cfg = S.SchedulerConfig(use_karras_sigmas=True, eta=0.3)
+    assert S.from_dict(json.loads(json.dumps(S.to_dict(cfg)))) == cfg
+    # the PIA reference, saved by diffusers' own DDIMScheduler
+    pia = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False)
+    assert S.from_diffusers(dict(pia.config)) == S.PIA_DDIM
+    # an SD1.5-style PNDM config lacking newer keys: defaults as diffusers' from_config into each class
+    sd15 = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                trained_betas=None)
+    for kind, cls in (("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)):
+        ours, theirs = S.to_dict(S.from_diffusers(sd15, kind)), cls.from_config(sd15).config
+        assert {k: v for k, v in ours.items() if k in theirs} == {k: theirs[k] for k in ours if k in theirs}, kind
+    for bad in (dict(thresholding=True), dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=3),
+                dict(trained_betas=[0.1] * 1000), dict(beta_schedule="sigmoid")):
+        with pytest.raises(ValueError):
+            S.from_diffusers(dict(sd15, **bad), "dpmpp_2m")
+    with pytest.raises(ValueError):
+        S.make_schedule("ddim", S.PIA_DDIM, 10, strength=0.05)
+    with pytest.raises(ValueError):
+        S.step(S.make_schedule("ddim", dataclasses.replace(S.PIA_DDIM, eta=1.0), 10), (), 0, x := jnp.ones(3), x)
