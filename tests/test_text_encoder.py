@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import CLIPTextConfig
-from transformers import CLIPTextModel as TorchCLIPTextModel
 
-from tests.oracle import assert_close, numpy_state, randomize
+from tests.assets import write_vocab
+from tests.torch_models import clip_text
+from tests.oracle import assert_close, numpy_state
 from pia_jax import weights
 from pia_jax.config import SD15_PIA, TINY, TextConfig
 from pia_jax.text_encoder import CLIPTextModel
@@ -23,20 +23,10 @@ from pia_jax.tokenizer import load_tokenizer, tokenize
 FP32_TOL = 1e-5
 
 
-def torch_config(cfg: TextConfig) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                          num_attention_heads=cfg.num_attention_heads,
-                          max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
-                          hidden_act="quick_gelu", attn_implementation="eager",
-                          bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1)
-
-
 def build_pair(cfg: TextConfig, seed=0, dtype=jnp.float32):
     """A randomized torch CLIPTextModel and our model loaded from its numpy state dict, keyed as in SD1.5's
     text_encoder/model.safetensors (`text_model.` prefix; transformers 5 drops the prefix in memory)."""
-    torch.manual_seed(seed)
-    ref = randomize(TorchCLIPTextModel(torch_config(cfg)).eval(), seed=seed)
+    ref = clip_text(cfg, seed)
     state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in numpy_state(ref).items()}
     model = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     return ref, weights.load_state_dict(model, state, weights.TRANSFORMERS_CLIP_TEXT), state
@@ -141,35 +131,6 @@ def test_bad_clip_skip_and_length():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer on a tiny CLIP-style byte-level BPE vocabulary.
-
-def byte_chars() -> list[str]:
-    """The 256 printable characters byte-level BPE (GPT-2, CLIP) stands in for the bytes 0..255, in byte order:
-    printable Latin-1 bytes map to themselves, the rest to code points from 256 up."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-MERGES = ["h e", "l l", "he ll", "hell o</w>", "c a", "ca t</w>"]
-
-
-def write_vocab(folder):
-    """CLIP's vocabulary layout: the byte characters, their end-of-word forms, the merge results, then BOS/EOS."""
-    chars = byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
-    return vocab
-
 
 def test_tokenizer(tmp_path):
     vocab = write_vocab(tmp_path / "plain")

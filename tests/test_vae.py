@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
-from tests.oracle import assert_close, numpy_state, randomize
+from tests.oracle import assert_close, numpy_state
+from tests.torch_models import vae as torch_vae
 from pia_jax.config import SD15_PIA, TINY, VAEConfig
 from pia_jax.vae import AutoencoderKL, sample_posterior
 from pia_jax.weights import DIFFUSERS_VAE, load_state_dict
@@ -25,16 +25,6 @@ BF16_TOL = 5e-2  # bf16 keeps 8 mantissa bits (~4e-3 per rounding); errors add u
 # one jitted wrapper each, so repeated shapes reuse their compilation
 ENCODE = nnx.jit(AutoencoderKL.encode)
 DECODE = nnx.jit(AutoencoderKL.decode)
-
-def torch_vae(cfg: VAEConfig, seed=0):
-    n = len(cfg.block_out_channels)
-    ref = TorchAutoencoderKL(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=cfg.scaling_factor)
-    return randomize(ref, seed=seed).eval()
-
 
 def jax_vae(ref, cfg: VAEConfig, dtype=jnp.float32):
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype))

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pia_jax.config import UNetConfig
+from pia_jax.config import PIAConfig, TextConfig, UNetConfig, VAEConfig
 from tests.oracle import numpy_state, randomize
 
 _2D = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D",
@@ -50,4 +50,51 @@ def run_unet_motion(model, sample, t, context, mask=None, condition=None):
     return out.permute(0, 2, 3, 4, 1).numpy()
 
 
-__all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "numpy_state"]
+def vae(cfg: VAEConfig, seed=0):
+    from diffusers import AutoencoderKL
+    n = len(cfg.block_out_channels)
+    ref = AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=cfg.scaling_factor)
+    return randomize(ref, seed=seed).eval()
+
+
+def clip_text_config(cfg: TextConfig):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                          num_attention_heads=cfg.num_attention_heads,
+                          max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
+                          hidden_act="quick_gelu", attn_implementation="eager",
+                          bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1)
+
+
+def clip_text(cfg: TextConfig, seed=0):
+    from transformers import CLIPTextModel
+    torch.manual_seed(seed)
+    return randomize(CLIPTextModel(clip_text_config(cfg)).eval(), seed=seed)
+
+
+def write_diffusers_base(folder, cfg: PIAConfig, seed=0) -> dict:
+    """A diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/) with random weights, as
+    save_pretrained writes it; returns the torch modules."""
+    from tests.assets import write_vocab
+    modules = {"unet": randomize(unet2d(cfg.unet), seed).eval(), "vae": vae(cfg.vae, seed + 1),
+               "text_encoder": clip_text(cfg.text, seed + 2)}
+    for name, module in modules.items():
+        module.save_pretrained(f"{folder}/{name}")
+    write_vocab(__import__("pathlib").Path(folder) / "tokenizer")
+    return modules
+
+
+def write_motion_adapter(folder, cfg: UNetConfig, seed=0):
+    """A diffusers MotionAdapter folder (PIA condition-adapter layout for a 9-channel config), random weights."""
+    adapter = randomize(motion_adapter(cfg), seed).eval()
+    adapter.save_pretrained(str(folder))
+    return adapter
+
+
+__all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "numpy_state", "vae", "clip_text",
+           "write_diffusers_base", "write_motion_adapter"]
