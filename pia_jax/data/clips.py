@@ -1,0 +1,119 @@
+"""One training example from one video, as PIA's WebVid10M dataset and train.py make it.
+
+Clip: a random window of n_frames * stride frames, n_frames indices spread evenly over it, a random horizontal flip
+of the whole clip, short side resized to `resolution` (antialiased bilinear), centre crop, values in [-1, 1].
+Then a condition frame, the affinity coefficients of the augmented clip, caption and condition dropout.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from pia_jax.data.video import VideoError, decode_frames
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    n_frames: int = 16
+    stride: int = 4  # the window spans n_frames * stride frames
+    resolution: int = 256  # short side after resizing, and the square crop
+    caption_dropout: float = 0.1  # caption -> "" (train.yaml cfg_random_null_text_ratio)
+    condition_dropout: float = 0.2  # use_condition = False (train.yaml cond_prob)
+    max_length: int = 77  # CLIP token ids per caption
+    sim_range: tuple[float, float] = (0.2, 1.0)  # affinity range (train.yaml mask_sim_range)
+
+
+def sample_window(num_frames: int, n_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_frames,) int64 frame indices: PIA's TemporalRandomCrop(n_frames * stride) then linspace.
+
+    The window begins uniformly in [0, max(0, T - size - 1)] (both ends included; the `- 1` is the reference's:
+    the last frame of a video longer than the window is never sampled) and ends at min(begin + size, T).
+    Raises VideoError("too_short") if the window has fewer than n_frames frames.
+    """
+    size = n_frames * stride
+    begin = int(rng.integers(0, max(0, num_frames - size - 1), endpoint=True))
+    end = min(begin + size, num_frames)
+    if end - begin < n_frames:
+        raise VideoError("too_short", f"{num_frames} frames, need {n_frames}")
+    return np.linspace(begin, end - 1, n_frames).astype(np.int64)  # truncation, as numpy's dtype=int does
+
+
+def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """torchvision Resize(short)'s output (height, width): the long side is truncated, not rounded."""
+    if height <= width:
+        return short, int(short * width / height)
+    return int(short * height / width), short
+
+
+def crop_offset(size: int, crop: int) -> int:
+    # torchvision's CenterCrop: int(round(...)), Python's round is half to even
+    return int(round((size - crop) / 2.0))
+
+
+def transform_clip(frames: np.ndarray, flip: bool, resolution: int) -> np.ndarray:
+    """uint8 (F, H, W, 3) -> float32 (F, resolution, resolution, 3) in [-1, 1]: flip, resize, centre crop, normalise.
+
+    The resize is Pillow's BILINEAR on float32 ("F" mode) images, one channel at a time. Pillow's resampler is the
+    antialiased triangle filter that torchvision's `Resize(antialias=True)` on tensors was ported from, and in "F"
+    mode nothing is rounded to 8 bits, so the result equals torch's `interpolate(bilinear, antialias=True)` up to
+    rounding: within 1e-5 of torch in float64 (tests/test_data.py), within 4e-5 of torch in float32 at 336x596 ->
+    256 (torch's own float32 error; values in [-1, 1]). Only the pixels inside the crop are computed: Pillow's
+    `box` maps the crop back to source coordinates and clips filter taps at the image edges, not the box's, so each
+    pixel gets the same weights as in the full resize.
+    """
+    if flip:
+        frames = frames[:, :, ::-1]  # before the crop, as in the reference: the crop offset rounds asymmetrically
+    f, h, w, _ = frames.shape
+    rh, rw = resized_size(h, w, resolution)
+    top, left = crop_offset(rh, resolution), crop_offset(rw, resolution)
+    x = frames.astype(np.float32) / 255.0
+    if (rh, rw) == (h, w):  # torchvision returns an image of the requested size unchanged
+        out = x[:, top:top + resolution, left:left + resolution]
+    else:
+        sy, sx = h / rh, w / rw
+        box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        out = np.empty((f, resolution, resolution, 3), np.float32)
+        for i in range(f):
+            for c in range(3):
+                plane = Image.fromarray(np.ascontiguousarray(x[i, :, :, c]))
+                out[i, :, :, c] = plane.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+    return (out - 0.5) / 0.5
+
+
+class Draws(NamedTuple):
+    indices: np.ndarray  # frames of the clip
+    flip: bool
+    cond_frame: int
+    drop_caption: bool
+    use_condition: bool
+
+
+def draw(num_frames: int, config: DataConfig, rng: np.random.Generator) -> Draws:
+    """Every random choice of one example, in a fixed order and before any decoding (so decoding cannot shift
+    them). Condition dropout is drawn per sample; the reference draws it once per batch (train.py
+    `is_cond = random.random()`), which only makes its gradient noisier."""
+    indices = sample_window(num_frames, config.n_frames, config.stride, rng)
+    return Draws(indices, bool(rng.random() < 0.5), int(rng.integers(0, config.n_frames)),
+                 bool(rng.random() < config.caption_dropout), bool(rng.random() >= config.condition_dropout))
+
+
+def make_example(record: dict, config: DataConfig, rng: np.random.Generator) -> dict:
+    """One example from a dataset record (`video` bytes, `caption`, `num_frames`, `pts`).
+
+    Keys: pixel_values (F, S, S, 3) float32, caption str (after dropout), mask_coef (F,) float32, cond_frame int,
+    use_condition bool. Where use_condition is False the reference zeroes the mask and the condition latent; here
+    mask_coef is 0 (and the affinity is not computed). Raises VideoError when the video cannot be used.
+    """
+    from pia_jax.affinity import coefficients_from_scores, frame_scores  # needs OpenCV, only the data path does
+
+    d = draw(int(record["num_frames"]), config, rng)
+    pixels = transform_clip(decode_frames(record["video"], d.indices, record.get("pts")), d.flip, config.resolution)
+    if d.use_condition:
+        scores = frame_scores((pixels / 2 + 0.5) * 255, d.cond_frame)  # the reference scores the augmented clip
+        mask_coef = coefficients_from_scores(scores, d.cond_frame, sim_range=config.sim_range)
+    else:
+        mask_coef = np.zeros(config.n_frames, np.float32)
+    return {"pixel_values": pixels, "caption": "" if d.drop_caption else record["caption"], "mask_coef": mask_coef,
+            "cond_frame": d.cond_frame, "use_condition": d.use_condition}

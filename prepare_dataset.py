@@ -1,0 +1,62 @@
+"""Prepares a video-caption source as a tfds ArrayRecord dataset that train.py reads (on one host or a TPU pod).
+
+  # a WebVid subset: results_10M_train.csv (videoid, name, page_dir) + videos/<videoid>.mp4 or
+  # videos/<page_dir>/<videoid>.mp4
+  python prepare_dataset.py webvid --csv results_10M_train.csv --videos videos --out /data/webvid
+  # any CSV with columns path, caption (paths relative to the CSV's folder, or absolute)
+  python prepare_dataset.py csv --csv my_clips.csv --out /data/my_clips
+  # large sources: N jobs (machines) in parallel, each one part; train on /data/webvid10m (opens all parts)
+  python prepare_dataset.py webvid --csv results_10M_train.csv --videos videos --part 3/16 --out /data/webvid10m/part-03
+
+Every video is decoded once to count its frames and to catch corrupt files; unusable videos are skipped and
+counted by reason (missing, unreadable, corrupt, too_short). The report is printed and kept in the dataset's
+metadata.json. A finished dataset in --out is reused, not rebuilt.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+
+from pia_jax.data.sources import rows_from
+
+
+def part_arg(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=("webvid", "csv"), help="source kind")
+    p.add_argument("--csv", required=True, help="the CSV listing the videos")
+    p.add_argument("--videos", help="webvid: the folder holding the videos")
+    p.add_argument("--out", required=True, help="output folder (local path or one tfds/etils can write, e.g. gs://)")
+    p.add_argument("--min-frames", type=int, default=16,
+                   help="skip videos with fewer frames than this: the clip length (DataConfig.n_frames)")
+    p.add_argument("--limit", type=int, help="only the first N rows of the CSV (a quick subset)")
+    p.add_argument("--part", type=part_arg, default=(0, 1), metavar="K/N",
+                   help="only rows K, K+N, K+2N, ... (0 <= K < N): one of N parts prepared in parallel")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding videos")
+    args = p.parse_args(argv)
+    if args.kind == "webvid" and not args.videos:
+        p.error("webvid needs --videos")
+
+    from pia_jax.data.builder import prepare  # tensorflow_datasets takes a moment to import; parse errors first
+
+    k, n = args.part
+    rows = itertools.islice(itertools.islice(rows_from(args.kind, args.csv, args.videos), args.limit), k, None, n)
+    path, report = prepare(rows, args.out, min_frames=args.min_frames, workers=args.workers)
+    print(json.dumps(report, indent=1))
+    print(f"dataset: {path}  ({report['examples']} videos, {sum(report['skipped'].values())} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
