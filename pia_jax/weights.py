@@ -87,24 +87,39 @@ def map_keys(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, targets: Mapp
     return filled, problems
 
 
+def param_shapes(model: nnx.Module) -> dict[str, tuple]:
+    """{NNX parameter path ('down_blocks.0.resnets.0.conv1.kernel'): shape} of a concrete or abstract model."""
+    return {".".join(map(str, path)): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], keymap: KeyMap) -> nnx.Module:
     """Fills every parameter of `model` (concrete, or abstract from `nnx.eval_shape`) from a torch state dict.
 
     Values are cast to each parameter's dtype and placed with its sharding where it has one.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    flat = nnx.to_flat_state(params)
-    targets = {".".join(map(str, path)): tuple(var.shape) for path, var in flat}
-    filled, problems = map_keys(state_dict, keymap, targets)
+    filled, problems = map_keys(state_dict, keymap, param_shapes(model))
     if problems:
         raise WeightLoadError(f"cannot load {keymap.name} weights into {type(model).__name__} "
                               f"({len(problems)} problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems))
-    for path, var in flat:
+    return fill(model, filled)
+
+
+def fill(model: nnx.Module, flat: Mapping[str, np.ndarray], sharding=None) -> nnx.Module:
+    """`model` with each parameter set from `flat` = {NNX path: array in NNX layout}, which must cover them all.
+
+    Each value is cast to its parameter's dtype and placed with `sharding` (one sharding, or a function of the path),
+    else with the abstract parameter's own sharding where it has one.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves = nnx.to_flat_state(params)
+    for path, var in leaves:
+        name = ".".join(map(str, path))
         abstract = var.get_value()
-        value = jnp.asarray(filled[".".join(map(str, path))], dtype=abstract.dtype)
-        sharding = getattr(abstract, "sharding", None)
-        var.set_value(jax.device_put(value, sharding) if sharding is not None else value)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+        value = jnp.asarray(flat[name], dtype=abstract.dtype)
+        where = sharding(name, value.shape) if callable(sharding) else sharding
+        where = where if where is not None else getattr(abstract, "sharding", None)
+        var.set_value(jax.device_put(value, where) if where is not None else value)
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 
 def merge_unet_and_adapter(unet2d: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray]) -> dict:
@@ -125,13 +140,26 @@ def merge_unet_and_adapter(unet2d: Mapping[str, np.ndarray], adapter: Mapping[st
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """Reads a `.safetensors` file without torch, or a pickled `.bin`/`.ckpt`/`.pt` with torch's safe loader."""
+    """Reads a `.safetensors` file without torch, or a pickled `.bin`/`.ckpt`/`.pt` with torch's safe loader
+    (`weights_only=True`: tensors and plain containers only, never arbitrary code)."""
     path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return load_file(path)
-    import torch  # only pickles need torch
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            return load_file(path)
+        try:
+            import torch  # only pickles need torch
+        except ImportError:
+            raise WeightLoadError(f"reading {path!r} needs PyTorch (pickled checkpoint): pip install 'pia-jax[convert]',"
+                                  " or convert the file to .safetensors") from None
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (WeightLoadError, FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # truncated or corrupt files surface as many different error types
+        raise WeightLoadError(f"cannot read {path!r} ({type(e).__name__}: {e}); the file may be truncated, corrupt or "
+                              "not a checkpoint") from None
+    if not isinstance(sd, dict):
+        raise WeightLoadError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
     sd = sd.get("state_dict", sd)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()
             if isinstance(v, torch.Tensor)}

@@ -98,3 +98,23 @@ def write_motion_adapter(folder, cfg: UNetConfig, seed=0):
 
 __all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "numpy_state", "vae", "clip_text",
            "write_diffusers_base", "write_motion_adapter"]
+
+
+def write_model_dir(path, cfg: PIAConfig, unet, vae_model, text_model, tokenizer_dir):
+    """Our converted model directory from torch modules (UNetMotionModel, AutoencoderKL, CLIPTextModel), through
+    the strict loaders; the conversion CLI is tested on its own."""
+    from flax import nnx
+    from pia_jax import model_dir, schedulers, weights
+    from pia_jax.text_encoder import CLIPTextModel
+    from pia_jax.unet import UNetMotionModel
+    from pia_jax.vae import AutoencoderKL
+
+    def flat(cls, c, module, keymap):
+        abstract = nnx.eval_shape(lambda: cls(c, rngs=nnx.Rngs(0)))
+        return model_dir.flat_params(weights.load_state_dict(abstract, numpy_state(module), keymap))
+
+    models = {"unet": flat(UNetMotionModel, cfg.unet, unet, weights.DIFFUSERS_UNET),
+              "vae": flat(AutoencoderKL, cfg.vae, vae_model, weights.DIFFUSERS_VAE),
+              "text_encoder": flat(CLIPTextModel, cfg.text, text_model, weights.TRANSFORMERS_CLIP_TEXT)}
+    return model_dir.save_model_dir(path, cfg, models, tokenizer=tokenizer_dir,
+                                    scheduler=schedulers.to_dict(schedulers.PIA_DDIM))

@@ -1,0 +1,218 @@
+"""A converted model directory: everything `sample.py` and `train.py` need, readable without PyTorch.
+
+    <dir>/config.json              {"format", "version", "model": PIAConfig, "scheduler": {...}, "storage_dtype"}
+    <dir>/unet.safetensors         UNetMotionModel parameters keyed by NNX path, in NNX layout
+    <dir>/vae.safetensors          AutoencoderKL parameters
+    <dir>/text_encoder.safetensors CLIPTextModel parameters
+    <dir>/tokenizer/               CLIP tokenizer files
+    <dir>/sources.json             the files it was made from, with sizes and sha256, and the conversion report
+
+A directory is written to a temporary sibling and renamed into place only when complete, so an interrupted or
+failed write never leaves a half-written model, and an existing one is replaced only with `force`.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from pia_jax import config as config_lib
+from pia_jax import weights
+
+FORMAT, VERSION = "pia-jax-model", 1
+PARTS = ("unet", "vae", "text_encoder")
+STORAGE_DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+@dataclass
+class ModelDir:
+    path: Path
+    config: config_lib.PIAConfig
+    scheduler: dict  # a SchedulerConfig as data (pia_jax.schedulers.from_dict)
+    unet: nnx.Module | None = None
+    vae: nnx.Module | None = None
+    text_encoder: nnx.Module | None = None
+    tokenizer: object = None
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{NNX path: host array} of a model's parameters."""
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def sha256(path, chunk=1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_source(role: str, path) -> dict:
+    """A record of one input: its role ('base', 'motion', 'lora', 'vae', ...), path, size and hash."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {"role": role, "path": str(path.resolve()),
+            "files": {str(f.relative_to(path)) if path.is_dir() else f.name: {"bytes": f.stat().st_size,
+                                                                               "sha256": sha256(f)} for f in files}}
+
+
+@contextlib.contextmanager
+def atomic_directory(path, force: bool = False):
+    """Yields a temporary sibling of `path` to fill; on success it replaces `path`, on any failure it is removed."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{str(path)!r} already exists; pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():  # swap: the old directory goes away only once the new one is complete
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+                       np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+
+
+def write_safetensors(path, tensors: dict, dtype=None):
+    """Writes a .safetensors file one tensor at a time (casting each to `dtype` if given), so saving never holds a
+    second full copy of the weights as `safetensors.numpy.save_file` does."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        dt = np.dtype(dtype or array.dtype)
+        size = int(np.prod(array.shape)) * dt.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dt], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, array in tensors.items():
+            f.write(np.ascontiguousarray(np.asarray(array).astype(dtype or array.dtype, copy=False)).tobytes())
+
+
+def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenizer=None, scheduler: dict | None = None,
+                   sources: list | None = None, report: dict | None = None, dtype: str = "fp32",
+                   force: bool = False) -> Path:
+    """Writes a model directory. `models` maps part names to NNX modules or flat {NNX path: array} dicts;
+    `tokenizer` is a transformers tokenizer or a folder of tokenizer files; `dtype` the storage dtype."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    unknown = sorted(set(models) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS}")
+    path = Path(path)
+    with atomic_directory(path, force) as tmp:
+        for part, model in models.items():
+            flat = flat_params(model) if isinstance(model, nnx.Module) else model
+            write_safetensors(tmp / f"{part}.safetensors", flat, STORAGE_DTYPES[dtype])
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, Path)):
+                shutil.copytree(tokenizer, tmp / "tokenizer")
+            else:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": FORMAT, "version": VERSION, "model": config_lib.to_dict(config), "scheduler": scheduler or {},
+                "storage_dtype": dtype, "parts": sorted(models)}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "sources.json").write_text(json.dumps({"sources": sources or [], "report": report or {}}, indent=2)
+                                          + "\n")
+    return path
+
+
+def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
+    """(model config, scheduler dict, raw metadata) of a model directory, checked without reading any weights."""
+    path = Path(path)
+    meta_file = path / "config.json"
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {str(path)!r} does not exist; create one with convert_torch_weights.py")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{str(path)!r} is not a pia-jax model directory: cannot read config.json ({e}); "
+                            "create one with convert_torch_weights.py") from None
+    if meta.get("format") != FORMAT:
+        raise ModelDirError(f"{str(meta_file)!r} is not a pia-jax model config (format {meta.get('format')!r})")
+    if meta.get("version", 0) > VERSION:
+        raise ModelDirError(f"{str(path)!r} has format version {meta['version']}; this pia-jax reads up to {VERSION}")
+    missing = [f"{p}.safetensors" for p in meta.get("parts", []) if not (path / f"{p}.safetensors").is_file()]
+    if missing:
+        raise ModelDirError(f"model directory {str(path)!r} is incomplete: missing {missing}")
+    try:
+        config = config_lib.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelDirError(f"{str(meta_file)!r} has an invalid model config ({type(e).__name__}: {e})") from None
+    return config, meta.get("scheduler", {}), meta
+
+
+def _builders(config: config_lib.PIAConfig):
+    from pia_jax.text_encoder import CLIPTextModel
+    from pia_jax.unet import UNetMotionModel
+    from pia_jax.vae import AutoencoderKL
+    return {"unet": (UNetMotionModel, config.unet), "vae": (AutoencoderKL, config.vae),
+            "text_encoder": (CLIPTextModel, config.text)}
+
+
+def read_part(path, part: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    file = Path(path) / f"{part}.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ModelDirError(f"cannot read {str(file)!r} ({type(e).__name__}: {e}); convert the model again") from None
+
+
+def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None,
+                   model_kwargs: dict | None = None, tokenizer: bool = True) -> ModelDir:
+    """Builds the models of a directory with their weights. `dtype` is the compute dtype, `param_dtype` the
+    parameter dtype; `sharding` (one sharding or a function of (path, shape)) places the parameters;
+    `model_kwargs` maps a part to extra constructor arguments (e.g. attention kernels)."""
+    config, scheduler, meta = read_config(path)
+    out = ModelDir(Path(path), config, scheduler)
+    builders = _builders(config)
+    for part in parts:
+        if part not in meta["parts"]:
+            raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
+        cls, cfg = builders[part]
+        kwargs = (model_kwargs or {}).get(part, {})
+        abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **kwargs))
+        flat = read_part(path, part)
+        expected = weights.param_shapes(abstract)
+        problems = [f"missing {k}" for k in expected if k not in flat]
+        problems += [f"unexpected {k}" for k in flat if k not in expected]
+        problems += [f"{k}: shape {flat[k].shape}, model expects {s}" for k, s in expected.items()
+                     if k in flat and tuple(flat[k].shape) != s]
+        if problems:
+            raise ModelDirError(f"{part}.safetensors in {str(path)!r} does not match its config.json "
+                                f"({len(problems)} problems): " + "; ".join(problems[:10]))
+        setattr(out, part, weights.fill(abstract, flat, sharding))
+        del flat
+    if tokenizer:
+        from pia_jax.tokenizer import load_tokenizer
+        out.tokenizer = load_tokenizer(Path(path) / "tokenizer")
+    return out
