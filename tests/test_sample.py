@@ -1,0 +1,122 @@
+"""sample.py: the command line on a tiny converted model, and every bad input failing before any model loads."""
+
+import dataclasses
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+from pia_jax import config
+from tests import torch_models as tm
+from tests.assets import write_vocab
+
+CFG = dataclasses.replace(config.TINY, unet=dataclasses.replace(config.TINY.unet, norm_semantics="pia"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    write_vocab(root / "tokenizer")
+    path = tm.write_model_dir(root / "model", CFG, tm.unet_motion(CFG.unet), tm.vae(CFG.vae), tm.clip_text(CFG.text),
+                              root / "tokenizer")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "img.png")
+    return path, root / "img.png"
+
+
+def run(capsys, *args):
+    code = sample.main([str(a) for a in args])
+    return code, capsys.readouterr()
+
+
+def test_cli_writes_gif_mp4_png_and_noise(model, tmp_path, capsys):
+    path, img = model
+    out = tmp_path / "out" / "cat.gif"
+    code, io = run(capsys, "--model", path, "--image", img, "--prompt", "hello cat", "--frames", 5, "--steps", 2,
+                   "--seed", 1, 2, "--format", "gif,mp4,png", "--out", out, "--motion", "loop_small",
+                   "--save-noise", "--size", 32)
+    assert code == 0, io.err
+    # 60x40 -> long side 32 -> 32x21 -> multiples of 8: 32x16
+    for seed in (1, 2):
+        stem = out.with_name(f"cat-img-0-{seed}")
+        with Image.open(stem.with_suffix(".gif")) as gif:
+            assert gif.n_frames == 5 and gif.size == (32, 16)
+        with av.open(str(stem.with_suffix(".mp4"))) as mp4:
+            frames = list(mp4.decode(video=0))
+            assert len(frames) == 5 and (frames[0].width, frames[0].height) == (32, 16)
+        assert len(list(stem.with_name(stem.name + "_frames").glob("*.png"))) == 5
+        assert np.load(stem.with_name(stem.name + "_noise.npy")).shape == (1, 5, 8, 16, 4)
+    assert "wrote" in io.out and "denoise" in io.out and "compile" in io.out
+
+    # the saved noise reproduces the video exactly when fed back in (and no seed is needed then)
+    again = tmp_path / "again.gif"
+    stem = out.with_name("cat-img-0-1")
+    code, io = run(capsys, "--model", path, "--image", img, "--prompt", "hello cat", "--frames", 5, "--steps", 2,
+                   "--out", again, "--motion", "loop_small", "--size", 32, "--format", "png",
+                   "--noise", stem.with_name(stem.name + "_noise.npy"),
+                   "--posterior-noise", stem.with_name(stem.name + "_posterior_noise.npy"))
+    assert code == 0, io.err
+    for a, b in zip(sorted(again.with_name("again_frames").glob("*.png")),
+                    sorted(stem.with_name(stem.name + "_frames").glob("*.png"))):
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_yaml_batch(model, tmp_path, capsys):
+    path, img = model
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(f"""
+defaults: {{frames: 3, steps: 1, size: 32}}
+cases:
+  - image: {img}
+    prompts: [hello, cat]
+    motion: [small, style_large]
+    seed: 7
+  - name: second
+    image: {img}
+    prompt: dog
+    affinity: [1, 0.5, 0.25]
+""")
+    code, io = run(capsys, "--model", path, "--config", cases, "--out", tmp_path / "videos")
+    assert code == 0, io.err
+    names = sorted(p.name for p in (tmp_path / "videos").glob("*.gif"))
+    assert names == ["img-0-small-7.gif", "img-0-style_large-7.gif", "img-1-small-7.gif", "img-1-style_large-7.gif",
+                     "second-0-custom-42.gif"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "{missing}", "--prompt", "x"], "image not found"),
+    (["--image", "{img}", "--prompt", "x", "--motion", "huge"], "unknown"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "33"], "1..32"),
+    (["--image", "{img}", "--prompt", "x", "--affinity", "1,0.5"], "frame"),
+    (["--image", "{img}", "--prompt", "x", "--height", "100", "--width", "64"], "multiple of 8"),
+    (["--image", "{img}", "--prompt", "x", "--height", "64"], "both --height and --width"),
+    (["--image", "{img}", "--prompt", "x", "--out", "{dir}"], "directory"),
+    (["--image", "{img}", "--prompt", "x", "--out", "{blocked}/a.gif"], "cannot write"),
+    (["--image", "{img}", "--prompt", "x", "--format", "avi"], "unknown output format"),
+    (["--image", "{img}", "--prompt", "x", "--strength", "0"], "strength"),
+    (["--image", "{img}", "--prompt", "x", "--noise", "{bad_noise}"], "has shape"),
+    (["--image", "{img}"], "--prompt are required"),
+    (["--config", "{bad_yaml}"], "unknown keys"),
+])
+def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, args, message):
+    path, img = model
+    monkeypatch.setattr("pia_jax.pipeline.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "dir.gif").mkdir()
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    np.save(tmp_path / "bad_noise.npy", np.zeros((1, 16, 8, 8, 4), np.float32))
+    (tmp_path / "bad.yaml").write_text(f"cases: [{{image: {img}, prompt: x, sed: 1}}]")
+    fill = {"missing": tmp_path / "nope.png", "img": img, "dir": tmp_path / "dir.gif", "blocked": tmp_path / "blocked",
+            "bad_noise": tmp_path / "bad_noise.npy", "bad_yaml": tmp_path / "bad.yaml"}
+    code, io = run(capsys, "--model", path, *[a.format(**fill) for a in args])
+    assert code == 2 and message in io.err, io.err
+    assert not list(tmp_path.glob("*.gif*")) or (tmp_path / "dir.gif").is_dir()
+
+
+def test_bad_model_directory(tmp_path, capsys):
+    code, io = run(capsys, "--model", tmp_path / "none", "--image", "x.png", "--prompt", "x")
+    assert code == 2 and "does not exist" in io.err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text('{"format": "pia-jax-model", "version": 1, "parts": ["unet"]}')
+    code, io = run(capsys, "--model", tmp_path / "half", "--image", "x.png", "--prompt", "x")
+    assert code == 2 and "incomplete" in io.err
