@@ -1,0 +1,124 @@
+"""Sampling: seconds per video for the standard PIA job, and diffusers' PIAPipeline beside it.
+
+    python -m bench.sample --config sd15 --frames 16 --size 512 --steps 25 --torch
+
+Random weights (timing does not depend on their values), CFG 7.5, DDIM, the reference's batch of one video.
+Reports compile time, seconds per video (second call, so no compilation), ms per denoising step (one CFG UNet
+evaluation + scheduler), VAE decode time and peak device memory; with --torch the same job in diffusers'
+PIAPipeline (fp16 on CUDA, fp32 on CPU; eager, and with --torch-compile the UNet under torch.compile).
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pia_jax import affinity, config, schedulers
+from pia_jax.model_dir import ModelDir
+from pia_jax.pipeline import Animator, SampleOptions
+from pia_jax.text_encoder import CLIPTextModel
+from pia_jax.unet import UNetMotionModel
+from pia_jax.vae import AutoencoderKL
+
+DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+class FixedTokenizer:
+    """Stands in for CLIP's tokenizer (no vocabulary files here): BOS, a few ids, EOS padding."""
+
+    def __call__(self, prompts, max_length=77, **_):
+        ids = np.full((len(prompts), max_length), 49407, np.int64)
+        ids[:, 0], ids[:, 1:6] = 49406, np.arange(400, 405)
+        return {"input_ids": ids}
+
+
+def bench_jax(cfg, args):
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (jnp.float32 if jax.default_backend() == "cpu"
+                                                             else jnp.bfloat16)
+    rngs = nnx.Rngs(0)
+    make = dict(rngs=rngs, dtype=dtype, param_dtype=dtype)
+    model = ModelDir(None, cfg, schedulers.to_dict(schedulers.PIA_DDIM), UNetMotionModel(cfg.unet, **make),
+                     AutoencoderKL(cfg.vae, **make), CLIPTextModel(cfg.text, **make), FixedTokenizer())
+    animator = Animator(model)
+    n = args.videos
+    images = np.random.default_rng(0).integers(0, 256, (n, args.size, args.size, 3), np.uint8)
+    mask = np.stack([affinity.preset_coefficients("moderate", args.frames)] * n)
+    options = SampleOptions(steps=args.steps, scheduler=args.scheduler, decode_chunk=args.decode_chunk)
+    run = lambda: animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)))  # noqa: E731
+    first = run()
+    runs = [run() for _ in range(args.repeats)]
+    best = min(runs, key=lambda r: r.seconds["denoise"] + r.seconds["decode"] + r.seconds["encode"])
+    s = best.seconds
+    total = s["encode"] + s["denoise"] + s["decode"]
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = f"{stats['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in stats else "n/a"
+    print(f"jax   {jnp.dtype(dtype).name}, {n} video(s) on {len(jax.devices())} {jax.default_backend()} device(s): "
+          f"compile {first.seconds['compile']:.1f} s, {total / n:.2f} s/video (encode {s['encode']:.2f} s, "
+          f"{1e3 * s['denoise'] / args.steps:.1f} ms/step, decode {s['decode']:.2f} s), peak memory {peak}")
+
+
+def bench_torch(cfg, args):
+    import torch
+    from diffusers import DDIMScheduler, PIAPipeline, UNetMotionModel as TorchUNet
+    from PIL import Image
+    from tests import torch_models as tm
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet = TorchUNet.from_unet2d(tm.unet2d(cfg.unet), tm.motion_adapter(cfg.unet))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+                              clip_sample=False)
+    pipe = PIAPipeline(vae=tm.vae(cfg.vae), text_encoder=tm.clip_text(cfg.text), tokenizer=None, unet=unet,
+                       scheduler=scheduler).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if args.torch_compile:
+        pipe.unet = torch.compile(pipe.unet)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), np.uint8))
+    embeds = torch.randn(1, 77, cfg.text.hidden_size, device=device, dtype=dtype)
+
+    def run():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe(image=image, prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=args.frames,
+                 height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5,
+                 motion_scale=1, output_type="np")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    warm = run()
+    seconds = min(run() for _ in range(args.repeats))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    label = "torch.compile" if args.torch_compile else "eager"
+    print(f"torch diffusers PIAPipeline {label} ({dtype}, {device}): first call {warm:.1f} s, {seconds:.2f} s/video,"
+          f" peak memory {peak:.1f} GiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=512, help="pixel size (square)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scheduler", choices=schedulers.KINDS, default="ddim")
+    p.add_argument("--videos", type=int, default=1, help="videos per call (split over the devices)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument("--decode-chunk", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--torch", action="store_true", help="also time diffusers' PIAPipeline (needs torch+diffusers)")
+    p.add_argument("--torch-compile", action="store_true")
+    args = p.parse_args()
+    cfg = {"sd15": config.SD15_PIA, "tiny": config.TINY}[args.config]
+    print(f"{args.config}: {args.videos} x {args.frames} frames at {args.size}x{args.size}, {args.steps} "
+          f"{args.scheduler} steps, CFG")
+    bench_jax(cfg, args)
+    if args.torch:
+        bench_torch(cfg, args)
+
+
+if __name__ == "__main__":
+    main()
