@@ -101,7 +101,7 @@ class Animator:
 
     def __init__(self, model: ModelDir, mesh: Mesh | None = None):
         self.model, self.config = model, model.config
-        self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
+        self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))  # this host's devices
         self.scheduler_config = schedulers.from_dict(model.scheduler) if model.scheduler else schedulers.PIA_DDIM
         replicated, self._by_video = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         (self._unet_def, unet), (self._vae_def, vae), (self._text_def, text) = (
