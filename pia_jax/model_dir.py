@@ -12,6 +12,7 @@ failed write never leaves a half-written model, and an existing one is replaced 
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -53,6 +54,41 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@contextlib.contextmanager
+def _cheap_tracer_errors():
+    """jax 0.10 composes the message of a tracer's `.sharding` AttributeError eagerly, walking every equation traced
+    so far (jax-ml/jax#40041), and flax probes `.sharding` on each RNG-counter update, so `nnx.eval_shape` of a model
+    is quadratic in its size: 10 s for the tiny test UNet, 16 s at SD1.5 size instead of 1 s and 1.7 s. Nothing
+    shows that message while a model is built, so it is skipped then; without the private class, nothing changes."""
+    try:
+        from jax._src.interpreters.partial_eval import DynamicJaxprTracer as tracer
+        original = tracer.__dict__["_origin_msg"]
+    except (ImportError, KeyError):
+        yield
+        return
+    tracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        tracer._origin_msg = original
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(cls, cfg, kwargs: tuple):
+    with _cheap_tracer_errors():
+        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **dict(kwargs)))
+
+
+def abstract_model(cls, cfg, **kwargs) -> nnx.Module:
+    """`cls(cfg, **kwargs)` with shape-only parameters (nothing allocated), fresh for the caller to fill; models of
+    one configuration are traced once per process."""
+    try:
+        return nnx.clone(_abstract(cls, cfg, tuple(sorted(kwargs.items()))))
+    except TypeError:  # unhashable arguments (e.g. a dict of attention kernels): trace every time
+        with _cheap_tracer_errors():
+            return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
 def sha256(path, chunk=1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,38 +97,51 @@ def sha256(path, chunk=1 << 24) -> str:
     return digest.hexdigest()
 
 
-def describe_source(role: str, path) -> dict:
-    """A record of one input: its role ('base', 'motion', 'lora', 'vae', ...), path, size and hash."""
+def describe_source(role: str, path, files=None) -> dict:
+    """A record of one input: its role ('base', 'motion', 'lora', 'vae', ...), path, and the size and hash of each
+    file read from it (`files`; by default the file itself, or every file of a folder)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if files is None:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    name = (lambda f: str(f.relative_to(path))) if path.is_dir() else (lambda f: f.name)
     return {"role": role, "path": str(path.resolve()),
-            "files": {str(f.relative_to(path)) if path.is_dir() else f.name: {"bytes": f.stat().st_size,
-                                                                               "sha256": sha256(f)} for f in files}}
+            "files": {name(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(map(Path, files))}}
 
 
 @contextlib.contextmanager
 def atomic_directory(path, force: bool = False):
-    """Yields a temporary sibling of `path` to fill; on success it replaces `path`, on any failure it is removed."""
-    path = Path(path)
+    """Yields a temporary sibling of `path` to fill; once the block completes it replaces `path`. On any failure or
+    interrupt the sibling is removed, an existing `path` is left as it was, and parent folders made here go again."""
+    path = Path(path).absolute()
     if path.exists() and not force:
         raise FileExistsError(f"{str(path)!r} already exists; pass --force to replace it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{str(path)!r} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    done = False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
-        if path.exists():  # swap: the old directory goes away only once the new one is complete
+        if path.exists():  # swap: the old directory goes away only once the new one is in place
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(path)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made if not done else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -114,14 +163,17 @@ def write_safetensors(path, tensors: dict, dtype=None):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, array in tensors.items():
-            f.write(np.ascontiguousarray(np.asarray(array).astype(dtype or array.dtype, copy=False)).tobytes())
+            data = np.ascontiguousarray(np.asarray(array).astype(dtype or array.dtype, copy=False))
+            f.write(data.reshape(-1).view(np.uint8).data)  # the bytes themselves, no further copy
 
 
-def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenizer=None, scheduler: dict | None = None,
-                   sources: list | None = None, report: dict | None = None, dtype: str = "fp32",
+def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenizer=None,
+                   scheduler: dict | None = None, sources=None, report: dict | None = None, dtype: str = "fp32",
                    force: bool = False) -> Path:
     """Writes a model directory. `models` maps part names to NNX modules or flat {NNX path: array} dicts;
-    `tokenizer` is a transformers tokenizer or a folder of tokenizer files; `dtype` the storage dtype."""
+    `tokenizer` is a transformers tokenizer or a folder of tokenizer files; `dtype` the storage dtype; `sources` a
+    list of `describe_source` records, or a function returning it, called once the weights are written (so that
+    hashing the inputs can overlap the writing)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     unknown = sorted(set(models) - set(PARTS))
@@ -140,6 +192,7 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
         meta = {"format": FORMAT, "version": VERSION, "model": config_lib.to_dict(config), "scheduler": scheduler or {},
                 "storage_dtype": dtype, "parts": sorted(models)}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        sources = sources() if callable(sources) else sources
         (tmp / "sources.json").write_text(json.dumps({"sources": sources or [], "report": report or {}}, indent=2)
                                           + "\n")
     return path
@@ -178,13 +231,25 @@ def _builders(config: config_lib.PIAConfig):
             "text_encoder": (CLIPTextModel, config.text)}
 
 
-def read_part(path, part: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def open_part(path, part: str):
+    """The `safe_open` handle of one part's weights: shapes from the header, each tensor read when asked for
+    (safetensors checks at opening that the header fits the file, so truncated files fail here)."""
+    from safetensors import safe_open
     file = Path(path) / f"{part}.safetensors"
     try:
-        return load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        return safe_open(str(file), "np")
+    except Exception as e:  # safetensors raises its own error types for missing, truncated or corrupt files
         raise ModelDirError(f"cannot read {str(file)!r} ({type(e).__name__}: {e}); convert the model again") from None
+
+
+class _Tensors:
+    """{NNX path: array} read one tensor at a time, so loading holds the host copy of one tensor, not of a model."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getitem__(self, key):
+        return self.handle.get_tensor(key)
 
 
 def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None,
@@ -199,19 +264,19 @@ def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.floa
         if part not in meta["parts"]:
             raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
         cls, cfg = builders[part]
-        kwargs = (model_kwargs or {}).get(part, {})
-        abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **kwargs))
-        flat = read_part(path, part)
-        expected = weights.param_shapes(abstract)
-        problems = [f"missing {k}" for k in expected if k not in flat]
-        problems += [f"unexpected {k}" for k in flat if k not in expected]
-        problems += [f"{k}: shape {flat[k].shape}, model expects {s}" for k, s in expected.items()
-                     if k in flat and tuple(flat[k].shape) != s]
-        if problems:
-            raise ModelDirError(f"{part}.safetensors in {str(path)!r} does not match its config.json "
-                                f"({len(problems)} problems): " + "; ".join(problems[:10]))
-        setattr(out, part, weights.fill(abstract, flat, sharding))
-        del flat
+        abstract = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype,
+                                  **(model_kwargs or {}).get(part, {}))
+        with open_part(path, part) as handle:
+            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            expected = weights.param_shapes(abstract)
+            problems = [f"missing {k}" for k in expected if k not in stored]
+            problems += [f"unexpected {k}" for k in stored if k not in expected]
+            problems += [f"{k}: shape {stored[k]}, model expects {s}" for k, s in expected.items()
+                         if k in stored and stored[k] != s]
+            if problems:
+                raise ModelDirError(f"{part}.safetensors in {str(path)!r} does not match its config.json "
+                                    f"({len(problems)} problems): " + "; ".join(problems[:10]))
+            setattr(out, part, weights.fill(abstract, _Tensors(handle), sharding))
     if tokenizer:
         from pia_jax.tokenizer import load_tokenizer
         out.tokenizer = load_tokenizer(Path(path) / "tokenizer")

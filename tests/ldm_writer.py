@@ -1,10 +1,13 @@
-"""Writes diffusers/transformers state dicts as an original-Stable-Diffusion (LDM) single-file checkpoint.
+"""Writes diffusers/transformers state dicts as an original-Stable-Diffusion (LDM) single-file checkpoint, and
+diffusers motion adapters as AnimateDiff/PIA motion-module checkpoints (mm_sd_v15_v2.ckpt, pia.ckpt).
 
-Test-side and deliberately independent of pia_jax.convert.ldm: one `re.fullmatch` per diffusers key, written from
+Test-side and deliberately independent of pia_jax.convert: one `re.fullmatch` per diffusers key, written from
 the LDM module layout (the semantics of diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, for
-any number of blocks and layers). Its output is checked by diffusers' own single-file loaders in the tests.
+any number of blocks and layers) and AnimateDiff's module names. Its output is checked by diffusers' own
+single-file loaders in the tests.
 """
 
+import math
 import re
 
 import torch
@@ -101,4 +104,37 @@ def vae_file(vae, vae_config, prefix="", loss=True) -> dict:
         out.update({prefix + "loss.logvar": torch.zeros(()),
                     prefix + "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4),
                     prefix + "loss.perceptual_loss.lin0.model.1.weight": torch.randn(1, 64, 1, 1)})
+    return out
+
+
+TO_ANIMATEDIFF = {"attn1": "attention_blocks.0", "attn2": "attention_blocks.1", "norm1": "norms.0",
+                  "norm2": "norms.1", "norm3": "ff_norm"}
+
+
+def animatediff_positions(length, dim, dtype=torch.float32):
+    """AnimateDiff's PositionalEncoding buffer (1, length, dim), computed the way its module computes it."""
+    position = torch.arange(length).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, length, dim)
+    pe[0, :, 0::2] = torch.sin(position * div_term)
+    pe[0, :, 1::2] = torch.cos(position * div_term)
+    return pe.to(dtype)
+
+
+def animatediff_checkpoint(state: dict, max_len: int) -> dict:
+    """diffusers MotionAdapter / UNetMotionModel state -> AnimateDiff naming, with AnimateDiff's position tables;
+    other keys (conv_in, spatial UNet weights) are kept as they are."""
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.+\.motion_modules\.\d+)\.(.+)", key)
+        if m is None:
+            out[key] = value
+        elif not m[2].endswith("pos_embed.pe"):  # diffusers' own table: AnimateDiff has one per attention instead
+            rest = re.sub(r"^transformer_blocks\.(\d+)\.(attn1|attn2|norm1|norm2|norm3)\.",
+                          lambda t: f"transformer_blocks.{t[1]}.{TO_ANIMATEDIFF[t[2]]}.", m[2])
+            out[f"{m[1]}.temporal_transformer.{rest}"] = value
+            if rest == "norm.weight":
+                for attention in (0, 1):
+                    out[f"{m[1]}.temporal_transformer.transformer_blocks.0.attention_blocks.{attention}."
+                        "pos_encoder.pe"] = animatediff_positions(max_len, value.shape[0], value.dtype)
     return out

@@ -7,8 +7,6 @@ only renames tensors, so every comparison is exact (np.array_equal, every key on
 """
 
 import dataclasses
-import math
-import re
 
 import numpy as np
 import pytest
@@ -19,41 +17,11 @@ from pia_jax import weights
 from pia_jax.config import SD15_PIA, TINY
 from pia_jax.convert.animatediff import convert_motion_checkpoint
 from tests import torch_models as tm
+from tests.ldm_writer import animatediff_checkpoint
 from tests.oracle import numpy_state, randomize
 
 PIA = TINY.unet  # 9-channel conv_in, no mid block: pia.ckpt's layout
 V2 = dataclasses.replace(TINY.unet, in_channels=4, motion_mid_block=True, motion_max_seq_length=24)  # mm_sd_v15_v2
-TO_ANIMATEDIFF = {"attn1": "attention_blocks.0", "attn2": "attention_blocks.1", "norm1": "norms.0",
-                  "norm2": "norms.1", "norm3": "ff_norm"}
-
-
-def animatediff_positions(length, dim, dtype=torch.float32):
-    """AnimateDiff's PositionalEncoding buffer (1, length, dim), computed the way its module computes it."""
-    position = torch.arange(length).unsqueeze(1)
-    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(1, length, dim)
-    pe[0, :, 0::2] = torch.sin(position * div_term)
-    pe[0, :, 1::2] = torch.cos(position * div_term)
-    return pe.to(dtype)
-
-
-def animatediff_checkpoint(state: dict, max_len: int) -> dict:
-    """diffusers MotionAdapter / UNetMotionModel state -> AnimateDiff naming, with AnimateDiff's position tables;
-    other keys (conv_in, spatial UNet weights) are kept as they are."""
-    out = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"(.+\.motion_modules\.\d+)\.(.+)", key)
-        if m is None:
-            out[key] = value
-        elif not m[2].endswith("pos_embed.pe"):  # diffusers' own table: AnimateDiff has one per attention instead
-            rest = re.sub(r"^transformer_blocks\.(\d+)\.(attn1|attn2|norm1|norm2|norm3)\.",
-                          lambda t: f"transformer_blocks.{t[1]}.{TO_ANIMATEDIFF[t[2]]}.", m[2])
-            out[f"{m[1]}.temporal_transformer.{rest}"] = value
-            if rest == "norm.weight":
-                for attention in (0, 1):
-                    out[f"{m[1]}.temporal_transformer.transformer_blocks.0.attention_blocks.{attention}."
-                        "pos_encoder.pe"] = animatediff_positions(max_len, value.shape[0], value.dtype)
-    return out
 
 
 def adapter_keys(state: dict) -> dict:

@@ -192,12 +192,14 @@ def _plan(i, state, targets, names, legacy_alpha, report) -> list:
 
 
 def merge_loras(unet: Mapping[str, np.ndarray], text_encoder: Mapping[str, np.ndarray],
-                loras: Sequence[tuple[Mapping[str, np.ndarray], float]], legacy_alpha: bool = False):
+                loras: Sequence[tuple[Mapping[str, np.ndarray], float]], legacy_alpha: bool = False,
+                keep_float32: bool = False):
     """Merges `loras` = [(LoRA state dict, multiplier)] into a diffusers UNet2DConditionModel state dict and a
     transformers CLIPTextModel one: W += multiplier * alpha / rank * up @ down, or W += multiplier * up @ down with
     `legacy_alpha` (the PIA repo's merge). Returns (unet, text_encoder, [LoraReport per LoRA]); the inputs are left as
     they are and only the changed tensors are new. Every LoRA is checked before anything is merged; the deltas of all
-    LoRAs are summed onto the float32 weight, which is cast back to its dtype once."""
+    LoRAs are summed onto the float32 weight, which is cast back to its dtype once (or, with `keep_float32`, left in
+    float32 for a caller that casts once more anyway, so fp16 source weights are not rounded twice)."""
     targets = {"unet": unet, "text_encoder": text_encoder}
     names = _module_names(unet, text_encoder)
     reports = [LoraReport() for _ in loras]
@@ -209,7 +211,7 @@ def merge_loras(unet: Mapping[str, np.ndarray], text_encoder: Mapping[str, np.nd
             weight = merged[component].setdefault(key, np.array(targets[component][key], np.float32))
             delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
             weight += (delta * np.float32(multiplier * scale)).reshape(weight.shape)
-    unet, text_encoder = ({**targets[c], **{k: w.astype(np.asarray(targets[c][k]).dtype)
+    unet, text_encoder = ({**targets[c], **{k: w if keep_float32 else w.astype(np.asarray(targets[c][k]).dtype)
                                             for k, w in merged[c].items()}} for c in ("unet", "text_encoder"))
     return unet, text_encoder, reports
 
