@@ -18,6 +18,8 @@ from pia_jax.motion import MotionModule
 
 # Attention kernel per call site (see attention.py): temporal sequences are short, so XLA wins there.
 DEFAULT_KERNELS = {"self": "auto", "cross": "auto", "temporal": "xla"}
+# Rematerialisation policies (names in jax.checkpoint_policies) for the per-block `remat_policy` option.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 def timestep_embedding(t, dim: int):
@@ -189,11 +191,16 @@ class UNetMotionModel(nnx.Module):
       mask broadcastable to (b, f, h, w, 1) (per-frame affinity), condition broadcastable to (b, f, h, w, 4)
       (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode).
     Returns the predicted noise (b, f, h, w, out_channels) in fp32.
+
+    `remat_policy` (one of REMAT_POLICIES, None = off) recomputes each down/mid/up block's activations in the
+    backward pass, keeping only what the policy saves: less memory for training, same outputs.
     """
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_kernels=None):
-        self.config, self.dtype = cfg, dtype
+                 attention_kernels=None, remat_policy: str | None = None):
+        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be None or one of {REMAT_POLICIES}, got {remat_policy!r}")
+        self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
         kernels = {**DEFAULT_KERNELS, **(attention_kernels or {})}
         mk = Builder(rngs, dtype, param_dtype)
         chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
@@ -240,18 +247,25 @@ class UNetMotionModel(nnx.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, context, f)
+            x, block_skips = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f), block, x, temb, context)
             skips += block_skips
-        x = self.mid_block(x, temb, context, f)
+        x = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f), self.mid_block, x, temb, context)
         for block in self.up_blocks:
             layer_skips = skips[len(skips) - len(block.resnets):]
             del skips[len(skips) - len(block.resnets):]
             # the next block's skips fix the upsampled size (matters when h, w are not multiples of 2**blocks)
             size = skips[-1].shape[1:3] if skips else None
-            x = block(x, layer_skips, temb, context, f, size)
+            x = self._run(lambda blk, x, sk, temb, ctx: blk(x, sk, temb, ctx, f, size), block, x, layer_skips, temb,
+                          context)
         x = jax.nn.silu(self.conv_norm_out(x, f if cfg.pooled("out") else 1))
         x = self.conv_out(x)
         return x.reshape(b, f, h, w, -1).astype(jnp.float32)
+
+    def _run(self, fn, block, *args):
+        """fn(block, *args), under `nnx.remat` with the configured policy when rematerialisation is on."""
+        if self.remat_policy is None:
+            return fn(block, *args)
+        return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, self.remat_policy))(block, *args)
 
 
 def widen_conv_in(unet: UNetMotionModel, rngs: nnx.Rngs, in_channels: int = 9) -> UNetMotionModel:

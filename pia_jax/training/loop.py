@@ -1,0 +1,151 @@
+"""The training run: resume, step, log, checkpoint, validate, survive pre-emption, export.
+
+A run resumes from the newest complete checkpoint in `{workdir}/checkpoints` if there is one. SIGTERM (pre-emption)
+finishes the current step, saves a checkpoint and returns `status="preempted"`; a non-finite loss or gradient
+either stops the run (`NonFiniteError`; the step did not touch the weights and nothing after the last good
+checkpoint is saved) or is skipped, as `on_nonfinite` says.
+"""
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from pia_jax import schedulers
+from pia_jax.model_dir import save_model_dir
+from pia_jax.training import metrics as metrics_lib
+from pia_jax.training.checkpoint import Checkpointer
+from pia_jax.training.config import TrainConfig
+from pia_jax.training.step import Trainer, TrainState
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class Result:
+    state: TrainState
+    status: str  # "done" or "preempted"
+    skipped: int  # non-finite steps skipped
+
+
+class Preemption:
+    """SIGTERM sets a flag (in the main thread only; elsewhere the handler cannot be installed); every process
+    learns whether any process got one, so all of them save the same step and stop together."""
+
+    def __init__(self):
+        self.flag, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(multihost_utils.process_allgather(np.int32(self.flag)).any())
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
+    """This process's share of each global batch: a prepared dataset (`data.path`), or synthetic clips."""
+    d, n = cfg.data, jax.process_count()
+    if d.batch_size % jax.device_count():
+        raise ValueError(f"data.batch_size={d.batch_size} must be a multiple of the {jax.device_count()} devices")
+    common = dict(batch_size=d.batch_size // n, seed=cfg.seed, process_index=jax.process_index(), process_count=n)
+    if d.path is None:
+        from pia_jax.training.synthetic import SyntheticLoader
+        return SyntheticLoader(n_frames=d.n_frames, resolution=d.resolution, vocab_size=vocab_size, **common)
+    from pia_jax import data
+    if tokenizer is None:
+        raise ValueError("training on a dataset needs the model directory's tokenizer")
+    config = data.DataConfig(n_frames=d.n_frames, stride=d.stride, resolution=d.resolution,
+                             caption_dropout=d.caption_dropout, condition_dropout=d.condition_dropout,
+                             sim_range=d.sim_range)
+    return data.Loader(data.open_dataset(d.path), tokenizer, config, num_workers=d.workers, **common)
+
+
+def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
+    workdir = epath.Path(cfg.workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    writer = metrics_lib.Writer(cfg.log.dir or workdir / "tensorboard", cfg.log.every, cfg.steps, latest or 0,
+                                cfg.log.tensorboard, cfg.log.progress_bar)
+    if latest is None:
+        state = trainer.init_state(cfg.seed)
+    else:
+        state, data_state = ckpt.restore(latest, trainer.abstract_state())
+        loader.set_state(data_state)
+        writer.log(f"resumed from step {latest} of {ckpt.directory}")
+    step, skipped, status = latest or 0, 0, "done"
+    clips = cfg.data.batch_size * cfg.optim.grad_accum
+    peak = metrics_lib.peak_flops(jax.devices()[0], cfg.log.peak_tflops)
+    preemption = Preemption()
+    flops = None
+    try:
+        while step < cfg.steps:
+            batch = trainer.put_batch([next(loader) for _ in range(cfg.optim.grad_accum)])
+            if flops is None:  # the first step: compile (or find compiled) ahead of running
+                start = time.perf_counter()
+                trainer.compile(state, batch)
+                flops = trainer.count_flops(batch)
+                writer.log(f"compiled the step in {time.perf_counter() - start:.1f} s; {flops / 1e12:.4g} TFLOP per "
+                           f"step of {clips} clips on {trainer.mesh.size} devices (mesh {dict(trainer.mesh.shape)})")
+                last = time.perf_counter()
+            state, metrics = trainer.step(state, batch)
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            seconds, last = now - last, now
+            step += 1
+            if not metrics["finite"]:
+                message = (f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm "
+                           f"({metrics['grad_norm']}); the step was not applied")
+                if cfg.on_nonfinite == "stop":
+                    ckpt.wait()
+                    raise NonFiniteError(f"{message}. Stopping; the last good checkpoint is step "
+                                         f"{ckpt.latest_step()} in {ckpt.directory} (set on_nonfinite=skip to skip "
+                                         "such steps instead)")
+                skipped += 1
+                writer.log(f"{message}; skipped ({skipped} so far)")
+            writer.scalars(step, metrics_lib.step_scalars(metrics, seconds, clips, flops, peak, trainer.mesh.size))
+            stop = preemption.requested()
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
+                ckpt.save(step, state, loader.get_state())
+            if cfg.validation.every and step % cfg.validation.every == 0:
+                from pia_jax.training.validation import validate
+                validate(cfg, trainer, state, step, writer)
+                last = time.perf_counter()
+            if stop:
+                status = "preempted"
+                writer.log(f"SIGTERM: saved step {step} in {ckpt.directory}; stopping")
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        preemption.restore()
+    return Result(state, status, skipped)
+
+
+def export(path, trainer: Trainer, params: dict, *, dtype: str = "fp16", force: bool = True):
+    """Writes the trained UNet (trained weights merged into the frozen ones), the VAE, the text encoder, the
+    tokenizer and the scheduler as a model directory that sample.py loads (process 0 writes)."""
+    setup = trainer.setup
+    params = multihost_utils.process_allgather(params, tiled=True)  # numpy on every process
+    if jax.process_index() != 0:
+        return None
+    models = {"unet": {**setup.frozen["unet"], **params}, "vae": setup.frozen["vae"],
+              "text_encoder": setup.frozen["text"]}
+    return save_model_dir(path, setup.config, models, tokenizer=setup.tokenizer,
+                          scheduler=schedulers.to_dict(setup.scheduler), dtype=dtype, force=force,
+                          report={"trained": sorted(params)})

@@ -1,0 +1,140 @@
+"""What training starts from: the three models as graph definitions plus flat weights, split into trainable and
+frozen, and the optimizer.
+
+Weights travel as flat {NNX path: array} dicts ('down_blocks.0.motion_modules.1.proj_in.kernel'), the keys of the
+sharding rules, of checkpoints and of model directories alike; `merge` turns a graph definition and such dicts back
+into a module inside the jitted step.
+"""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pia_jax import config as model_config
+from pia_jax import schedulers
+from pia_jax.model_dir import abstract_model, flat_params, load_model_dir
+from pia_jax.text_encoder import CLIPTextModel
+from pia_jax.training.config import ModelConfig, OptimConfig
+from pia_jax.unet import UNetMotionModel, widen_conv_in
+from pia_jax.vae import AutoencoderKL
+from pia_jax.weights import param_shapes
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+INITS = {"sd15": model_config.SD15_PIA, "tiny": model_config.TINY}
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """The static structure of the models (NNX graph definitions: hashable, no weights)."""
+    unet: nnx.GraphDef
+    vae: nnx.GraphDef
+    text: nnx.GraphDef
+
+
+@dataclass
+class Setup:
+    config: model_config.PIAConfig  # with the (widened) 9-channel UNet
+    graphs: Graphs
+    model: ModelConfig
+    trainable: dict[str, np.ndarray]  # UNet weights that train, fp32
+    # {"unet", "vae", "text"} -> the weights that do not, at their source precision (the device copies are cast to
+    # model.frozen_dtype; an export writes these)
+    frozen: dict[str, dict[str, np.ndarray]]
+    scheduler: schedulers.SchedulerConfig
+    tokenizer: object = None  # a CLIPTokenizer where the model directory has one
+
+
+def merge(graph: nnx.GraphDef, *flats: dict) -> nnx.Module:
+    """The module of `graph` with its weights taken from flat {NNX path: array} dicts (which together cover all)."""
+    items = [(tuple(int(p) if p.isdigit() else p for p in k.split(".")), v) for flat in flats for k, v in flat.items()]
+    return nnx.merge(graph, nnx.from_flat_state(items))
+
+
+def abstract_models(config: model_config.PIAConfig, cfg: ModelConfig, attention: str | None = None,
+                    remat: bool = True) -> dict[str, nnx.Module]:
+    """{"unet", "vae", "text"} -> abstract models (no memory) in the compute dtype; `attention`/`remat` override the
+    configured kernel and policy (the FLOP count uses all-XLA kernels and no rematerialisation)."""
+    dtype, kernel = DTYPES[cfg.compute_dtype], attention or cfg.attention
+    policy = cfg.remat_policy if remat else None
+    return {
+        "unet": abstract_model(UNetMotionModel, config.unet, dtype=dtype, remat_policy=policy,
+                               attention_kernels={"self": kernel, "cross": kernel}),
+        "vae": abstract_model(AutoencoderKL, config.vae, dtype=dtype, attention_kernel=kernel),
+        "text": abstract_model(CLIPTextModel, config.text, dtype=dtype),
+    }
+
+
+def make_graphs(models: dict[str, nnx.Module]) -> Graphs:
+    return Graphs(**{part: nnx.graphdef(m) for part, m in models.items()})
+
+
+def split_trainable(flat: dict, patterns) -> tuple[dict, dict]:
+    rx = [re.compile(p) for p in patterns]
+    trainable = {k: v for k, v in flat.items() if any(r.search(k) for r in rx)}
+    if not trainable:
+        raise ValueError(f"no UNet parameter matches the trainable patterns {list(patterns)}")
+    return trainable, {k: v for k, v in flat.items() if k not in trainable}
+
+
+def random_weights(model: nnx.Module, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random weights for a (possibly abstract) model, drawn with numpy in a blink: kernels and embeddings
+    N(0, 1/fan_in), norm scales 1, biases 0. Unlike a fresh model, every kernel is nonzero (the zero-initialized
+    motion-module outputs included), so every trainable weight gets a gradient from the first step."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, shape in param_shapes(model).items():
+        leaf = path.rpartition(".")[2]
+        if leaf in ("kernel", "embedding"):
+            fan_in = shape[-1] if leaf == "embedding" else int(np.prod(shape[:-1]))
+            out[path] = (rng.standard_normal(shape, np.float32) * fan_in ** -0.5).astype(np.float32)
+        else:
+            out[path] = np.full(shape, 1.0 if leaf == "scale" else 0.0, np.float32)
+    return out
+
+
+def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig | None = None) -> Setup:
+    """Loads `cfg.model_dir` (or random weights of `cfg.init`, or of `init_config` if given), widens a 4-channel
+    conv_in with zero condition channels (PIA's training start) and splits the UNet into trainable and frozen
+    weights."""
+    if cfg.model_dir:
+        md = load_model_dir(cfg.model_dir, tokenizer=(Path(cfg.model_dir) / "tokenizer").is_dir())
+        config, tokenizer = md.config, md.tokenizer
+        scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else schedulers.PIA_DDIM
+        if md.unet.config.in_channels == 4:
+            md.unet = widen_conv_in(md.unet, nnx.Rngs(seed))
+            config = dataclasses.replace(config, unet=md.unet.config)
+        unet, vae, text = flat_params(md.unet), flat_params(md.vae), flat_params(md.text_encoder)
+        del md
+    else:
+        if init_config is None and cfg.init not in INITS:
+            raise ValueError(f"model.init must be one of {sorted(INITS)} (or give model.model_dir), got {cfg.init!r}")
+        config, tokenizer, scheduler = init_config or INITS[cfg.init], None, schedulers.PIA_DDIM
+        cin = config.unet.in_channels
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=9))
+        models = abstract_models(config, cfg)
+        unet, vae, text = (random_weights(models[part], seed + i) for i, part in enumerate(("unet", "vae", "text")))
+        if cin == 4:  # as widen_conv_in: zero condition channels
+            unet["conv_in.kernel"][:, :, 4:] = 0
+    trainable, frozen_unet = split_trainable(unet, cfg.trainable)
+    trainable = {k: v.astype(np.float32) for k, v in trainable.items()}
+    frozen = {"unet": frozen_unet, "vae": vae, "text": text}
+    graphs = make_graphs(abstract_models(config, cfg) if cfg.model_dir else models)
+    return Setup(config, graphs, cfg, trainable, frozen, scheduler, tokenizer)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping of the (accumulated, averaged) gradient, then AdamW with linear warmup + constant LR.
+
+    The learning rate is injected as a hyperparameter so the optimizer state carries the value used at each step.
+    """
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+                              [cfg.warmup_steps]) if cfg.warmup_steps else cfg.lr
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                                  weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -1,0 +1,169 @@
+"""The PIA objective and the one jit-compiled training step, with its shardings.
+
+One step = k micro-batches (a `lax.scan`) -> the averaged gradient -> global-norm clipping -> AdamW. Per micro-batch:
+frozen VAE encode (posterior sample x scaling factor) and text encode, t ~ U{0..999} and noise per video, the noisy
+latent with PIA's condition channels, epsilon-MSE. Differences from the reference, on purpose:
+  * clipping acts once on the accumulated, averaged gradient. The reference clips after every micro-batch
+    backward, before GradScaler's unscale, so each new (scaled) micro-batch gradient swamps the earlier ones and
+    only ~the last of its 16 micro-batches counts. Here k micro-batches of B are one step on the k*B batch.
+  * every random draw is made per video from its own key (fold_in(rng, step), then the video's index in the
+    step), so results do not depend on the device count, the mesh or how the batch is split into micro-batches.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pia_jax import schedulers
+from pia_jax.sharding import batch_sharding, param_shardings, replicated
+from pia_jax.training.metrics import count_flops
+from pia_jax.training.state import DTYPES, Graphs, Setup, abstract_models, make_graphs, merge
+from pia_jax.vae import sample_posterior
+
+BATCH_KEYS = ("pixel_values", "input_ids", "mask_coef", "cond_frame", "use_condition")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 (): optimizer steps taken (skipped non-finite steps included)
+    params: dict  # trainable UNet weights by NNX path, fp32
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data: step s draws from fold_in(rng, s)
+
+
+def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
+    """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d)."""
+    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text, frozen["text"])
+    pixels = batch["pixel_values"]
+    b, f = pixels.shape[:2]
+    mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
+    mean, logvar = (x.astype(jnp.float32).reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
+    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(post_keys)
+    return sample_posterior(mean, logvar, noise) * scaling, text(batch["input_ids"])
+
+
+def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise, alphas):
+    """Epsilon-prediction MSE, mean over all elements. The mask channel is each frame's affinity coefficient, the
+    condition the latent of the clip's condition frame on every frame; both are zero where use_condition is False."""
+    unet = merge(graph, params, frozen_unet)
+    use = batch["use_condition"].astype(jnp.float32)
+    mask = (batch["mask_coef"] * use[:, None])[:, :, None, None, None]
+    cond = jnp.take_along_axis(latents, batch["cond_frame"][:, None, None, None, None], axis=1)
+    cond = cond * use[:, None, None, None, None]
+    pred = unet(schedulers.add_noise(alphas, latents, noise, t), t, context, mask=mask, condition=cond)
+    return jnp.mean(jnp.square(pred - noise))
+
+
+def train_step(graphs, tx, alphas, scaling, shardings, state: TrainState, frozen, batch):
+    """batch: {key: (k, B, ...)}, k micro-batches of B videos. Returns the new state and the step's metrics."""
+    k, b = batch["input_ids"].shape[:2]
+    keys = jax.random.split(jax.random.fold_in(state.rng, state.step), k * b)
+    keys = jax.vmap(lambda key: jax.random.split(key, 3))(keys).reshape(k, b, 3, -1)
+    # Weights are stored sharded; gather them once per step (not per micro-batch) and run data-parallel.
+    full, frozen = jax.lax.with_sharding_constraint((state.params, frozen), shardings["replicated"])
+
+    def micro(acc, xs):
+        mb, keys_Bx3 = xs
+        latents, context = encode(graphs, frozen, mb, keys_Bx3[:, 0], scaling)
+        t = jax.vmap(lambda key: jax.random.randint(key, (), 0, len(alphas)))(keys_Bx3[:, 1])
+        noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:]))(keys_Bx3[:, 2])
+        loss, grads = jax.value_and_grad(denoising_loss)(full, frozen["unet"], graphs.unet, latents, context, mb, t,
+                                                         noise, alphas)
+        acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, grads), shardings["params"])
+        return acc, loss
+
+    grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, state.params), (batch, keys))
+    grads, loss = jax.tree.map(lambda g: g / k, grads), losses.mean()
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": opt_state[1].hyperparams["learning_rate"],
+               "finite": finite}
+    return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng), metrics
+
+
+class Trainer:
+    """The compiled step for one model setup, optimizer and mesh, and the placement of everything it takes."""
+
+    def __init__(self, setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+        self.setup, self.tx, self.mesh = setup, tx, mesh
+        self.param_shardings = param_shardings(setup.trainable, mesh)
+        self.frozen_shardings = {part: param_shardings(flat, mesh) for part, flat in setup.frozen.items()}
+        frozen_dtype = np.dtype(DTYPES[setup.model.frozen_dtype])
+        self.frozen = jax.tree.map(lambda v, s: put(v.astype(frozen_dtype), s), setup.frozen, self.frozen_shardings)
+        abstract = self.abstract_state()
+        self.state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        self.batch_shardings = {key: batch_sharding(mesh, 1) for key in BATCH_KEYS}
+        shardings = {"params": self.param_shardings, "replicated": jax.tree.map(
+            lambda _: replicated(mesh), (setup.trainable, setup.frozen))}
+        self._step_args = (tx, schedulers.alphas_cumprod(setup.scheduler), setup.config.vae.scaling_factor, shardings)
+        self.jitted = jax.jit(functools.partial(train_step, setup.graphs, *self._step_args),
+                              in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
+                              out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+        self.compiled, self.flops = {}, {}  # batch shape -> executable, FLOPs per step
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (a restore target), computed without allocating anything."""
+        params = {k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=self.param_shardings[k])
+                  for k, v in self.setup.trainable.items()}
+        opt = jax.eval_shape(self.tx.init, params)
+        # optimizer leaves that mirror a parameter (Adam moments) take its sharding; scalars are replicated
+        opt = jax.tree_util.tree_map_with_path(lambda path, a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=self._sharding_at(path)), opt)
+        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(self.mesh))  # noqa
+        key_shape = jax.random.key_data(jax.random.key(0)).shape  # (2,) for the default threefry keys
+        return TrainState(scalar(jnp.int32), params, opt, scalar(jnp.uint32, key_shape))
+
+    def _sharding_at(self, path):
+        names = [getattr(p, "key", None) for p in path]
+        return next((self.param_shardings[n] for n in reversed(names) if n in self.param_shardings),
+                    replicated(self.mesh))
+
+    def init_state(self, seed: int) -> TrainState:
+        params = {k: put(v, self.param_shardings[k]) for k, v in self.setup.trainable.items()}
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        rng = put(np.asarray(jax.random.key_data(jax.random.key(seed))), replicated(self.mesh))
+        return TrainState(put(np.int32(0), replicated(self.mesh)), params, opt_state, rng)
+
+    def put_batch(self, micro_batches: list[dict]) -> dict:
+        """k host-local batches {key: (B_host, ...)} -> global arrays (k, B, ...) split by video over the mesh."""
+        out = {}
+        for key in BATCH_KEYS:
+            local = np.stack([np.asarray(mb[key]) for mb in micro_batches])
+            shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
+            out[key] = jax.make_array_from_process_local_data(self.batch_shardings[key], local, shape)
+        return out
+
+    def compile(self, state: TrainState, batch: dict):
+        """The executable for this batch shape (compiled once, ahead of the first step)."""
+        key = _shape_key(batch)
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(state, self.frozen, batch).compile()
+        return self.compiled[key]
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.compile(state, batch)(state, self.frozen, batch)
+
+    def count_flops(self, batch: dict) -> float:
+        """Model FLOPs of one step on `batch`: all-XLA attention and no rematerialisation (see metrics.py)."""
+        key = _shape_key(batch)
+        if key not in self.flops:
+            graphs = make_graphs(abstract_models(self.setup.config, self.setup.model, attention="xla", remat=False))
+            self.flops[key] = count_flops(functools.partial(train_step, graphs, *self._step_args),
+                                          self.abstract_state(), self.frozen, batch)
+        return self.flops[key]
+
+
+def _shape_key(batch: dict) -> tuple:
+    return tuple((k, v.shape) for k, v in sorted(batch.items()))
+
+
+def put(value, sharding) -> jax.Array:
+    """A host array (the same on every process) placed with `sharding`, which may span several processes."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])

@@ -1,0 +1,44 @@
+"""Periodic validation videos: fixed (image, prompt) pairs animated with the weights being trained, through
+`pia_jax.pipeline`, written as GIFs to `{workdir}/validation/step_NNNNNNN/`.
+
+Every process samples on its own devices (weights gathered to each host; validation is rare and small) and
+process 0 writes. A fresh `Animator` per validation compiles its phases again; that is accepted for now.
+"""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from pia_jax import affinity, media, schedulers
+from pia_jax.model_dir import ModelDir
+from pia_jax.training.state import merge
+
+
+def validate(cfg, trainer, state, step: int, writer) -> None:
+    from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, Animator, SampleOptions
+
+    v, setup = cfg.validation, trainer.setup
+    if len(v.images) != len(v.prompts) or not v.images:
+        raise ValueError(f"validation needs as many images as prompts (got {len(v.images)} and {len(v.prompts)})")
+    if setup.tokenizer is None:
+        raise ValueError("validation needs a model directory with a tokenizer (model.model_dir)")
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    model = ModelDir(Path(cfg.workdir), setup.config, schedulers.to_dict(setup.scheduler),
+                     unet=merge(setup.graphs.unet, params, setup.frozen["unet"]),
+                     vae=merge(setup.graphs.vae, setup.frozen["vae"]),
+                     text_encoder=merge(setup.graphs.text, setup.frozen["text"]), tokenizer=setup.tokenizer)
+    animator = Animator(model, jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)))
+    size, n = cfg.data.resolution, len(v.images)
+    images = np.stack([media.preprocess_image(media.load_image(p), height=size, width=size) for p in v.images])
+    mask = np.stack([affinity.preset_coefficients(v.affinity, cfg.data.n_frames)] * n)
+    options = SampleOptions(steps=v.steps, guidance_scale=v.guidance_scale)
+    result = animator(images, list(v.prompts), [DEFAULT_NEGATIVE_PROMPT] * n, mask, options,
+                      seeds=[v.seed + i for i in range(n)])
+    if jax.process_index() == 0:
+        out = Path(cfg.workdir) / "validation" / f"step_{step:07d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, video in enumerate(result.videos):
+            media.write_gif(out / f"{i}.gif", media.frames_to_uint8(video))
+        writer.log(f"validation: {n} videos in {out}")

@@ -1,0 +1,149 @@
+"""The training run on 8 fake CPU devices: kill-and-resume, resuming on another mesh, pre-emption (SIGTERM),
+non-finite steps, an interrupted save, metrics, validation videos and export. Uses test_train.py's cached trainers."""
+
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from pia_jax.model_dir import flat_params, load_model_dir
+from pia_jax.training import loop
+from pia_jax.training.checkpoint import Checkpointer
+from tests.test_train import host, loader, max_rel, setup, train_config, trainer
+
+STEPS = 4
+
+
+class Hooked:
+    """A loader that calls hook(batch number, batch) on each batch it hands out (to inject faults)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook, self.count = inner, hook, 0
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.count += 1
+        return self.hook(self.count, batch) or batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def saved_params(workdir, step, tr):
+    ckpt = Checkpointer(workdir / "checkpoints", keep=10)
+    state, data_state = ckpt.restore(step, tr.abstract_state())
+    ckpt.close()
+    return host(state.params), data_state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    data = loader()
+    result = loop.run(train_config(workdir, steps=STEPS), trainer(4, 2), data)
+    return workdir, host(result.state.params), data.seen
+
+
+def test_kill_and_resume_is_exact(tmp_path, uninterrupted):
+    _, expected, expected_order = uninterrupted
+    cfg = train_config(tmp_path, steps=STEPS)
+    first = loader()
+    loop.run(train_config(tmp_path, steps=2), trainer(4, 2), first)  # "killed" after step 2 ...
+    # ... including in the middle of saving step 3: orbax's unfinished temporary folder must be ignored
+    (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234").mkdir()
+    second = loader()
+    result = loop.run(cfg, trainer(4, 2), second)
+    assert first.seen + second.seen == expected_order  # the resumed run continued with the next unseen batch
+    got = host(result.state.params)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)  # bit-identical
+
+
+def test_resume_on_another_mesh(tmp_path, uninterrupted):
+    """Trained on 8 devices (data 4 x fsdp 2, weights and Adam state split in two) up to step 2, resumed on one
+    device (the single-device trainer test_train.py compiles anyway: one compilation fewer than another mesh)."""
+    workdir, expected, _ = uninterrupted
+    shutil.copytree(workdir / "checkpoints" / "2", tmp_path / "checkpoints" / "2")
+    result = loop.run(train_config(tmp_path, steps=STEPS), trainer(1, 1), loader())
+    assert max_rel(host(result.state.params), expected) < 1e-4  # other summation order only (see test_train.py)
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    def preempt(count, batch):
+        if count == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = loop.run(train_config(tmp_path, steps=STEPS), trainer(4, 2), Hooked(loader(), preempt))
+    assert result.status == "preempted" and int(result.state.step) == 2
+    assert Checkpointer(tmp_path / "checkpoints", keep=10).latest_step() == 2
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is uninstalled
+
+
+def nan_at_batch(n):
+    def hook(count, batch):
+        if count == n:
+            return {**batch, "pixel_values": np.full_like(batch["pixel_values"], np.nan)}
+    return hook
+
+
+def test_nonfinite_stops_keeping_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(loop.NonFiniteError, match="step 3: non-finite.*last good checkpoint is step 2"):
+        loop.run(train_config(tmp_path, steps=STEPS, **{"checkpoint.every": 1}), trainer(4, 2),
+                 Hooked(loader(), nan_at_batch(3)))
+    assert Checkpointer(tmp_path / "checkpoints", keep=10).latest_step() == 2
+
+
+def test_nonfinite_skip(tmp_path, capsys):
+    cfg = train_config(tmp_path, steps=3, on_nonfinite="skip", **{"checkpoint.every": 1})
+    result = loop.run(cfg, trainer(4, 2), Hooked(loader(), nan_at_batch(2)))
+    assert result.skipped == 1 and result.status == "done"
+    before, _ = saved_params(tmp_path, 1, trainer(4, 2))
+    after, _ = saved_params(tmp_path, 2, trainer(4, 2))
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the skipped step changed nothing
+    assert all(np.isfinite(v).all() for v in host(result.state.params).values())
+    out = capsys.readouterr().out
+    assert "step 2: non-finite" in out and "skipped (1 so far)" in out
+
+
+def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):
+    workdir, _, _ = uninterrupted
+    from tensorboardX.proto import event_pb2
+    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    tags = set()
+    raw = events.read_bytes()
+    while raw:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+        n = int.from_bytes(raw[:8], "little")
+        event = event_pb2.Event.FromString(raw[12:12 + n])
+        tags |= {v.tag for v in event.summary.value}
+        raw = raw[16 + n:]
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/clips_per_second", "perf/step_seconds",
+            "perf/tflops_per_device"} <= tags
+
+
+def test_validation_writes_videos(tmp_path):
+    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.pipeline."""
+    from PIL import Image
+    from pia_jax.training.metrics import Writer
+    from pia_jax.training.validation import validate
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    cfg = train_config(tmp_path, **{"validation.images": f"[{tmp_path / 'image.png'}]",
+                                    "validation.prompts": "[a cat]", "validation.steps": 2})
+    tr = trainer(1, 1)
+    validate(cfg, tr, tr.init_state(0), 7, Writer(tmp_path, 1, 1, 0, tensorboard=False, progress_bar=False))
+    assert (tmp_path / "validation" / "step_0000007" / "0.gif").stat().st_size > 0
+
+
+def test_export_is_a_model_directory(tmp_path, uninterrupted):
+    _, params, _ = uninterrupted
+    loop.export(tmp_path / "model", trainer(4, 2), jax.device_put(params), dtype="fp32")
+    md = load_model_dir(tmp_path / "model")
+    s = setup()
+    unet = flat_params(md.unet)
+    assert md.config.unet.in_channels == 9 and md.tokenizer is not None
+    assert all(np.array_equal(unet[k], params[k]) for k in params)
+    assert all(np.array_equal(unet[k], s.frozen["unet"][k]) for k in s.frozen["unet"])  # full precision, not bf16
