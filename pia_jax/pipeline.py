@@ -123,6 +123,13 @@ class Animator:
         kwargs = {"unet": {"attention_kernels": attention_kernels}} if attention_kernels else None
         return cls(load_model_dir(path, dtype=dtype, param_dtype=param_dtype or dtype, model_kwargs=kwargs), mesh)
 
+    def update_unet(self, unet: nnx.Module):
+        """Swaps in new UNet weights of the same structure and dtypes (e.g. while training) without recompiling."""
+        graphdef, state = nnx.split(unet)
+        if graphdef != self._unet_def:
+            raise ValueError("update_unet needs a UNet of the same architecture as the animator's")
+        self._unet = self._replicate(state)
+
     @property
     def compilations(self) -> int:
         return self._encode.compiles + self._step.compiles + self._decode.compiles

@@ -126,16 +126,22 @@ def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):
 
 
 def test_validation_writes_videos(tmp_path):
-    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.pipeline."""
+    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.pipeline, and
+    a later validation reuses the compiled sampler with the new weights."""
     from PIL import Image
     from pia_jax.training.metrics import Writer
-    from pia_jax.training.validation import validate
+    from pia_jax.training.validation import _ANIMATORS, validate
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8)).save(tmp_path / "image.png")
     cfg = train_config(tmp_path, **{"validation.images": f"[{tmp_path / 'image.png'}]",
                                     "validation.prompts": "[a cat]", "validation.steps": 2})
     tr = trainer(1, 1)
-    validate(cfg, tr, tr.init_state(0), 7, Writer(tmp_path, 1, 1, 0, tensorboard=False, progress_bar=False))
+    writer = Writer(tmp_path, 1, 1, 0, tensorboard=False, progress_bar=False)
+    validate(cfg, tr, tr.init_state(0), 7, writer)
     assert (tmp_path / "validation" / "step_0000007" / "0.gif").stat().st_size > 0
+    compiled = _ANIMATORS[tr].compilations
+    validate(cfg, tr, tr.init_state(1), 8, writer)
+    assert (tmp_path / "validation" / "step_0000008" / "0.gif").stat().st_size > 0
+    assert _ANIMATORS[tr].compilations == compiled, "the second validation must not compile again"
 
 
 def test_export_is_a_model_directory(tmp_path, uninterrupted):

@@ -2,8 +2,11 @@
 `pia_jax.pipeline`, written as GIFs to `{workdir}/validation/step_NNNNNNN/`.
 
 Every process samples on its own devices (weights gathered to each host; validation is rare and small) and
-process 0 writes. A fresh `Animator` per validation compiles its phases again; that is accepted for now.
+process 0 writes. One `Animator` per trainer is kept and given the new UNet weights each time, so its phases
+compile once per run.
 """
+
+import weakref
 
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from pia_jax import affinity, media, schedulers
 from pia_jax.model_dir import ModelDir
 from pia_jax.training.state import merge
 
+_ANIMATORS = weakref.WeakKeyDictionary()  # trainer -> its Animator
+
 
 def validate(cfg, trainer, state, step: int, writer) -> None:
     from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, Animator, SampleOptions
@@ -25,11 +30,15 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
     if setup.tokenizer is None:
         raise ValueError("validation needs a model directory with a tokenizer (model.model_dir)")
     params = multihost_utils.process_allgather(state.params, tiled=True)
-    model = ModelDir(Path(cfg.workdir), setup.config, schedulers.to_dict(setup.scheduler),
-                     unet=merge(setup.graphs.unet, params, setup.frozen["unet"]),
-                     vae=merge(setup.graphs.vae, setup.frozen["vae"]),
-                     text_encoder=merge(setup.graphs.text, setup.frozen["text"]), tokenizer=setup.tokenizer)
-    animator = Animator(model, jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)))
+    unet = merge(setup.graphs.unet, params, setup.frozen["unet"])
+    animator = _ANIMATORS.get(trainer)
+    if animator is None:
+        model = ModelDir(Path(cfg.workdir), setup.config, schedulers.to_dict(setup.scheduler), unet=unet,
+                         vae=merge(setup.graphs.vae, setup.frozen["vae"]),
+                         text_encoder=merge(setup.graphs.text, setup.frozen["text"]), tokenizer=setup.tokenizer)
+        animator = _ANIMATORS[trainer] = Animator(model, jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)))
+    else:
+        animator.update_unet(unet)
     size, n = cfg.data.resolution, len(v.images)
     images = np.stack([media.preprocess_image(media.load_image(p), height=size, width=size) for p in v.images])
     mask = np.stack([affinity.preset_coefficients(v.affinity, cfg.data.n_frames)] * n)
