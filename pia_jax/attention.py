@@ -3,7 +3,10 @@
 Kernels: "xla" runs everywhere (softmax in fp32). "cudnn" is cuDNN flash attention through
 `jax.nn.dot_product_attention`: on an H100 it is ~6x faster than XLA for 64x64 spatial self-attention, break-even
 at 16x16 and 2-4x slower for temporal attention (16-frame sequences). "auto" takes cuDNN only where it applies and
-pays off, so CPU/TPU runs and fp32 runs always get XLA.
+pays off; elsewhere (CPU, TPU, fp32) it takes XLA, in query chunks where the full logits would be large.
+"chunked" is XLA attention over blocks of CHUNK_QUERIES queries, each block rematerialized in the backward pass: the
+same math per query row, with memory bounded by one block's logits instead of all of them (at 64x64 latents one
+UNet self-attention over 32 frames would otherwise hold 32 x 8 x 4096^2 fp32 logits, 16 GiB).
 """
 
 import functools
@@ -11,8 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("xla", "cudnn", "auto")
+KERNELS = ("xla", "cudnn", "chunked", "auto")
 CUDNN_MIN_QUERY_LEN = 1024  # below ~32x32 tokens XLA is as fast (measured on H100, bf16)
+CHUNK_QUERIES = 1024
+CHUNK_MIN_LOGITS = 4096 * 4096  # "auto" chunks XLA attention from 64x64-token self-attention up
 
 
 @functools.cache
@@ -28,20 +33,34 @@ def _cudnn_max_head_dim() -> int:
     return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
-def pick_kernel(kernel: str, q_len: int, head_dim: int, dtype) -> str:
+def pick_kernel(kernel: str, q_len: int, head_dim: int, dtype, kv_len: int | None = None) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel != "auto":
         return kernel
+    kv_len = q_len if kv_len is None else kv_len
     fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
             and head_dim <= _cudnn_max_head_dim())
-    return "cudnn" if fits and q_len >= CUDNN_MIN_QUERY_LEN else "xla"
+    if fits and q_len >= CUDNN_MIN_QUERY_LEN:
+        return "cudnn"
+    return "chunked" if q_len > CHUNK_QUERIES and q_len * kv_len >= CHUNK_MIN_LOGITS else "xla"
+
+
+def _chunked(q, k, v):
+    b, lq, h, d = q.shape
+    n = -(-lq // CHUNK_QUERIES)
+    q = jnp.pad(q, ((0, 0), (0, n * CHUNK_QUERIES - lq), (0, 0), (0, 0)))  # padded query rows are dropped below
+    blocks = q.reshape(b, n, CHUNK_QUERIES, h, d).swapaxes(0, 1)  # (n, B, C, H, D)
+    attend = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+    return jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(b, n * CHUNK_QUERIES, h, d)[:, :lq]
 
 
 def dot_product_attention(q, k, v, *, kernel: str = "xla", causal: bool = False):
     """softmax(q k^T / sqrt(d)) v for q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
-    kernel = pick_kernel(kernel, q.shape[1], q.shape[-1], q.dtype)
-    if kernel == "xla":
+    kernel = pick_kernel(kernel, q.shape[1], q.shape[-1], q.dtype, k.shape[1])
+    if kernel == "chunked" and not causal:
+        return _chunked(q, k, v)
+    if kernel in ("xla", "chunked"):  # causal attention only runs over 77 text tokens: never worth chunking
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
     kv_len = k.shape[1]
     pad = -kv_len % 8  # cuDNN's backward pass rejects e.g. 77 text tokens; padded keys are masked out by length

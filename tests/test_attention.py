@@ -1,0 +1,54 @@
+"""The attention kernels that run everywhere: chunked XLA attention equals plain XLA attention, values and
+gradients, and "auto" picks chunks only for large logits. (cuDNN is checked on a GPU in test_gpu.py.)
+
+Chunking splits the queries only, so each output row is the same softmax over the same keys: the two agree to fp32
+rounding of differently fused matmuls (~1e-7 of the output scale); TOL = 1e-6 catches any mis-assembled block
+(a swapped or shifted block changes rows by O(1)).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pia_jax import attention
+from tests.oracle import assert_close
+
+TOL = 1e-6
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(attention, "CHUNK_QUERIES", 256)  # several blocks and a ragged last one at test sizes
+
+
+def qkv(lq=700, lk=300, b=2, h=3, d=16, seed=0):
+    r = np.random.default_rng(seed)
+    return [jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d))]
+
+
+@pytest.mark.parametrize("lq, lk", [(700, 300), (256, 77), (1, 5)])
+def test_chunked_equals_xla(small_chunks, lq, lk):
+    q, k, v = qkv(lq, lk)
+    expected = attention.dot_product_attention(q, k, v, kernel="xla")
+    assert_close(jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="chunked"))(q, k, v), expected, TOL,
+                 f"chunked attention {lq}x{lk}")
+
+
+def test_chunked_gradients_equal_xla(small_chunks):
+    q, k, v = qkv()
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    grad = lambda kernel: jax.jit(jax.grad(  # noqa: E731
+        lambda q, k, v: jnp.sum(w * attention.dot_product_attention(q, k, v, kernel=kernel)), argnums=(0, 1, 2)))
+    for got, expected, name in zip(grad("chunked")(q, k, v), grad("xla")(q, k, v), "qkv"):
+        assert_close(got, expected, TOL, f"d loss / d {name}")
+
+
+def test_auto_picks_chunks_for_large_logits_off_cuda():
+    assert attention.pick_kernel("auto", 4096, 40, jnp.float32) == "chunked"  # 64x64 latents: 4096^2 logits
+    assert attention.pick_kernel("auto", 4096, 40, jnp.float32, kv_len=77) == "xla"  # cross-attention to text
+    assert attention.pick_kernel("auto", 1024, 40, jnp.float32) == "xla"  # 32x32 latents
+    assert attention.pick_kernel("auto", 16, 40, jnp.float32) == "xla"  # temporal
+    q, k, v = qkv(8, 8)  # causal requests never take the chunked path
+    assert_close(attention.dot_product_attention(q, k, v, kernel="chunked", causal=True),
+                 attention.dot_product_attention(q, k, v, kernel="xla", causal=True), 0, "causal")
