@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from pia_jax import affinity, media, model_dir
-from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, SampleOptions
+from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, SampleOptions, latent_shape
 
 FORMATS = ("gif", "mp4", "png")
 
@@ -194,18 +194,18 @@ def plan(a):
     return list(batches.items()), formats, config, len(entries) == 1
 
 
-def load_noise(a, batch_size, latent_shape):
+def load_noise(a, batch_size, shape):
     noise = post = None
-    for name, path, shape in (("noise", a.noise, (batch_size,) + latent_shape),
-                              ("posterior noise", a.posterior_noise, (batch_size,) + latent_shape[1:])):
+    for name, path, expected in (("noise", a.noise, (batch_size,) + shape),
+                                 ("posterior noise", a.posterior_noise, (batch_size,) + shape[1:])):
         if path is None:
             continue
         try:
             arr = np.load(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the {name} file {path}: {e}") from None
-        if arr.shape != shape:
-            raise ValueError(f"{name} in {path} has shape {arr.shape}; this run needs {shape}")
+        if arr.shape != expected:
+            raise ValueError(f"{name} in {path} has shape {arr.shape}; this run needs {expected}")
         noise, post = (arr, post) if name == "noise" else (noise, arr)
     return noise, post
 
@@ -217,10 +217,8 @@ def main(argv=None) -> int:
         batches, formats, config, single = plan(a)
         if (a.noise or a.posterior_noise) and len(batches) != 1:
             raise ValueError("--noise/--posterior-noise need a single batch (one image size and one set of options)")
-        factor = 2 ** (len(config.vae.block_out_channels) - 1)
         (shape, frames, _), items = batches[0]
-        noise, post = load_noise(a, len(items), (frames, shape[0] // factor, shape[1] // factor,
-                                                 config.vae.latent_channels))
+        noise, post = load_noise(a, len(items), latent_shape(config.vae, shape[0], shape[1], frames))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from flax import nnx
 
 from pia_jax import affinity, config, schedulers
 from pia_jax.model_dir import ModelDir
-from pia_jax.pipeline import Animator, SampleOptions
+from pia_jax.pipeline import Animator, SampleOptions, accelerator_default_dtype
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.unet import UNetMotionModel
 from pia_jax.vae import AutoencoderKL
@@ -36,8 +36,7 @@ class FixedTokenizer:
 
 
 def bench_jax(cfg, args):
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (jnp.float32 if jax.default_backend() == "cpu"
-                                                             else jnp.bfloat16)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else accelerator_default_dtype()
     rngs = nnx.Rngs(0)
     make = dict(rngs=rngs, dtype=dtype, param_dtype=dtype)
     model = ModelDir(None, cfg, schedulers.to_dict(schedulers.PIA_DDIM), UNetMotionModel(cfg.unet, **make),

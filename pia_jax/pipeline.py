@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pia_jax import schedulers
+from pia_jax.config import VAEConfig
 from pia_jax.model_dir import ModelDir, load_model_dir
 from pia_jax.tokenizer import tokenize
 from pia_jax.vae import sample_posterior
@@ -60,6 +61,17 @@ class Result:
 def accelerator_default_dtype():
     """bf16 on accelerators (as the reference's fp16/bf16 inference), fp32 on CPU where bf16 is slow."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def latent_factor(vae: VAEConfig) -> int:
+    """How much the VAE downsamples: 8 for SD1.5."""
+    return 2 ** (len(vae.block_out_channels) - 1)
+
+
+def latent_shape(vae: VAEConfig, height: int, width: int, num_frames: int) -> tuple:
+    """(F, h, w, c) of one video's latents for images of height x width."""
+    factor = latent_factor(vae)
+    return num_frames, height // factor, width // factor, vae.latent_channels
 
 
 def seed_key(seed: int):
@@ -108,7 +120,7 @@ class Animator:
             nnx.split(model.unet), nnx.split(model.vae), nnx.split(model.text_encoder))
         self._unet, self._vae, self._text = jax.device_put((unet, vae, text), replicated)
         self._replicate = lambda x: jax.device_put(x, replicated)  # noqa: E731
-        self.latent_factor = 2 ** (len(self.config.vae.block_out_channels) - 1)
+        self.latent_factor = latent_factor(self.config.vae)
         # Outputs are placed by video explicitly, so a step's outputs have exactly the placement its inputs had.
         self._encode = _Compiled(self._encode_fn, static_argnums=(5,), out_shardings=self._by_video)
         donate = (1, 2) if jax.default_backend() != "cpu" else ()  # the CPU backend cannot reuse donated buffers
@@ -174,9 +186,6 @@ class Animator:
         """Places a per-video array with its leading (video) axis split over the mesh."""
         return jax.device_put(x, self._by_video)
 
-    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple:
-        return (num_frames, height // self.latent_factor, width // self.latent_factor, self.config.vae.latent_channels)
-
     def __call__(self, images, prompts, negative_prompts, mask_coef, options: SampleOptions = SampleOptions(), *,
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
@@ -187,7 +196,7 @@ class Animator:
         mask_coef = np.asarray(mask_coef, np.float32)
         b, height, width = images.shape[:3]
         f = mask_coef.shape[1]
-        shape = self.latent_shape(height, width, f)
+        shape = latent_shape(self.config.vae, height, width, f)
         if len(prompts) != b or len(negative_prompts) != b or mask_coef.shape[0] != b:
             raise ValueError(f"{b} images need {b} prompts, negative prompts and affinity rows")
         if height % self.latent_factor or width % self.latent_factor:

@@ -58,6 +58,14 @@ class WeightLoadError(ValueError):
     pass
 
 
+def problems_error(what: str, problems: list[str], limit: int | None = None) -> WeightLoadError:
+    """One error listing every problem found (the first `limit` of them, if given)."""
+    shown = problems if limit is None else problems[:limit]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(shown) < len(problems) else ""
+    return WeightLoadError(f"{what} ({len(problems)} problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(shown)
+                           + more)
+
+
 def map_keys(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, targets: Mapping[str, tuple]):
     """Returns ({target path: array in NNX layout}, [problems]) for `targets` = {path: shape}."""
     filled, sources, problems = {}, {}, []
@@ -99,8 +107,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key
     """
     filled, problems = map_keys(state_dict, keymap, param_shapes(model))
     if problems:
-        raise WeightLoadError(f"cannot load {keymap.name} weights into {type(model).__name__} "
-                              f"({len(problems)} problem{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems))
+        raise problems_error(f"cannot load {keymap.name} weights into {type(model).__name__}", problems)
     return fill(model, filled)
 
 

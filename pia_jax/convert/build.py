@@ -233,9 +233,7 @@ def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap) -> dict:
     """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts)."""
     flat, problems = weights.map_keys(state, keymap, weights.param_shapes(model_dir.abstract_model(cls, cfg)))
     if problems:
-        raise WeightLoadError(f"cannot build the {cls.__name__} ({len(problems)} problem"
-                              f"{'s' * (len(problems) != 1)}):\n  " + "\n  ".join(problems[:20])
-                              + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise weights.problems_error(f"cannot build the {cls.__name__}", problems, limit=20)
     return flat
 
 
