@@ -6,7 +6,8 @@ UNet with the same window fusion (`temporal_windows`), per-frame text states int
 and the initial noise rescheduled by our `freenoise_noise` with the permutations torch drew. Same random weights,
 fp32 on both sides: they differ only in summation order, ~1e-6 of the scale per network evaluation (see
 tests/test_unet.py), over 2 text encodings and 3 guided UNet steps; TOL = 1e-4 bounds that with room, while a wrong
-window, weight, interpolation or shuffle changes latents by 1e-2 or more.
+window, weight, interpolation or shuffle changes latents by 1e-2 or more (measured: no windows 0.53, flat instead
+of pyramid weights 0.10, one prompt 0.60, the second key at frame 6 instead of 7 0.048, unshuffled noise 1.3).
 
 The memory-bounded alternative, `windowed_eps` (whole UNet per window), has no diffusers counterpart; its oracle is
 diffusers' UNetMotionModel run on each window with the per-frame text slice, blended by the weighted mean formula.
@@ -116,8 +117,8 @@ def torch_unet_per_frame(model, x, t, context_BxFxTxD):
 
 def test_per_frame_context_and_full_windows(models):
     """Per-frame text states (b, f, T, D) against diffusers given one state per frame; the same state on every
-    frame equals the per-video path; a window as long as the video (windowed eps, or window fusion) equals the
-    plain UNet (the blend divides w·eps by w: within fp32 rounding, bounded by UNET_TOL)."""
+    frame equals the per-video path; windowed eps with a window as long as the video equals the plain UNet (the
+    blend divides w·eps by w: within fp32 rounding, bounded by UNET_TOL; one fusion window: tests/test_windows.py)."""
     rng = np.random.default_rng(0)
     b, f, t = 2, 6, 500
     x = rng.standard_normal((b, f, 8, 8, 4), np.float32)
@@ -131,15 +132,13 @@ def test_per_frame_context_and_full_windows(models):
     def run(st, x, ctx3, ctx4):
         model = nnx.merge(graphdef, st)
         eps = lambda xw, fr: model(xw, t, jnp.take(ctx4, fr[0], axis=1))  # noqa: E731  (one window: k = 1)
-        return (model(x, t, ctx3), model(x, t, ctx4), windows.windowed_eps(eps, x, full),
-                model(x, t, ctx4, temporal_windows=full.arrays()))
+        return model(x, t, ctx3), model(x, t, ctx4), windows.windowed_eps(eps, x, full)
 
-    plain3, plain4, windowed, fused = run(state, x, per_video, per_frame)
+    plain3, plain4, windowed = run(state, x, per_video, per_frame)
     assert_close(plain4, torch_unet_per_frame(models["unet"], x, t, per_frame), UNET_TOL, "per-frame context")
     assert_close(plain3, tm.run_unet_motion(models["unet"], x, t, per_video), UNET_TOL, "per-video context")
     assert_close(windowed, plain4, UNET_TOL, "windowed eps, one window")
-    assert_close(fused, plain4, UNET_TOL, "window fusion, one window")
-    _, shared, _, _ = run(state, x, per_video, np.repeat(per_video[:, None], f, axis=1))
+    _, shared, _ = run(state, x, per_video, np.repeat(per_video[:, None], f, axis=1))
     assert_close(shared, plain3, UNET_TOL, "per-frame path with one shared text vs the per-video path")
 
 

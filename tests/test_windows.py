@@ -120,6 +120,14 @@ def test_window_fusion_matches_diffusers_block(num_frames, length, stride, weigh
     assert_close(got, expected, BLOCK_TOL, f"window fusion {num_frames}/{length}/{stride} {weighting}")
 
 
+def test_one_fusion_window_is_the_plain_block():
+    """A window as long as the video: w·y / w = y, within fp32 rounding (measured ~1e-7; bounded at BLOCK_TOL)."""
+    _, ours = block_pair(seed=2)
+    x = np.random.default_rng(3).standard_normal((2, 7, 16)).astype(np.float32)
+    plain = np.asarray(jax.jit(lambda x: ours(x))(x))
+    assert_close(fused(ours, x, windows.WindowSchedule(7, 16, 4, "pyramid")), plain, BLOCK_TOL, "one window")
+
+
 def test_tail_normalisation_difference_from_diffusers():
     """The one deliberate difference: frames only the added tail window covers. diffusers divides them all by the
     weight w[t] of the first of them; we divide each by its own weight w[j]. So before the feed-forward diffusers'

@@ -14,7 +14,9 @@ Rule (decided after reading PIA's unused helpers in `animatediff/utils/util.py`)
 Presets extend to N frames (`preset_values`): a preset lists values by distance; past its end the last value
 repeats (as for 16 frames). Loop presets (back to the image at distance 15 of a 16-frame clip) keep their rise
 (the first half) and their return (the second half) and repeat the value between them, so with the image at frame 0
-the last frame of any length still returns to it; up to 16 frames the lists are used as they are.
+the last frame of any length still returns to it; up to 16 frames the lists are used as they are. (Deliberately
+unlike the reference and `affinity.preset_coefficients`, which pad a loop past 16 frames with 1.0 and so pin every
+frame from the 16th on to the image.)
 """
 
 import numpy as np
