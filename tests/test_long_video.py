@@ -116,8 +116,8 @@ def torch_unet_per_frame(model, x, t, context_BxFxTxD):
 
 
 def test_per_frame_context_and_full_windows(models):
-    """Per-frame text states (b, f, T, D) against diffusers given one state per frame; the same state on every
-    frame equals the per-video path; windowed eps with a window as long as the video equals the plain UNet (the
+    """Per-frame text states (b, f, T, D) against diffusers given one state per frame, and given the same state on
+    every frame (what the per-video path computes: tests/test_unet.py); windowed eps with a window as long as the video equals the plain UNet (the
     blend divides w·eps by w: within fp32 rounding, bounded by UNET_TOL; one fusion window: tests/test_windows.py)."""
     rng = np.random.default_rng(0)
     b, f, t = 2, 6, 500
@@ -129,17 +129,16 @@ def test_per_frame_context_and_full_windows(models):
     graphdef, state = nnx.split(unet)
 
     @jax.jit
-    def run(st, x, ctx3, ctx4):
+    def run(st, x, ctx):
         model = nnx.merge(graphdef, st)
-        eps = lambda xw, fr: model(xw, t, jnp.take(ctx4, fr[0], axis=1))  # noqa: E731  (one window: k = 1)
-        return model(x, t, ctx3), model(x, t, ctx4), windows.windowed_eps(eps, x, full)
+        eps = lambda xw, fr: model(xw, t, jnp.take(ctx, fr[0], axis=1))  # noqa: E731  (one window: k = 1)
+        return model(x, t, ctx), windows.windowed_eps(eps, x, full)
 
-    plain3, plain4, windowed = run(state, x, per_video, per_frame)
-    assert_close(plain4, torch_unet_per_frame(models["unet"], x, t, per_frame), UNET_TOL, "per-frame context")
-    assert_close(plain3, tm.run_unet_motion(models["unet"], x, t, per_video), UNET_TOL, "per-video context")
-    assert_close(windowed, plain4, UNET_TOL, "windowed eps, one window")
-    _, shared, _ = run(state, x, per_video, np.repeat(per_video[:, None], f, axis=1))
-    assert_close(shared, plain3, UNET_TOL, "per-frame path with one shared text vs the per-video path")
+    plain, windowed = run(state, x, per_frame)
+    assert_close(plain, torch_unet_per_frame(models["unet"], x, t, per_frame), UNET_TOL, "per-frame context")
+    assert_close(windowed, plain, UNET_TOL, "windowed eps, one window")
+    shared, _ = run(state, x, np.repeat(per_video[:, None], f, axis=1))
+    assert_close(shared, tm.run_unet_motion(models["unet"], x, t, per_video), UNET_TOL, "one text on every frame")
 
 
 def test_windowed_eps_matches_per_window_diffusers(models):
