@@ -198,3 +198,24 @@ def test_window_as_long_as_video_is_plain_eps():
 def test_bad_windows_are_refused(args, message):
     with pytest.raises(ValueError, match=message):
         windows.check_window(*args)
+
+
+def test_windowed_eps_memory_does_not_grow_with_frames():
+    """XLA's compiled temp memory for 32 and 128 frames: a prediction whose activations are 512x the latents (like a
+    UNet's) must be live for one window batch only; what grows is O(N · latent) (accumulator, gathers)."""
+    w = jnp.linspace(-1, 1, 4 * 2048).reshape(4, 2048)
+
+    def eps(x, frames):
+        h = jnp.tanh(x @ w)  # (b·k, L, 8, 8, 2048): 512x a window's latents, materialised by the matmuls
+        return h @ w.T
+
+    def temp_bytes(n):
+        x = jax.ShapeDtypeStruct((2, n, 8, 8, 4), jnp.float32)
+        fn = jax.jit(lambda x: windows.windowed_eps(eps, x, windows.WindowSchedule(n, 16, 4), window_batch=2))
+        return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    latent_bytes = 2 * 128 * 8 * 8 * 4 * 4
+    activation_bytes = 512 * 2 * 2 * 16 * 8 * 8 * 4 * 4  # one batch of 2 windows: 32 MiB
+    small, large = temp_bytes(32), temp_bytes(128)
+    assert small >= activation_bytes  # the activations are really in the measured program
+    assert large - small <= 4 * latent_bytes, (small, large)

@@ -100,14 +100,14 @@ def preset_affinity(preset, num_frames: int, keyframes=(0,)) -> np.ndarray:
 
 
 def custom_affinity(values, num_frames: int) -> np.ndarray:
-    """A user's per-frame affinity list of any length as (num_frames,) float32; values in (0, 1]."""
+    """A user's per-frame affinity list as (num_frames,) float32, for any length: `affinity.custom_coefficients`
+    without its 32-frame limit (which windows lift; fold the two together once affinity.py takes a limit)."""
     coef = np.asarray(values, np.float64)
     if coef.shape != (num_frames,):
         raise ValueError(f"need one affinity value per frame ({num_frames}), got shape {coef.shape}")
-    bad = ~((coef > 0) & (coef <= 1))  # also catches NaN
-    if bad.any():
-        raise ValueError(f"affinity values must be in (0, 1], got {coef[bad].tolist()} at frames "
-                         f"{np.flatnonzero(bad).tolist()}")
+    bad = np.flatnonzero(~((coef > 0) & (coef <= 1)))  # NaN is bad too
+    if bad.size:
+        raise ValueError(f"affinity values must be in (0, 1]; frames {bad.tolist()} have {coef[bad].tolist()}")
     return coef.astype(np.float32)
 
 

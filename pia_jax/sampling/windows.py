@@ -126,7 +126,8 @@ def windowed_eps(eps_fn, latents, schedule: WindowSchedule, window_batch: int = 
     eps_fn(x, frames): x (b·k, L, ...) the latents of k = `window_batch` windows, video-major (row i·k + j is video
     i, window j); frames (k, L) int32 their frame indices (to slice per-frame inputs: context, mask, condition).
     Returns the prediction for x. The windows run in a `lax.scan`, k at a time (the last group padded with
-    zero-weight copies), so one UNet evaluation of k windows is compiled and memory does not grow with N.
+    zero-weight copies), so one UNet evaluation of k windows is compiled and its activations do not grow with N
+    (only the latents and the fp32 accumulator, (b, N, ...) each, do).
     """
     b, n = latents.shape[:2]
     if n != schedule.num_frames:
