@@ -167,3 +167,9 @@ def test_windowed_eps_matches_per_window_diffusers(models):
                                                                              context[:, frames])
         den[frames] += w
     assert_close(got, acc / den[None, :, None, None, None], UNET_TOL, "windowed eps vs per-window diffusers")
+
+
+def test_per_frame_context_must_match_the_frames(models):
+    x = np.zeros((1, 4, 8, 8, 4), np.float32)
+    with pytest.raises(ValueError, match=r"per-frame text states must be \(b, f, T, D\) = \(1, 4, ...\)"):
+        models["ours_unet"](x, 1, np.zeros((1, 3, 77, 32), np.float32))
