@@ -155,9 +155,8 @@ def test_windowed_eps_matches_per_window_diffusers(models):
     def run(st, x, ctx):
         model = nnx.merge(graphdef, st)
 
-        def eps(xw, frames_KxL):  # xw (b·k, L, ...): fold the context's windows the same way
-            c = jnp.take(ctx, frames_KxL, axis=1)
-            return model(xw, t, c.reshape((-1,) + c.shape[2:]))
+        def eps(xw, frames_KxL):  # xw (b·k, L, ...): the context's windows folded the same way
+            return model(xw, t, windows.take_windows(ctx, frames_KxL))
         return windows.windowed_eps(eps, x, sched, window_batch=2)
 
     got = run(state, x, context)

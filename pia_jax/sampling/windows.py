@@ -151,6 +151,13 @@ def windowed_eps(eps_fn, latents, schedule: WindowSchedule, window_batch: int = 
     return acc / jnp.asarray(schedule.norm).reshape((1, n) + (1,) * len(rest))
 
 
+def take_windows(per_frame, frames_KxL):
+    """A per-frame input (b, N, ...) (text states, affinity, condition latents) cut to the windows of an `eps_fn`
+    call: (b·k, L, ...), video-major like its x. Per-video inputs (b, ...) take `jnp.repeat(a, k, axis=0)`."""
+    a = jnp.take(per_frame, frames_KxL, axis=1)  # (b, k, L, ...)
+    return a.reshape((-1,) + a.shape[2:])
+
+
 def shuffle_permutations(key, num_frames: int, length: int, stride: int) -> np.ndarray:
     """(blocks, stride) int32: one random permutation of range(stride) per rescheduled block, from a JAX key."""
     blocks = len(range(length, num_frames, stride))
