@@ -16,12 +16,14 @@ Two places to blend (both use the same `WindowSchedule`):
   * `windowed_eps`: the whole UNet runs per window and the noise predictions are blended (AnimateDiff-Evolved /
     prompt-travel "context windows"). Memory grows with the window batch, not with N.
   * temporal fusion inside the motion modules (`UNetMotionModel(..., temporal_windows=schedule.arrays())`): only the
-    motion modules' attention runs per window; every other layer sees all N frames. This is exactly diffusers'
-    FreeNoise (`AnimateDiffPipeline.enable_free_noise`), memory grows with N.
+    motion modules' attention runs per window; every other layer sees all N frames. This is diffusers' FreeNoise
+    (`AnimateDiffPipeline.enable_free_noise`, up to the tail normalisation above); memory grows with N.
 
 FreeNoise noise rescheduling (`freenoise_source_frames`): frames past the first window take copies of the frames one
 window length earlier, shuffled within each block of `stride` frames (diffusers' `_prepare_latents_free_noise`,
-"shuffle_context"), or plain repeats ("repeat_context"). diffusers draws each block's shuffle with
+"shuffle_context"), or plain repeats ("repeat_context"; diffusers repeats only latents it is given with `length`
+frames: its own draw comes back unchanged, as its `context_num_frames` test compares the length with a string).
+diffusers draws each block's shuffle with
 `torch.randperm(stride, generator)`; here the permutations are explicit inputs, drawn from a JAX key by
 `shuffle_permutations` (deterministic per seed, but not the same permutations as torch's for the same seed).
 """
