@@ -5,6 +5,7 @@ Names mirror diffusers' `AnimateDiffTransformer3D`; the original AnimateDiff/PIA
 converter maps onto these names by rule.
 """
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,13 +34,28 @@ class TemporalTransformerBlock(nnx.Module):
         self.attn2 = Attention(mk, dim, heads, kernel=kernel)
         self.ff = FeedForward(mk, dim)
 
-    def __call__(self, x_NxFxC):
-        frames, dim = x_NxFxC.shape[1:]
-        if frames > self.max_len:
-            raise ValueError(f"{frames} frames exceed the motion module's {self.max_len} positions")
-        pe = sinusoidal_positions(frames, dim).astype(x_NxFxC.dtype)
-        x_NxFxC = x_NxFxC + self.attn1(self.norm1(x_NxFxC) + pe)
-        x_NxFxC = x_NxFxC + self.attn2(self.norm2(x_NxFxC) + pe)
+    def __call__(self, x_NxFxC, windows=None):
+        """windows: None, or (frames (W, L) int, weights (W, L)) static arrays: the two attentions run on each
+        window of L frames (positions 0..L-1) and their results are blended per frame by weighted mean before the
+        feed-forward (FreeNoise's window fusion; see pia_jax/sampling/windows.py)."""
+        n, frames, dim = x_NxFxC.shape
+        length = frames if windows is None else windows[0].shape[1]
+        if length > self.max_len:
+            raise ValueError(f"{length} frames exceed the motion module's {self.max_len} positions")
+        pe = sinusoidal_positions(length, dim).astype(x_NxFxC.dtype)
+
+        def attend(x):
+            x = x + self.attn1(self.norm1(x) + pe)
+            return x + self.attn2(self.norm2(x) + pe)
+
+        if windows is None:
+            x_NxFxC = attend(x_NxFxC)
+        else:
+            idx_WxL, w_WxL = np.asarray(windows[0]), np.asarray(windows[1], np.float32)
+            norm = np.bincount(idx_WxL.ravel(), w_WxL.ravel(), frames).astype(np.float32)
+            y = attend(x_NxFxC[:, idx_WxL].reshape(n * len(idx_WxL), length, dim)).reshape(n, *idx_WxL.shape, dim)
+            acc = jnp.zeros(x_NxFxC.shape, jnp.float32).at[:, idx_WxL].add(y * w_WxL[None, :, :, None])
+            x_NxFxC = (acc / norm[None, :, None]).astype(x_NxFxC.dtype)
         return x_NxFxC + self.ff(self.norm3(x_NxFxC))
 
 
@@ -54,7 +70,7 @@ class MotionModule(nnx.Module):
         self.transformer_blocks = nnx.List([TemporalTransformerBlock(mk, channels, heads, max_len, kernel)])
         self.proj_out = mk.linear(channels, channels, zero=True)
 
-    def __call__(self, x, frames: int):
+    def __call__(self, x, frames: int, windows=None):
         bf, h, w, c = x.shape
         b = bf // frames
         y = self.norm(x, frames if self.pooled_norm else 1)
@@ -62,7 +78,7 @@ class MotionModule(nnx.Module):
         y = y.reshape(b, frames, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, frames, c)
         y = self.proj_in(y)
         for block in self.transformer_blocks:
-            y = block(y)
+            y = block(y, windows)
         y = self.proj_out(y)
         y = y.reshape(b, h * w, frames, c).transpose(0, 2, 1, 3).reshape(bf, h, w, c)
         return x + y

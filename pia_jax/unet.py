@@ -55,14 +55,16 @@ class BasicTransformerBlock(nnx.Module):
         self.attn2 = Attention(mk, dim, heads, context_dim=context_dim, kernel=kernels["cross"])
         self.ff = FeedForward(mk, dim)
 
-    def __call__(self, x_NxSxC, context_BxTxD):
+    def __call__(self, x_NxSxC, context):
         x_NxSxC = x_NxSxC + self.attn1(self.norm1(x_NxSxC))
-        # every frame attends to the same text: fold frames into the query sequence, project k/v once per video
         n, s, c = x_NxSxC.shape
-        b = context_BxTxD.shape[0]
-        x_BxFSxC = x_NxSxC.reshape(b, (n // b) * s, c)
-        x_BxFSxC = x_BxFSxC + self.attn2(self.norm2(x_BxFSxC), context_BxTxD)
-        x_NxSxC = x_BxFSxC.reshape(n, s, c)
+        if context.ndim == 4:  # (b, f, T, D): each frame attends to its own text (prompt travel)
+            x_NxSxC = x_NxSxC + self.attn2(self.norm2(x_NxSxC), context.reshape((n,) + context.shape[2:]))
+        else:  # (b, T, D): every frame attends to the same text: fold frames into the query sequence, project
+            b = context.shape[0]  # k/v once per video
+            x_BxFSxC = x_NxSxC.reshape(b, (n // b) * s, c)
+            x_BxFSxC = x_BxFSxC + self.attn2(self.norm2(x_BxFSxC), context)
+            x_NxSxC = x_BxFSxC.reshape(n, s, c)
         return x_NxSxC + self.ff(self.norm3(x_NxSxC))
 
 
@@ -113,11 +115,11 @@ class _Layers(nnx.Module):
             MotionModule(mk, channels, heads, groups, cfg.motion_max_seq_length, cfg.pooled("motion"),
                          kernels["temporal"]) for _ in cins])
 
-    def layer(self, i, x, temb, context, frames):
+    def layer(self, i, x, temb, context, frames, windows=None):
         x = self.resnets[i](x, temb, frames)
         if self.attentions:
             x = self.attentions[i](x, context)
-        return self.motion_modules[i](x, frames)
+        return self.motion_modules[i](x, frames, windows)
 
 
 class DownBlock(_Layers):
@@ -127,10 +129,10 @@ class DownBlock(_Layers):
         super().__init__(mk, cfg, cout, [cin] + [cout] * (cfg.layers_per_block - 1), cross_attention, kernels)
         self.downsamplers = nnx.List([Downsample2D(mk, cout)] if add_downsample else [])
 
-    def __call__(self, x, temb, context, frames):
+    def __call__(self, x, temb, context, frames, windows=None):
         skips = []
         for i in range(len(self.resnets)):
-            x = self.layer(i, x, temb, context, frames)
+            x = self.layer(i, x, temb, context, frames, windows)
             skips.append(x)
         if self.downsamplers:
             x = self.downsamplers[0](x)
@@ -146,10 +148,10 @@ class UpBlock(_Layers):
         super().__init__(mk, cfg, cout, self.cins, cross_attention, kernels)
         self.upsamplers = nnx.List([Upsample2D(mk, cout)] if add_upsample else [])
 
-    def __call__(self, x, skips, temb, context, frames, upsample_size=None):
+    def __call__(self, x, skips, temb, context, frames, upsample_size=None, windows=None):
         for i in range(len(self.resnets)):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = self.layer(i, x, temb, context, frames)
+            x = self.layer(i, x, temb, context, frames, windows)
         if self.upsamplers:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -167,11 +169,11 @@ class MidBlock(nnx.Module):
             MotionModule(mk, c, cfg.motion_num_attention_heads, cfg.norm_num_groups, cfg.motion_max_seq_length,
                          cfg.pooled("motion"), kernels["temporal"])] if cfg.motion_mid_block else [])
 
-    def __call__(self, x, temb, context, frames):
+    def __call__(self, x, temb, context, frames, windows=None):
         x = self.resnets[0](x, temb, frames)
         x = self.attentions[0](x, context)
         if self.motion_modules:
-            x = self.motion_modules[0](x, frames)
+            x = self.motion_modules[0](x, frames, windows)
         return self.resnets[1](x, temb, frames)
 
 
@@ -186,10 +188,14 @@ class TimestepEmbedding(nnx.Module):
 class UNetMotionModel(nnx.Module):
     """Noise prediction for video latents.
 
-    __call__(sample, timestep, encoder_hidden_states, mask, condition):
-      sample (b, f, h, w, 4) noisy latents; timestep scalar or (b,); encoder_hidden_states (b, 77, 768);
+    __call__(sample, timestep, encoder_hidden_states, mask, condition, temporal_windows):
+      sample (b, f, h, w, 4) noisy latents; timestep scalar or (b,); encoder_hidden_states (b, 77, 768), or
+      (b, f, 77, 768) for a text per frame (prompt travel; the per-video form is cheaper when all frames share one);
       mask broadcastable to (b, f, h, w, 1) (per-frame affinity), condition broadcastable to (b, f, h, w, 4)
-      (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode).
+      (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode);
+      temporal_windows None, or static (frames (W, L), weights (W, L)) arrays: the motion modules attend within
+      these frame windows and blend (FreeNoise, `pia_jax.sampling.windows.WindowSchedule.arrays()`), so f may
+      exceed motion_max_seq_length.
     Returns the predicted noise (b, f, h, w, out_channels) in fp32.
 
     `remat_policy` (one of REMAT_POLICIES, None = off) recomputes each down/mid/up block's activations in the
@@ -224,7 +230,7 @@ class UNetMotionModel(nnx.Module):
         self.conv_norm_out = mk.group_norm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
         self.conv_out = mk.conv(chans[0], cfg.out_channels)
 
-    def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None, temporal_windows=None):
         cfg = self.config
         b, f, h, w, _ = sample.shape
         x = sample
@@ -243,20 +249,25 @@ class UNetMotionModel(nnx.Module):
         temb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0]).astype(self.dtype))
         temb = jnp.repeat(temb, f, axis=0)  # (b*f, 4*c0), f fastest
         context = encoder_hidden_states.astype(self.dtype)
+        if context.ndim == 4 and context.shape[1] == 1:  # one text for all frames: the per-video path
+            context = context[:, 0]
+        if context.ndim == 4 and context.shape[:2] != (b, f):
+            raise ValueError(f"per-frame text states must be (b, f, T, D) = ({b}, {f}, ...), got {context.shape}")
+        win = temporal_windows
 
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f), block, x, temb, context)
+            x, block_skips = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win), block, x, temb, context)
             skips += block_skips
-        x = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f), self.mid_block, x, temb, context)
+        x = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win), self.mid_block, x, temb, context)
         for block in self.up_blocks:
             layer_skips = skips[len(skips) - len(block.resnets):]
             del skips[len(skips) - len(block.resnets):]
             # the next block's skips fix the upsampled size (matters when h, w are not multiples of 2**blocks)
             size = skips[-1].shape[1:3] if skips else None
-            x = self._run(lambda blk, x, sk, temb, ctx: blk(x, sk, temb, ctx, f, size), block, x, layer_skips, temb,
-                          context)
+            x = self._run(lambda blk, x, sk, temb, ctx: blk(x, sk, temb, ctx, f, size, win), block, x, layer_skips,
+                          temb, context)
         x = jax.nn.silu(self.conv_norm_out(x, f if cfg.pooled("out") else 1))
         x = self.conv_out(x)
         return x.reshape(b, f, h, w, -1).astype(jnp.float32)
