@@ -52,6 +52,7 @@ def build_parser():
     b.add_argument("--steps", type=int, default=25)
     b.add_argument("--guidance", type=float, default=7.5)
     b.add_argument("--size", type=int, default=512, help="long side of the image (as sample.py)")
+    b.add_argument("--devices", type=int, help="local devices to sample on (default all)")
     b.add_argument("--force", action="store_true", help="replace an existing results folder")
     return p
 
@@ -70,6 +71,8 @@ def check_bench(a) -> tuple[list, dict | None]:
     presets = [a.motion, *filter(None, a.presets.split(","))]
     for p in presets:
         affinity.preset_coefficients(p, a.frames)  # unknown names and bad frame counts fail here
+    if a.devices is not None and a.devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {a.devices}")
     if a.out.exists() and not a.force:
         raise FileExistsError(f"{a.out} already exists; pass --force to replace it")
     styles = list(dict.fromkeys(c.style for c in cases))
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             return 0
         cases, models = check_bench(a)
         options = bench.BenchOptions(a.frames, a.steps, a.guidance, a.size, a.motion,
-                                     tuple(filter(None, a.presets.split(","))))
+                                     tuple(filter(None, a.presets.split(","))), a.devices)
         scorer = _scorer(a.clip)
         with model_dir.atomic_directory(a.out, a.force) as tmp:
             bench.run_bench(cases, tmp, options, scorer=scorer, models=models, videos=a.videos)

@@ -1,6 +1,7 @@
 """Test assets for the evaluation package: transformers CLIPModels with random weights, tiny and ViT-L/14 size,
 and a CLIPModel folder written in the real (Hugging Face) layout."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -74,3 +75,41 @@ def random_ids(cfg: CLIPConfig, lengths, seed=0) -> np.ndarray:
     for row, n in zip(ids, lengths):
         row[n:] = cfg.eos_token_id
     return ids.astype(np.int32)
+
+
+def micro_pia_config():
+    """TINY with a two-level UNet of one layer per block: every kind of block still runs (cross-attention,
+    motion modules, skips, up/down sampling) and the sampler compiles in half the time."""
+    from pia_jax import config
+    unet = dataclasses.replace(config.TINY.unet, block_out_channels=(32, 32), layers_per_block=1,
+                               down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                               up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"))
+    return dataclasses.replace(config.TINY, unet=unet)
+
+
+def write_tiny_pia_model(path, cfg=None, seed=0):
+    """A small PIA model directory (`micro_pia_config` by default) with random weights, as `python -m
+    pia_jax.demo` writes one, but drawn from the parameter shapes with numpy (seconds) instead of running every
+    layer's initialiser (a minute on a busy 2-core machine). Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0,
+    embeddings N(0, 0.02^2)."""
+    from pia_jax import model_dir, schedulers, weights
+    cfg = cfg or micro_pia_config()
+
+    rng = np.random.default_rng(seed)
+
+    def draw(name, shape):
+        leaf = name.rpartition(".")[2]
+        if leaf == "scale":
+            return np.ones(shape, np.float32)
+        if leaf == "bias":
+            return np.zeros(shape, np.float32)
+        std = np.prod(shape[:-1]) ** -0.5 if leaf == "kernel" else 0.02
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    parts = {}
+    for part, (cls, part_cfg) in model_dir._builders(cfg).items():
+        shapes = weights.param_shapes(model_dir.abstract_model(cls, part_cfg))
+        parts[part] = {name: draw(name, shape) for name, shape in shapes.items()}
+    write_vocab(path.parent / f"{path.name}-tokenizer")
+    return model_dir.save_model_dir(path, cfg, parts, tokenizer=path.parent / f"{path.name}-tokenizer",
+                                    scheduler=schedulers.to_dict(schedulers.PIA_DDIM))
