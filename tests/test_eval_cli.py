@@ -122,7 +122,8 @@ def test_summary_means():
     lines = summary_markdown(rows).splitlines()
     assert lines[0] == "| style | videos | image align. (x250) | PSNR (dB) | controllability |"
     # infinite PSNR counts as 100 dB; NaN controllability (no ranking) is left out of the mean
-    assert lines[2:] == ["| a | 2 | 225 | 65 | 1 |", "| b | 1 | 250 | 30 | nan |", "| **all** | 3 | 233.3 | 53.33 | 1 |"]
+    assert lines[2:] == ["| a | 2 | 225 | 65 | 1 |", "| b | 1 | 250 | 30 | nan |",
+                         "| **all** | 3 | 233.3 | 53.33 | 1 |"]
 
 
 def test_case_file_errors(tmp_path):

@@ -137,8 +137,9 @@ def animate(model_dir, image, prompt: str, coefficients, seed: int, *, negative_
     coefficients = np.atleast_2d(np.asarray(coefficients, np.float32))
     n = len(coefficients)
     pixels = media.preprocess_image(np.asarray(image), size)
-    result = _animator(str(model_dir), devices)(np.stack([pixels] * n), [prompt] * n, [negative_prompt] * n, coefficients,
-                                       SampleOptions(steps=steps, guidance_scale=guidance), seeds=[seed] * n)
+    animator = _animator(str(model_dir), devices)
+    result = animator(np.stack([pixels] * n), [prompt] * n, [negative_prompt] * n, coefficients,
+                      SampleOptions(steps=steps, guidance_scale=guidance), seeds=[seed] * n)
     return media.frames_to_uint8(result.videos)
 
 
@@ -180,19 +181,8 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
     rows, curves = [], []
     for case in cases:
         image = media.load_image(case.image)
-        if videos is None:
-            coefs = np.stack([affinity.preset_coefficients(p, options.frames) for p in presets])
-            made = animate(models[case.style], image, case.prompt, coefs, case.seed, negative_prompt=case.negative_prompt,
-                           steps=options.steps, guidance=options.guidance, size=options.size,
-                           devices=options.devices)
-            clips = dict(zip(presets, made))
-            fps = {p: 8.0 for p in presets}
-            for p, clip in clips.items():
-                media.write_gif(out / "videos" / case.style / f"{case.name}-{p}.gif", clip)
-        else:
-            found = {p: find_video(videos, case, p, p == options.motion) for p in presets}
-            read = {p: read_video(f) for p, f in found.items() if f is not None}
-            clips, fps = {p: v[0] for p, v in read.items()}, {p: v[1] for p, v in read.items()}
+        clips, fps = (_sample(case, image, presets, options, models[case.style], out) if videos is None else
+                      _read(case, presets, options.motion, videos))
         case_rows = []
         for p, clip in clips.items():
             scores = score_video(scorer, clip, image, case.prompt, fps=fps[p])
@@ -213,6 +203,24 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
     (out / "summary.md").write_text(summary_markdown(rows))
     plot_motion(out / "motion.png", curves)
     return rows
+
+
+def _sample(case: Case, image, presets, options: BenchOptions, model, out: Path) -> tuple[dict, dict]:
+    """({preset: uint8 video}, {preset: fps}) sampled; each video is also saved as
+    out/videos/<style>/<case>-<preset>.gif."""
+    coefs = np.stack([affinity.preset_coefficients(p, options.frames) for p in presets])
+    made = animate(model, image, case.prompt, coefs, case.seed, negative_prompt=case.negative_prompt,
+                   steps=options.steps, guidance=options.guidance, size=options.size, devices=options.devices)
+    clips = dict(zip(presets, made))
+    for p, clip in clips.items():
+        media.write_gif(out / "videos" / case.style / f"{case.name}-{p}.gif", clip)
+    return clips, {p: 8.0 for p in presets}
+
+
+def _read(case: Case, presets, main: str, videos: Path) -> tuple[dict, dict]:
+    """({preset: uint8 video}, {preset: fps}) of the existing videos of a case (the presets found)."""
+    read = {p: read_video(f) for p in presets if (f := find_video(videos, case, p, p == main)) is not None}
+    return {p: v[0] for p, v in read.items()}, {p: v[1] for p, v in read.items()}
 
 
 def write_csv(path: Path, rows: list[dict]):
@@ -242,11 +250,12 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def write_contact_sheet(path: Path, image, clips: list, columns: int = 8, gap: int = 4):
     """A PNG grid: one row per video (presets in order), the input image then up to `columns` evenly spaced
-    frames."""
+    frames; every tile at the first video's frame size."""
+    from pia_jax.eval.video import fit_image
+
     h, w = clips[0].shape[1:3]
     picks = [np.linspace(0, len(c) - 1, min(columns, len(c))).round().astype(int) for c in clips]
-    from pia_jax.eval.video import fit_image
-    tiles = [[fit_image(image, h, w)] + [c[i] for i in pick] for c, pick in zip(clips, picks)]
+    tiles = [[fit_image(x, h, w) for x in [image, *c[pick]]] for c, pick in zip(clips, picks)]
     n_cols = max(len(t) for t in tiles)
     sheet = np.full((len(tiles) * (h + gap) + gap, n_cols * (w + gap) + gap, 3), 255, np.uint8)
     for r, row in enumerate(tiles):

@@ -70,8 +70,8 @@ def _config_to_dict(config: CLIPConfig) -> dict:
 
 
 def _config_from_dict(d: dict) -> CLIPConfig:
-    return CLIPConfig(text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]),
-                      **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k not in ("text", "vision")})
+    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k not in ("text", "vision")}
+    return CLIPConfig(text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]), **rest)
 
 
 def convert_clip(src, out, force: bool = False) -> Path:
