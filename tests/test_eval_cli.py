@@ -3,6 +3,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from PIL import Image
 
 import evaluate
+from pia_jax import media
 from tests.eval_assets import write_tiny_pia_model, write_transformers_clip
 
 PRESETS = ("small", "moderate", "large")
@@ -71,13 +73,23 @@ def test_bench_end_to_end(setup, capsys):
     with Image.open(out / "motion.png") as plot:
         assert plot.size[0] > 300
 
-    # the same cases scored from existing videos (here the GIFs just written) without sampling or a PIA model
-    code, io = run(capsys, "bench", root / "bench", "--videos", out / "videos", "--out", root / "rescored",
+    # the same cases scored from existing videos, without sampling or a PIA model: for "real" the GIFs just
+    # written (every preset), for "cartoon" a still video equal to the input image (PNG frames, main preset only)
+    videos = root / "existing"
+    shutil.copytree(out / "videos" / "real", videos / "real")
+    still = np.stack([np.asarray(Image.open(root / "bench" / "img" / "cartoon" / "1.png"))] * 8)
+    media.write_png_frames(videos / "cartoon" / "1-0", still)
+    code, io = run(capsys, "bench", root / "bench", "--videos", videos, "--out", root / "rescored",
                    "--clip", root / "clip")
     assert code == 0, io.err
     again = list(csv.DictReader(open(root / "rescored" / "scores.csv")))
-    assert [(r["case"], r["motion"]) for r in again] == [(r["case"], r["motion"]) for r in rows]
-    for a, b in zip(again, rows):  # the GIF palette (256 colours) moves the CLIP scores only a little
+    assert [(r["case"], r["motion"]) for r in again] == [("1-0", "small")] + [("lighthouse-0", p) for p in PRESETS]
+    copy = again[0]  # known answers: identical to the image, no motion, no ranking of one video
+    assert copy["psnr"] == "inf" and float(copy["ssim"]) == 1 and float(copy["flow_mean"]) < 0.005
+    assert copy["dynamic"] == "0.0" and copy["controllability"] == "nan"
+    assert float(copy["image_alignment"]) == pytest.approx(1, abs=1e-6)  # fp32 normalisation rounding
+    assert float(copy["frame_consistency"]) == pytest.approx(1, abs=1e-6)
+    for a, b in zip(again[1:], rows[3:]):  # the GIF palette (256 colours) moves the CLIP scores only a little
         assert float(a["image_alignment"]) == pytest.approx(float(b["image_alignment"]), abs=0.05)
 
     # one video

@@ -59,6 +59,8 @@ def test_known_answers(clip):
     big = np.repeat(np.repeat(image, 2, 0), 2, 1)
     assert score_video(None, still, big, "hello")["psnr"] > 20
     assert "image_alignment" not in score_video(None, still, big, "hello")
+    # given the exact conditioning pixels (what the sampler was fed), fidelity compares with those instead
+    assert score_video(None, still, big, "hello", condition=image)["psnr"] == float("inf")
     assert np.isnan(alignment_scores(scorer, still[:1], image, "hello")["frame_consistency"])
 
 

@@ -144,7 +144,8 @@ def animate(model_dir, image, prompt: str, coefficients, seed: int, *, negative_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Existing videos: <videos>/<style>/<case>-<preset>.<ext>, or <case>.<ext> for the main preset.
+# Existing videos: <videos>/<style>/<case>-<preset>.<ext>, or <case>.<ext> for the main preset; a folder of frame
+# images in place of a file also counts.
 
 def find_video(folder: Path, case: Case, preset: str, main: bool) -> Path | None:
     names = [f"{case.name}-{preset}"] + ([case.name] if main else [])
@@ -152,6 +153,8 @@ def find_video(folder: Path, case: Case, preset: str, main: bool) -> Path | None
         for suffix in VIDEO_SUFFIXES:
             if (folder / case.style / f"{name}{suffix}").is_file():
                 return folder / case.style / f"{name}{suffix}"
+        if (folder / case.style / name).is_dir():
+            return folder / case.style / name
     return None
 
 
@@ -183,9 +186,11 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
         image = media.load_image(case.image)
         clips, fps = (_sample(case, image, presets, options, models[case.style], out) if videos is None else
                       _read(case, presets, options.motion, videos))
+        # sampled videos are compared with the very pixels they were conditioned on
+        condition = media.preprocess_image(image, options.size) if videos is None else None
         case_rows = []
         for p, clip in clips.items():
-            scores = score_video(scorer, clip, image, case.prompt, fps=fps[p])
+            scores = score_video(scorer, clip, image, case.prompt, condition=condition, fps=fps[p])
             case_rows.append({"style": case.style, "case": case.name, "prompt": case.prompt, "seed": case.seed,
                               "motion": p, "main": int(p == options.motion), "requested_motion": requested[p],
                               **scores})

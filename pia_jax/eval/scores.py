@@ -69,16 +69,18 @@ def alignment_scores(scorer: CLIPScorer, frames, image, prompt: str) -> dict:
     return out
 
 
-def score_video(scorer: CLIPScorer | None, frames, image, prompt: str, *, cond_frame: int = 0,
+def score_video(scorer: CLIPScorer | None, frames, image, prompt: str, *, condition=None, cond_frame: int = 0,
                 fps: float = 8.0) -> dict:
-    """Every metric of one video: uint8 frames (F, H, W, 3), the uint8 input image (resized to the frames' size
-    for the fidelity scores if it differs) and the prompt. `scorer=None` skips the CLIP scores. This is the one
-    function training validation calls."""
+    """Every metric of one video: uint8 frames (F, H, W, 3), the uint8 input image (any size) and the prompt.
+    PSNR/SSIM compare frame `cond_frame` with `condition`, the exact pixels the sampler was given if known, else
+    the image fitted to the frames' size. `scorer=None` skips the CLIP scores. The one function training
+    validation needs."""
     from pia_jax.eval.motion import motion_scores
     from pia_jax.eval.video import fit_image
 
     frames, image = np.asarray(frames), np.asarray(image)
     out = alignment_scores(scorer, frames, image, prompt) if scorer is not None else {}
-    out.update(motion_scores(frames, fit_image(image, *frames.shape[1:3]), cond_frame, fps))
+    condition = fit_image(image, *frames.shape[1:3]) if condition is None else condition
+    out.update(motion_scores(frames, condition, cond_frame, fps))
     return out
 
