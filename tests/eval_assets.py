@@ -49,10 +49,11 @@ def torch_clip(cfg: CLIPConfig, seed=0):
     return randomize(model.eval(), seed)
 
 
-def write_transformers_clip(folder, cfg: CLIPConfig = TINY_CLIP, seed=0, bin_format=False):
-    """A CLIPModel folder as Hugging Face ships one: config.json, weights, tokenizer, preprocessor_config.json."""
+def write_transformers_clip(folder, cfg: CLIPConfig = TINY_CLIP, seed=0, bin_format=False, shard=None):
+    """A CLIPModel folder as Hugging Face ships one: config.json, weights (`shard`: shards of at most that size),
+    tokenizer, preprocessor_config.json."""
     model = torch_clip(cfg, seed)
-    model.save_pretrained(str(folder), safe_serialization=not bin_format)
+    model.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
     if bin_format:  # transformers 5 writes safetensors only; older releases wrote pytorch_model.bin like this
         for f in folder.glob("*.safetensors"):
             f.unlink()

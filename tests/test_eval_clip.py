@@ -99,10 +99,14 @@ def test_convert_and_load(tmp_path):
     # the same weights as a pickled pytorch_model.bin (read with torch.load(weights_only=True)) convert identically
     write_transformers_clip(tmp_path / "bin-src", seed=5, bin_format=True)
     assert not list((tmp_path / "bin-src").glob("*.safetensors"))
-    from_bin, _ = load_clip(convert_clip(tmp_path / "bin-src", tmp_path / "clip-bin"))
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                                 nnx.to_flat_state(nnx.state(from_bin, nnx.Param))):
-        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    # and so do safetensors shards with their index (as transformers saves large models)
+    write_transformers_clip(tmp_path / "sharded-src", seed=5, shard="100KB")
+    assert len(list((tmp_path / "sharded-src").glob("model-*.safetensors"))) > 1
+    for variant in ("bin", "sharded"):
+        other, _ = load_clip(convert_clip(tmp_path / f"{variant}-src", tmp_path / f"clip-{variant}"))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                     nnx.to_flat_state(nnx.state(other, nnx.Param))):
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
 
 
 def test_convert_refuses_bad_sources(tmp_path):

@@ -21,7 +21,7 @@ from pia_jax.config import TextConfig
 from pia_jax.eval.clip import TRANSFORMERS_CLIP, CLIPConfig, CLIPModel, VisionConfig
 
 FORMAT, VERSION = "pia-jax-clip", 1
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -74,9 +74,19 @@ def _config_from_dict(d: dict) -> CLIPConfig:
     return CLIPConfig(text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]), **rest)
 
 
+def read_weights(weight_file: Path) -> dict:
+    """A state dict from one weight file, or from every shard a `.index.json` lists."""
+    if weight_file.name.endswith(".index.json"):
+        shards = sorted(set(_read_json(weight_file).get("weight_map", {}).values()))
+        if not shards:
+            raise ClipDirError(f"{weight_file} lists no shards")
+        return {k: v for shard in shards for k, v in weights.read_state_dict(weight_file.parent / shard).items()}
+    return weights.read_state_dict(weight_file)
+
+
 def convert_clip(src, out, force: bool = False) -> Path:
-    """Converts a transformers CLIPModel folder (config.json, model.safetensors or pytorch_model.bin, tokenizer
-    files) into a metric-model directory; the strict loader checks every tensor."""
+    """Converts a transformers CLIPModel folder (config.json, model.safetensors (or its shards) or
+    pytorch_model.bin, tokenizer files) into a metric-model directory; the strict loader checks every tensor."""
     src = Path(src)
     if not src.is_dir():
         raise ClipDirError(f"{src} is not a folder; expected a transformers CLIPModel folder "
@@ -90,7 +100,7 @@ def convert_clip(src, out, force: bool = False) -> Path:
     if Path(out).exists() and not force:
         raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
     abstract = model_dir.abstract_model(CLIPModel, config)
-    model = weights.load_state_dict(abstract, weights.read_state_dict(weight_file), TRANSFORMERS_CLIP)
+    model = weights.load_state_dict(abstract, read_weights(weight_file), TRANSFORMERS_CLIP)
     with model_dir.atomic_directory(out, force) as tmp:
         model_dir.write_safetensors(tmp / "clip.safetensors", model_dir.flat_params(model))
         (tmp / "tokenizer").mkdir()
@@ -98,7 +108,7 @@ def convert_clip(src, out, force: bool = False) -> Path:
             if (src / name).is_file():
                 shutil.copy(src / name, tmp / "tokenizer" / name)
         meta = {"format": FORMAT, "version": VERSION, "model": _config_to_dict(config),
-                "source": model_dir.describe_source("clip", src, [weight_file])}
+                "source": model_dir.describe_source("clip", src, [weight_file, *src.glob("model-*.safetensors")])}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
 
