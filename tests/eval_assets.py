@@ -21,14 +21,17 @@ TINY_CLIP = CLIPConfig(
 VOCAB_EOS = 519  # <|endoftext|> of tests.assets.write_vocab's 520-token vocabulary
 
 
-def transformers_config(cfg: CLIPConfig):
+def transformers_config(cfg: CLIPConfig, legacy_eos=False):
+    """legacy_eos: `eos_token_id: 2` as in openai/clip-vit-large-patch14's config.json, which makes transformers
+    pool the text at the largest token id (argmax) instead of the first EOS."""
     from transformers import CLIPConfig as TorchCLIPConfig
     t, v = cfg.text, cfg.vision
+    eos, bos = (2, 0) if legacy_eos else (cfg.eos_token_id, cfg.eos_token_id - 1)
     return TorchCLIPConfig(
         text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                          num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                          max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
-                         hidden_act="quick_gelu", eos_token_id=cfg.eos_token_id, bos_token_id=cfg.eos_token_id - 1),
+                         hidden_act="quick_gelu", eos_token_id=eos, bos_token_id=bos),
         vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                            num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
                            image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps,
@@ -36,12 +39,12 @@ def transformers_config(cfg: CLIPConfig):
         projection_dim=cfg.projection_dim, attn_implementation="eager")
 
 
-def torch_clip(cfg: CLIPConfig, seed=0):
+def torch_clip(cfg: CLIPConfig, seed=0, legacy_eos=False):
     """A transformers CLIPModel with every weight random. Built on the meta device and then filled, so the full
     ViT-L/14 skips transformers' own (slow, discarded) initialisation."""
     from transformers import CLIPModel
     with torch.device("meta"):
-        model = CLIPModel(transformers_config(cfg))
+        model = CLIPModel(transformers_config(cfg, legacy_eos))
     model = model.to_empty(device="cpu")
     for name, buf in model.named_buffers():  # position_ids: to_empty leaves them uninitialised
         if name.endswith("position_ids"):
@@ -49,10 +52,11 @@ def torch_clip(cfg: CLIPConfig, seed=0):
     return randomize(model.eval(), seed)
 
 
-def write_transformers_clip(folder, cfg: CLIPConfig = TINY_CLIP, seed=0, bin_format=False, shard=None):
+def write_transformers_clip(folder, cfg: CLIPConfig = TINY_CLIP, seed=0, bin_format=False, shard=None,
+                            legacy_eos=False):
     """A CLIPModel folder as Hugging Face ships one: config.json, weights (`shard`: shards of at most that size),
     tokenizer, preprocessor_config.json."""
-    model = torch_clip(cfg, seed)
+    model = torch_clip(cfg, seed, legacy_eos)
     model.save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
     if bin_format:  # transformers 5 writes safetensors only; older releases wrote pytorch_model.bin like this
         for f in folder.glob("*.safetensors"):

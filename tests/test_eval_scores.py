@@ -12,9 +12,12 @@ from tests.eval_assets import write_transformers_clip
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    """(our scorer, the transformers model it was converted from, the source folder)."""
+    """(our scorer, the transformers model it was converted from, the source folder). The source's config says
+    `eos_token_id: 2` as openai/clip-vit-large-patch14's does: transformers then pools the text at the largest id,
+    we at the tokenizer's first EOS, the same token for a CLIP tokenizer (EOS is its largest id)."""
     root = tmp_path_factory.mktemp("clip")
-    ref = write_transformers_clip(root / "src", seed=11)
+    ref = write_transformers_clip(root / "src", seed=11, legacy_eos=True)
+    assert ref.config.text_config.eos_token_id == 2
     return CLIPScorer.load(convert_clip(root / "src", root / "clip")), ref, root / "src"
 
 
