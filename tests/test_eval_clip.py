@@ -21,7 +21,7 @@ from tests.oracle import assert_close, numpy_state
 # fp32 on both sides with the same math; only summation order and the sigmoid/rsqrt implementations differ. Measured
 # max errors: 3e-7..4e-7 (tiny) and 0.9e-6..1.4e-6 (ViT-L/14, 24 + 12 layers) of the output scale. 1e-5 leaves room
 # for other BLAS/XLA builds; real bugs are far larger: quick_gelu's 1.702 as 1.7 gives ~6e-4 (measured on the text
-# tower), a causal vision tower, a missed pre_layrnorm, mean instead of CLS pooling or the wrong text token O(1).
+# tower), a causal vision tower 0.8, a missed pre_layrnorm 0.55 (measured, tiny).
 FP32_TOL = 1e-5
 
 
