@@ -36,12 +36,13 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    """Causal multi-head self-attention; q/k/v/out projections all carry biases, as in CLIP."""
+    """Multi-head self-attention, causal in the text tower (not in the vision tower); q/k/v/out projections all
+    carry biases, as in CLIP."""
 
-    def __init__(self, mk: Builder, dim: int, heads: int, kernel: str):
+    def __init__(self, mk: Builder, dim: int, heads: int, kernel: str, causal: bool = True):
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
-        self.heads, self.kernel = heads, kernel
+        self.heads, self.kernel, self.causal = heads, kernel, causal
         self.q_proj = mk.linear(dim, dim)
         self.k_proj = mk.linear(dim, dim)
         self.v_proj = mk.linear(dim, dim)
@@ -51,7 +52,7 @@ class CLIPAttention(nnx.Module):
         split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)  # (B, L, C) -> (B, L, H, D)
         # Scale 1/sqrt(D) is the shared function's default and CLIP's `head_dim**-0.5`.
         out = dot_product_attention(split(self.q_proj(x_BxLxC)), split(self.k_proj(x_BxLxC)),
-                                    split(self.v_proj(x_BxLxC)), kernel=self.kernel, causal=True)
+                                    split(self.v_proj(x_BxLxC)), kernel=self.kernel, causal=self.causal)
         return self.out_proj(out.reshape(x_BxLxC.shape))
 
 
@@ -65,11 +66,12 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). `config` is either tower's config
+    (the fields hidden_size, intermediate_size, num_attention_heads, layer_norm_eps)."""
 
-    def __init__(self, mk: Builder, config: TextConfig, kernel: str):
+    def __init__(self, mk: Builder, config: TextConfig, kernel: str, causal: bool = True):
         dim, eps = config.hidden_size, config.layer_norm_eps
-        self.self_attn = CLIPAttention(mk, dim, config.num_attention_heads, kernel)
+        self.self_attn = CLIPAttention(mk, dim, config.num_attention_heads, kernel, causal)
         self.layer_norm1 = mk.layer_norm(dim, eps)
         self.mlp = CLIPMLP(mk, dim, config.intermediate_size)
         self.layer_norm2 = mk.layer_norm(dim, eps)
