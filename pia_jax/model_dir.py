@@ -217,7 +217,7 @@ def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
     if missing:
         raise ModelDirError(f"model directory {str(path)!r} is incomplete: missing {missing}")
     try:
-        config = config_lib.from_dict(meta["model"])
+        config = config_lib.from_dict(config_lib.PIAConfig, meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"{str(meta_file)!r} has an invalid model config ({type(e).__name__}: {e})") from None
     return config, meta.get("scheduler", {}), meta

@@ -50,9 +50,8 @@ def model_dir() -> str:
 
 def train_config(workdir="unused", **overrides) -> config_lib.TrainConfig:
     base = {"workdir": str(workdir), "steps": 4, "seed": SEED,
-            "model": {"model_dir": model_dir(), "compute_dtype": "float32", "frozen_dtype": "bfloat16",
-                      "attention": "xla"},
-            "data": {"batch_size": BATCH, "n_frames": FRAMES, "resolution": SIZE},
+            "model": {"model_dir": model_dir(), "compute_dtype": "fp32", "frozen_dtype": "bf16", "attention": "xla"},
+            "data": {"synthetic": True, "batch_size": BATCH, "n_frames": FRAMES, "resolution": SIZE},
             "optim": {"lr": 1e-3, "warmup_steps": 2},
             "checkpoint": {"every": 2, "keep": 10}, "log": {"every": 1, "progress_bar": False}}
     return config_lib.from_dict(config_lib.TrainConfig, config_lib.apply_overrides(

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -25,8 +24,6 @@ from pia_jax.unet import UNetMotionModel, widen_conv_in
 from pia_jax.vae import AutoencoderKL
 from pia_jax.weights import param_shapes
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-INITS = {"sd15": model_config.SD15_PIA, "tiny": model_config.TINY}
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ def abstract_models(config: model_config.PIAConfig, cfg: ModelConfig, attention:
                     remat: bool = True) -> dict[str, nnx.Module]:
     """{"unet", "vae", "text"} -> abstract models (no memory) in the compute dtype; `attention`/`remat` override the
     configured kernel and policy (the FLOP count uses all-XLA kernels and no rematerialisation)."""
-    dtype, kernel = DTYPES[cfg.compute_dtype], attention or cfg.attention
+    dtype, kernel = model_config.dtype(cfg.compute_dtype), attention or cfg.attention
     policy = cfg.remat_policy if remat else None
     return {
         "unet": abstract_model(UNetMotionModel, config.unet, dtype=dtype, remat_policy=policy,
@@ -112,9 +109,10 @@ def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig |
         unet, vae, text = flat_params(md.unet), flat_params(md.vae), flat_params(md.text_encoder)
         del md
     else:
-        if init_config is None and cfg.init not in INITS:
-            raise ValueError(f"model.init must be one of {sorted(INITS)} (or give model.model_dir), got {cfg.init!r}")
-        config, tokenizer, scheduler = init_config or INITS[cfg.init], None, schedulers.PIA_DDIM
+        if init_config is None and cfg.init not in model_config.MODELS:
+            raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
+                             f"got {cfg.init!r}")
+        config, tokenizer, scheduler = init_config or model_config.MODELS[cfg.init], None, schedulers.PIA_DDIM
         cin = config.unet.in_channels
         config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=9))
         models = abstract_models(config, cfg)
@@ -131,10 +129,12 @@ def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig |
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """Global-norm clipping of the (accumulated, averaged) gradient, then AdamW with linear warmup + constant LR.
 
-    The learning rate is injected as a hyperparameter so the optimizer state carries the value used at each step.
+    The learning rate is injected as a schedule, so the optimizer state carries the value used at each step but a
+    resumed run computes it from this config; b1, b2, eps and weight decay are static, not stored in the state. So
+    nothing of the config is frozen into a checkpoint: a resumed run uses the values it is given.
     """
     lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
-                              [cfg.warmup_steps]) if cfg.warmup_steps else cfg.lr
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                                  weight_decay=cfg.weight_decay)
+                              [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
+        learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
