@@ -7,17 +7,19 @@
     <dir>/tokenizer/               CLIP tokenizer files
     <dir>/sources.json             the files it was made from, with sizes and sha256, and the conversion report
 
-A directory is written to a temporary sibling and renamed into place only when complete, so an interrupted or
-failed write never leaves a half-written model, and an existing one is replaced only with `force`.
+A directory is written complete or not at all (`pia_jax.files.atomic_write`: a temporary sibling renamed into place
+on local disks; on object stores, uploaded with config.json last as the completion mark), so an interrupted or
+failed write never leaves a half-written model, and an existing one is replaced only with `force`. Directories are
+read from local disks.
 """
 
 import contextlib
 import functools
 import hashlib
 import json
-import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import config as config_lib
-from pia_jax import weights
+from pia_jax import files, weights
 
 FORMAT, VERSION = "pia-jax-model", 1
 PARTS = ("unet", "vae", "text_encoder")
@@ -108,42 +110,6 @@ def describe_source(role: str, path, files=None) -> dict:
             "files": {name(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(map(Path, files))}}
 
 
-@contextlib.contextmanager
-def atomic_directory(path, force: bool = False):
-    """Yields a temporary sibling of `path` to fill; once the block completes it replaces `path`. On any failure or
-    interrupt the sibling is removed, an existing `path` is left as it was, and parent folders made here go again."""
-    path = Path(path).absolute()
-    if path.exists() and not force:
-        raise FileExistsError(f"{str(path)!r} already exists; pass --force to replace it")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} exists and is not a directory")
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    done = False
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        yield tmp
-        if path.exists():  # swap: the old directory goes away only once the new one is in place
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                old.rename(path)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-        done = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made if not done else ():
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
                        np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
 
@@ -179,8 +145,8 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
     unknown = sorted(set(models) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS}")
-    path = Path(path)
-    with atomic_directory(path, force) as tmp:
+    with files.atomic_write(path, directory=True, force=force, mark="config.json",
+                            log=lambda m: print(m, file=sys.stderr)) as tmp:
         for part, model in models.items():
             flat = flat_params(model) if isinstance(model, nnx.Module) else model
             write_safetensors(tmp / f"{part}.safetensors", flat, STORAGE_DTYPES[dtype])
@@ -191,15 +157,18 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": FORMAT, "version": VERSION, "model": config_lib.to_dict(config), "scheduler": scheduler or {},
                 "storage_dtype": dtype, "parts": sorted(models)}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         sources = sources() if callable(sources) else sources
         (tmp / "sources.json").write_text(json.dumps({"sources": sources or [], "report": report or {}}, indent=2)
                                           + "\n")
-    return path
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")  # the completion mark
+    return Path(path) if files.is_local(path) else files.as_path(path)
 
 
 def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
     """(model config, scheduler dict, raw metadata) of a model directory, checked without reading any weights."""
+    if not files.is_local(path):
+        raise ModelDirError(f"model directories are read from a local disk; copy {str(path)!r} to one first (e.g. "
+                            "gcloud storage cp -r)")
     path = Path(path)
     meta_file = path / "config.json"
     if not path.is_dir():

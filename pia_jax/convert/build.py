@@ -18,6 +18,7 @@ source dtype plus the LoRA-touched tensors.
 import dataclasses
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,9 +230,11 @@ def attach_motion(unet: dict, conv_in_before_lora: np.ndarray, motion: dict, inf
     return merged
 
 
-def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap) -> dict:
-    """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts)."""
-    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(model_dir.abstract_model(cls, cfg)))
+def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap, ignored: dict) -> dict:
+    """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts); counts the
+    keys the keymap's ignore rules consume in `ignored` (by reason)."""
+    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(model_dir.abstract_model(cls, cfg)),
+                                      ignored)
     if problems:
         raise weights.problems_error(f"cannot build the {cls.__name__}", problems, limit=20)
     return flat
@@ -240,6 +243,19 @@ def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap) -> dict:
 def _lora_summary(path, multiplier, rep: lora.LoraReport) -> dict:
     return {"file": str(path), "multiplier": multiplier, "unet modules": len(rep.unet),
             "text_encoder modules": len(rep.text_encoder), "ignored": rep.ignored}
+
+
+def ignored_summary(report: dict) -> str:
+    """One line explaining the source tensors that were read but not written, counted by rule over every input."""
+    counts = Counter()
+    for name in ("base", "vae", "motion", "mapping"):
+        counts.update(report.get(name, {}).get("ignored", {}))  # {reason: tensors}
+    for summary in report.get("loras", []):
+        counts.update(summary["ignored"].values())  # {key: reason}
+    if not counts:
+        return "ignored: no source tensor"
+    return f"ignored {counts.total()} source tensors, by rule: " + "; ".join(f"{n} {r}" for r, n in
+                                                                            counts.most_common())
 
 
 def convert(req: Request, log=print) -> Path:
@@ -291,11 +307,15 @@ def _convert(req: Request, sources: Sources, log) -> Path:
         f"{rule}, mid block {'yes' if info['mid_block'] else 'no'})")
     sources.add("tokenizer", tokenizer_dir, sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
 
-    flat = {"unet": to_nnx(state, UNetMotionModel, cfg.unet, weights.DIFFUSERS_UNET)}
+    report["mapping"] = {"ignored": {}}
+    flat = {"unet": to_nnx(state, UNetMotionModel, cfg.unet, weights.DIFFUSERS_UNET, report["mapping"]["ignored"])}
     del state
-    flat["vae"] = to_nnx(parts.pop("vae"), AutoencoderKL, cfg.vae, weights.DIFFUSERS_VAE)
-    flat["text_encoder"] = to_nnx(parts.pop("text_encoder"), CLIPTextModel, cfg.text, weights.TRANSFORMERS_CLIP_TEXT)
+    flat["vae"] = to_nnx(parts.pop("vae"), AutoencoderKL, cfg.vae, weights.DIFFUSERS_VAE,
+                         report["mapping"]["ignored"])
+    flat["text_encoder"] = to_nnx(parts.pop("text_encoder"), CLIPTextModel, cfg.text, weights.TRANSFORMERS_CLIP_TEXT,
+                                  report["mapping"]["ignored"])
     report["converted"] = {part: len(v) for part, v in flat.items()}
+    log(ignored_summary(report))
     out = model_dir.save_model_dir(req.out, cfg, flat, tokenizer=tokenizer_dir,
                                    scheduler=schedulers.to_dict(schedulers.PIA_DDIM), sources=sources.records,
                                    report=report, dtype=req.dtype, force=req.force)
