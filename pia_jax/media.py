@@ -20,8 +20,13 @@ class MediaError(ValueError):
     """A file that cannot be read or written, or data that cannot be saved."""
 
 
-def load_image(path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB with EXIF orientation applied; alpha is dropped (as PIA's `.convert('RGB')` does)."""
+def load_image(path, exif_transpose: bool = True) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; alpha is dropped (as PIA's `.convert('RGB')` does).
+
+    `exif_transpose`: turn the pixels upright as the file's EXIF orientation says (what image viewers show, and
+    what diffusers' `load_image` does). PIA's own preprocessing ignores the tag, so a phone photo stored sideways
+    is animated sideways there; `exif_transpose=False` does the same.
+    """
     path = Path(path)
     if not path.exists():
         raise MediaError(f"image not found: {path}")
@@ -32,7 +37,7 @@ def load_image(path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decodes now, so truncated or corrupt data fails here
-            img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(img) if exif_transpose else img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot read image {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: Pillow's RGB conversion would saturate at 255

@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from pia_jax.affinity import coefficients_from_scores, frame_scores
+from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
 from pia_jax.data import (DataConfig, Loader, VideoError, decode_frames, draw, generic_rows, open_dataset, probe,
                           sample_window, transform_clip, webvid_rows)
 from pia_jax.data.builder import prepare

@@ -106,7 +106,7 @@ def make_example(record: dict, config: DataConfig, rng: np.random.Generator) -> 
     use_condition bool. Where use_condition is False the reference zeroes the mask and the condition latent; here
     mask_coef is 0 (and the affinity is not computed). Raises VideoError when the video cannot be used.
     """
-    from pia_jax.affinity import coefficients_from_scores, frame_scores  # needs OpenCV, only the data path does
+    from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores  # needs OpenCV
 
     d = draw(int(record["num_frames"]), config, rng)
     pixels = transform_clip(decode_frames(record["video"], d.indices, record.get("pts")), d.flip, config.resolution)
