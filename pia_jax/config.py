@@ -121,6 +121,11 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def opt(default, help: str, choices=None):
+    """A config field with its meaning (and its valid values, checked by `from_dict`), for command-line help."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 class ConfigError(ValueError):
     """A config that does not fit its dataclasses: the message names the key and what is valid there."""
 

@@ -33,7 +33,6 @@ from pia_jax import files, weights
 
 FORMAT, VERSION = "pia-jax-model", 1
 PARTS = ("unet", "vae", "text_encoder")
-STORAGE_DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
 
 class ModelDirError(ValueError):
@@ -140,8 +139,7 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
     `tokenizer` is a transformers tokenizer or a folder of tokenizer files; `dtype` the storage dtype; `sources` a
     list of `describe_source` records, or a function returning it, called once the weights are written (so that
     hashing the inputs can overlap the writing)."""
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    storage = config_lib.dtype(dtype)
     unknown = sorted(set(models) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS}")
@@ -149,7 +147,7 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
                             log=lambda m: print(m, file=sys.stderr)) as tmp:
         for part, model in models.items():
             flat = flat_params(model) if isinstance(model, nnx.Module) else model
-            write_safetensors(tmp / f"{part}.safetensors", flat, STORAGE_DTYPES[dtype])
+            write_safetensors(tmp / f"{part}.safetensors", flat, storage)
         if tokenizer is not None:
             if isinstance(tokenizer, (str, Path)):
                 shutil.copytree(tokenizer, tmp / "tokenizer")

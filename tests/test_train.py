@@ -43,8 +43,7 @@ def model_dir() -> str:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     write_vocab(root / "tokenizer")
     models = state_lib.abstract_models(SMALL, config_lib.ModelConfig())
-    flat = {name: state_lib.random_weights(models[part], i) for i, (name, part) in
-            enumerate((("unet", "unet"), ("vae", "vae"), ("text_encoder", "text")))}
+    flat = {part: state_lib.random_weights(models[part], i) for i, part in enumerate(models)}
     return str(save_model_dir(root / "model", SMALL, flat, tokenizer=root / "tokenizer"))
 
 

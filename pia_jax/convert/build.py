@@ -32,7 +32,6 @@ from pia_jax.convert import diffusers_folder as dfolder
 from pia_jax.weights import WeightLoadError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PIA_CONV_IN_CHANNELS = 9  # [noisy latent (4) | affinity mask (1) | condition latent (4)]
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,7 @@ def check_request(req: Request):
     """Every check that needs no weights, so bad arguments fail before any expensive reading."""
     if req.conv_in not in ("auto", "base", "motion"):
         raise ValueError(f"conv_in must be auto, base or motion, got {req.conv_in!r}")
-    if req.dtype not in model_dir.STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(model_dir.STORAGE_DTYPES)}, got {req.dtype!r}")
+    config_lib.dtype(req.dtype)  # raises for a name outside the vocabulary
     if req.norm_semantics not in config_lib.NORM_SEMANTICS:
         raise ValueError(f"norm semantics must be one of {sorted(config_lib.NORM_SEMANTICS)}")
     _need(req.base, "base model", folder_ok=True)
@@ -200,14 +198,14 @@ def read_motion(req: Request, cfg: config_lib.UNetConfig, sources: Sources):
         raise WeightLoadError(f"the motion modules are for a UNet with blocks {found[0]} of {found[1]} layers, the "
                               f"base UNet has blocks {cfg.block_out_channels} of {cfg.layers_per_block} layers")
     channels = info["conv_in_channels"]
-    if channels not in (None, PIA_CONV_IN_CHANNELS):
+    if channels not in (None, config_lib.PIA_IN_CHANNELS):
         raise WeightLoadError(f"the motion checkpoint's conv_in takes {channels} input channels; PIA's takes "
-                              f"{PIA_CONV_IN_CHANNELS} (latent, affinity mask, condition latent)")
+                              f"{config_lib.PIA_IN_CHANNELS} (latent, affinity mask, condition latent)")
     if channels and req.widen_conv_in:
         raise ValueError("--widen-conv-in is for plain AnimateDiff motion modules; these PIA weights already have a "
                          f"{channels}-channel conv_in")
-    unet_cfg = dataclasses.replace(cfg, in_channels=channels or (PIA_CONV_IN_CHANNELS if req.widen_conv_in else 4),
-                                   motion_mid_block=info["mid_block"],
+    in_channels = channels or (config_lib.PIA_IN_CHANNELS if req.widen_conv_in else config_lib.LATENT_CHANNELS)
+    unet_cfg = dataclasses.replace(cfg, in_channels=in_channels, motion_mid_block=info["mid_block"],
                                    motion_max_seq_length=info["max_seq_length"] or seq or 32,
                                    motion_num_attention_heads=heads or 8)
     return motion, spatial, info, unet_cfg
@@ -218,14 +216,14 @@ def attach_motion(unet: dict, conv_in_before_lora: np.ndarray, motion: dict, inf
     """The UNetMotionModel state dict: base spatial weights + motion modules + conv_in by the chosen rule."""
     if info["conv_in_channels"] is None or mode == "base":
         merged = weights.merge_unet_and_adapter(unet, motion)
-        if widen:  # PIA's training start: zero condition channels 4-8
-            conv = np.asarray(merged["conv_in.weight"])
-            merged["conv_in.weight"] = np.concatenate([conv, np.zeros((conv.shape[0], 5, *conv.shape[2:]),
-                                                                       conv.dtype)], axis=1)
+        if widen:  # PIA's training start: zero condition channels
+            from pia_jax.unet import widen_conv_in_kernel
+            merged["conv_in.weight"] = widen_conv_in_kernel(np.asarray(merged["conv_in.weight"]), in_axis=1)
         return merged
     merged = weights.merge_unet_and_adapter(unet, {k: v for k, v in motion.items() if not k.startswith("conv_in.")})
     conv = np.array(motion["conv_in.weight"], dtype=np.float32)
-    conv[:, :4] += np.asarray(unet["conv_in.weight"], np.float32) - np.asarray(conv_in_before_lora, np.float32)
+    latent = config_lib.LATENT_CHANNELS
+    conv[:, :latent] += np.asarray(unet["conv_in.weight"], np.float32) - np.asarray(conv_in_before_lora, np.float32)
     merged["conv_in.weight"], merged["conv_in.bias"] = conv, motion["conv_in.bias"]
     return merged
 

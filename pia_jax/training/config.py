@@ -10,14 +10,9 @@ from dataclasses import dataclass, field
 import yaml
 
 from pia_jax.attention import KERNELS
-from pia_jax.config import DTYPES, MODELS, ConfigError, from_dict, to_dict, type_name  # noqa: F401  (to_dict: the API)
+from pia_jax.config import DTYPES, MODELS, ConfigError, from_dict, opt, to_dict, type_name  # noqa: F401  (API)
+from pia_jax.data.clips import DataConfig
 from pia_jax.unet import REMAT_POLICIES
-
-
-
-def opt(default, help: str, choices=None):
-    """A config field with its meaning (and valid values), for `--help` and for the checks of `from_dict`."""
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def section(cls, help: str):
@@ -39,21 +34,6 @@ class ModelConfig:
     remat_policy: str | None = opt(None, "rematerialise each UNet block, saving what this policy names",
                                    (None, *REMAT_POLICIES))
     attention: str = opt("auto", "kernel for spatial self/cross attention (pia_jax/attention.py)", KERNELS)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    path: str | None = opt(None, "a prepared dataset (prepare_dataset.py), local or gs://")
-    synthetic: bool = opt(False, "without path: train on random synthetic clips (smoke runs)")
-    batch_size: int = opt(4, "clips per micro-batch, all hosts together; a multiple of the device count")
-    n_frames: int = opt(16, "frames per clip")
-    stride: int = opt(4, "a clip's window spans n_frames * stride frames of the video")
-    resolution: int = opt(256, "short side after resizing, and the square crop")
-    caption_dropout: float = opt(0.1, "probability of an empty caption")
-    condition_dropout: float = opt(0.2, "probability of no condition frame, drawn per clip (the reference draws "
-                                        "one per batch)")
-    sim_range: tuple[float, float] = opt((0.2, 1.0), "range of the affinity coefficients (mask_sim_range)")
-    workers: int = opt(8, "threads decoding videos")
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,7 @@ def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
     from pia_jax import data
     if tokenizer is None:
         raise ValueError("training on a dataset needs the model directory's tokenizer")
-    config = data.DataConfig(n_frames=d.n_frames, stride=d.stride, resolution=d.resolution,
-                             caption_dropout=d.caption_dropout, condition_dropout=d.condition_dropout,
-                             sim_range=d.sim_range)
-    return data.Loader(data.open_dataset(d.path), tokenizer, config, num_workers=d.workers, **common)
+    return data.Loader(data.open_dataset(d.path), tokenizer, d, num_workers=d.workers, **common)
 
 
 def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
@@ -151,8 +148,7 @@ def export(path, trainer: Trainer, params: dict, *, dtype: str = "fp16", force: 
     params = multihost_utils.process_allgather(params, tiled=True)  # numpy on every process
     if jax.process_index() != 0:
         return None
-    models = {"unet": {**setup.frozen["unet"], **params}, "vae": setup.frozen["vae"],
-              "text_encoder": setup.frozen["text"]}
+    models = {**setup.frozen, "unet": {**setup.frozen["unet"], **params}}
     return save_model_dir(path, setup.config, models, tokenizer=setup.tokenizer,
                           scheduler=schedulers.to_dict(setup.scheduler), dtype=dtype, force=force,
                           report={"trained": sorted(params)})

@@ -36,7 +36,7 @@ class TrainState(NamedTuple):
 
 def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
     """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d)."""
-    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text, frozen["text"])
+    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text_encoder, frozen["text_encoder"])
     pixels = batch["pixel_values"]
     b, f = pixels.shape[:2]
     mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
