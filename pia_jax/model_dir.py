@@ -13,8 +13,6 @@ failed write never leaves a half-written model, and an existing one is replaced 
 read from local disks.
 """
 
-import contextlib
-import functools
 import hashlib
 import json
 import shutil
@@ -30,6 +28,7 @@ from flax import nnx
 
 from pia_jax import config as config_lib
 from pia_jax import files, weights
+from pia_jax.abstract import abstract_model
 
 FORMAT, VERSION = "pia-jax-model", 1
 PARTS = ("unet", "vae", "text_encoder")
@@ -53,41 +52,6 @@ class ModelDir:
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """{NNX path: host array} of a model's parameters."""
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-@contextlib.contextmanager
-def _cheap_tracer_errors():
-    """jax 0.10 composes the message of a tracer's `.sharding` AttributeError eagerly, walking every equation traced
-    so far (jax-ml/jax#40041), and flax probes `.sharding` on each RNG-counter update, so `nnx.eval_shape` of a model
-    is quadratic in its size: 10 s for the tiny test UNet, 16 s at SD1.5 size instead of 1 s and 1.7 s. Nothing
-    shows that message while a model is built, so it is skipped then; without the private class, nothing changes."""
-    try:
-        from jax._src.interpreters.partial_eval import DynamicJaxprTracer as tracer
-        original = tracer.__dict__["_origin_msg"]
-    except (ImportError, KeyError):
-        yield
-        return
-    tracer._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        tracer._origin_msg = original
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(cls, cfg, kwargs: tuple):
-    with _cheap_tracer_errors():
-        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **dict(kwargs)))
-
-
-def abstract_model(cls, cfg, **kwargs) -> nnx.Module:
-    """`cls(cfg, **kwargs)` with shape-only parameters (nothing allocated), fresh for the caller to fill; models of
-    one configuration are traced once per process."""
-    try:
-        return nnx.clone(_abstract(cls, cfg, tuple(sorted(kwargs.items()))))
-    except TypeError:  # unhashable arguments (e.g. a dict of attention kernels): trace every time
-        with _cheap_tracer_errors():
-            return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs))
 
 
 def sha256(path, chunk=1 << 24) -> str:

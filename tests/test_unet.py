@@ -94,6 +94,7 @@ def test_full_sd15_pia_unet_matches_diffusers():
     flat, problems = weights.map_keys(state, weights.DIFFUSERS_UNET, weights.param_shapes(abstract))
     assert not problems
     del state
-    ours = jitted(weights.fill(abstract, Draining(flat)))
+    flat = Draining(flat)  # the only references left
+    ours = jitted(weights.fill(abstract, flat))
     assert_close(ours(x["sample"], x["t"], x["context"], x["mask"], x["condition"]), expected, TOL,
                  "full-size UNet")

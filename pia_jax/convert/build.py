@@ -27,6 +27,7 @@ import numpy as np
 
 from pia_jax import config as config_lib
 from pia_jax import model_dir, weights
+from pia_jax.abstract import abstract_model
 from pia_jax.convert import animatediff, ldm, lora
 from pia_jax.convert import diffusers_folder as dfolder
 from pia_jax.weights import WeightLoadError
@@ -177,7 +178,11 @@ def read_vae(path: Path, cfg: config_lib.VAEConfig, report: dict, sources: Sourc
 
 
 def read_motion(req: Request, cfg: config_lib.UNetConfig, sources: Sources):
-    """(diffusers-named motion dict, info, UNetConfig with the motion fields), checked against the base UNet."""
+    """Reads the motion checkpoint and checks it against the base UNet `cfg`. Returns (motion, spatial, info,
+    unet_cfg): the motion-module (and PIA conv_in) tensors in diffusers names; the spatial UNet tensors a whole
+    PIA-trained UNet file also holds (unused: the base provides them; counted in the report); the checkpoint's
+    layout as `animatediff.convert_motion_checkpoint` reports it (conv_in channels, mid block, position-table length,
+    ignored tensors); and `cfg` with the input channels and motion-module fields that layout implies."""
     heads, seq = req.motion_heads, None
     if req.motion.is_dir():
         sd, mcfg = dfolder.read_component(req.motion, "motion")
@@ -231,7 +236,7 @@ def attach_motion(unet: dict, conv_in_before_lora: np.ndarray, motion: dict, inf
 def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap, ignored: dict) -> dict:
     """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts); counts the
     keys the keymap's ignore rules consume in `ignored` (by reason)."""
-    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(model_dir.abstract_model(cls, cfg)),
+    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(abstract_model(cls, cfg)),
                                       ignored)
     if problems:
         raise weights.problems_error(f"cannot build the {cls.__name__}", problems, limit=20)

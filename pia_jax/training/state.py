@@ -18,7 +18,8 @@ from flax import nnx
 from pia_jax import config as model_config
 from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS
 from pia_jax import schedulers
-from pia_jax.model_dir import PARTS, abstract_model, flat_params, load_model_dir
+from pia_jax.abstract import abstract_model
+from pia_jax.model_dir import PARTS, flat_params, load_model_dir
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.training.config import ModelConfig, OptimConfig
 from pia_jax.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
