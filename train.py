@@ -6,7 +6,7 @@ TPU pod.
     # TPU pod: the same command on every host; --distributed joins them (cluster auto-detection)
     python train.py configs/tpu_pod.yaml --distributed workdir=gs://my-bucket/runs/pia ...
     # export the newest checkpoint of a run as a model directory for sample.py (also done when a run completes)
-    python train.py configs/one_gpu.yaml workdir=runs/pia --export runs/pia/model
+    python train.py configs/one_gpu.yaml workdir=runs/pia model.model_dir=models/pia-init --export runs/pia/model
 
 Overrides are `section.key=value` (values parsed as YAML), e.g. optim.lr=5e-5 mesh.fsdp=4 data.batch_size=32. A run
 resumes from its newest readable checkpoint in {workdir}/checkpoints. Resuming with other hyperparameters than the
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pia_jax.training import config as config_lib
     try:
-        cfg = config_lib.check(config_lib.load(args.config, args.overrides))
+        cfg = config_lib.check(config_lib.load(args.config, args.overrides), data=not args.export)
     except config_lib.ConfigError as e:
         print(f"error: {e} (train.py --help lists every key)", file=sys.stderr)
         return 2

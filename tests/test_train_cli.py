@@ -125,9 +125,16 @@ def test_resumed_optimizer_uses_the_new_hyperparameters():
     assert float(state[1].hyperparams["learning_rate"]) == np.float32(5e-4)
 
 
+def test_export_needs_the_model_not_the_data(capsys, tmp_path, good):
+    code, _, err = run_cli(capsys, good, "model.model_dir=null", "data.synthetic=false", "--export", tmp_path / "m")
+    assert code == 2 and "give exactly one of model.model_dir=DIR" in err and "data.path" not in err
+
+
 def test_sigterm_exit_code_and_build_line(capsys, tmp_path, good, monkeypatch):
     """After a pre-emption train.py exits with sigterm_exit_code; before building it says what it is doing."""
     from pia_jax.training import loop
+    from tests.test_train import setup
+    monkeypatch.setattr(state_lib, "build", lambda model, seed: setup())  # the same model, already built
     monkeypatch.setattr(loop, "run", lambda cfg, trainer, loader: loop.Result(None, "preempted", 0))
     code, out, _ = run_cli(capsys, good, "sigterm_exit_code=143")
     assert code == 143 and f"building the model from {model_dir()}" in out

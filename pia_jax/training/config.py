@@ -125,8 +125,9 @@ def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str
     return rows
 
 
-def check(cfg: TrainConfig) -> TrainConfig:
-    """Checks that need more than one field, or a value range; raises ConfigError."""
+def check(cfg: TrainConfig, data: bool = True) -> TrainConfig:
+    """Checks that need more than one field, or a value range (`data`: of the data source too); raises
+    ConfigError."""
     flat = {k: v for k, v in _flatten(to_dict(cfg))}
     bad = [k for k in POSITIVE if flat[k] < 1]
     if bad:
@@ -134,7 +135,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if bool(cfg.model.model_dir) == bool(cfg.model.init):
         raise ConfigError("give exactly one of model.model_dir=DIR (a converted model directory) and "
                           f"model.init={'|'.join(MODELS)} (random weights)")
-    if bool(cfg.data.path) == cfg.data.synthetic:
+    if data and bool(cfg.data.path) == cfg.data.synthetic:
         raise ConfigError("give exactly one of data.path=DIR (a prepared dataset) and data.synthetic=true")
     v = cfg.validation
     if v.every and (len(v.images) != len(v.prompts) or not v.images or not cfg.model.model_dir):
