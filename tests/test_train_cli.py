@@ -134,7 +134,8 @@ def test_sigterm_exit_code_and_build_line(capsys, tmp_path, good, monkeypatch):
     """After a pre-emption train.py exits with sigterm_exit_code; before building it says what it is doing."""
     from pia_jax.training import loop
     from tests.test_train import setup
-    monkeypatch.setattr(state_lib, "build", lambda model, seed: setup())  # the same model, already built
+    built = setup()
+    monkeypatch.setattr(state_lib, "build", lambda model, seed: built)  # the same model, built once per session
     monkeypatch.setattr(loop, "run", lambda cfg, trainer, loader: loop.Result(None, "preempted", 0))
     code, out, _ = run_cli(capsys, good, "sigterm_exit_code=143")
     assert code == 143 and f"building the model from {model_dir()}" in out
