@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pia_jax.config import DTYPES
 from pia_jax.convert.build import Request, convert
 
 
@@ -49,7 +50,7 @@ def parse(argv=None) -> Request:
     p.add_argument("--extract-ema", action="store_true", help="take the UNet from the file's model_ema.* weights")
     p.add_argument("--norm-semantics", choices=("pia", "diffusers"), default="pia",
                    help="GroupNorm statistics as PIA trained them (default) or as diffusers' UNetMotionModel computes")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="storage dtype of the weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="storage dtype of the weights")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
     return Request(base=a.base, motion=a.motion, out=a.out, vae=a.vae, loras=tuple(a.lora), config_from=a.config_from,

@@ -10,7 +10,9 @@
 
 Every video is decoded once to count its frames and to catch corrupt files; unusable videos are skipped and
 counted by reason (missing, unreadable, corrupt, too_short). The report is printed and kept in the dataset's
-metadata.json. A finished dataset in --out is reused, not rebuilt.
+metadata.json. The dataset appears in --out only when complete; when no video is usable nothing is written and the
+exit status is 2. A finished dataset in --out prepared from the same inputs is reused; one from other inputs is
+refused (exit 2) unless --force replaces it (the old one stays until the new one is complete).
 """
 
 import argparse
@@ -18,7 +20,9 @@ import itertools
 import json
 import sys
 
-from pia_jax.data.sources import rows_from
+from pathlib import Path
+
+from pia_jax.data.sources import check_source, rows_from
 
 
 def part_arg(text: str) -> tuple[int, int]:
@@ -44,15 +48,33 @@ def main(argv=None) -> int:
     p.add_argument("--part", type=part_arg, default=(0, 1), metavar="K/N",
                    help="only rows K, K+N, K+2N, ... (0 <= K < N): one of N parts prepared in parallel")
     p.add_argument("--workers", type=int, default=8, help="threads decoding videos")
+    p.add_argument("--force", action="store_true", help="replace a dataset in --out prepared from other inputs")
     args = p.parse_args(argv)
     if args.kind == "webvid" and not args.videos:
         p.error("webvid needs --videos")
+    for name in ("min_frames", "limit", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        check_source(args.kind, args.csv, args.videos)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
-    from pia_jax.data.builder import prepare  # tensorflow_datasets takes a moment to import; parse errors first
+    from pia_jax.data.builder import PrepareError, prepare  # tensorflow_datasets takes a moment to import
 
     k, n = args.part
+    inputs = {"kind": args.kind, "csv": str(Path(args.csv).resolve()),
+              "videos": args.videos and str(Path(args.videos).resolve()), "limit": args.limit, "part": f"{k}/{n}"}
     rows = itertools.islice(itertools.islice(rows_from(args.kind, args.csv, args.videos), args.limit), k, None, n)
-    path, report = prepare(rows, args.out, min_frames=args.min_frames, workers=args.workers)
+    try:
+        path, report = prepare(rows, args.out, min_frames=args.min_frames, workers=args.workers, inputs=inputs,
+                               force=args.force)
+    except PrepareError as e:
+        if e.report:
+            print(json.dumps(e.report, indent=1))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1))
     print(f"dataset: {path}  ({report['examples']} videos, {sum(report['skipped'].values())} skipped)")
     return 0

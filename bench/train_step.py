@@ -23,7 +23,6 @@ from pia_jax.training.config import ModelConfig, OptimConfig
 from pia_jax.training.step import Trainer
 from pia_jax.training.synthetic import SyntheticLoader
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def peak_memory() -> str:
@@ -32,7 +31,7 @@ def peak_memory() -> str:
 
 
 def bench_jax(args):
-    model = ModelConfig(init=args.config, compute_dtype=DTYPES[args.dtype], frozen_dtype=DTYPES[args.frozen_dtype],
+    model = ModelConfig(init=args.config, compute_dtype=args.dtype, frozen_dtype=args.frozen_dtype,
                         remat_policy=args.remat, attention=args.attention)
     t0 = time.perf_counter()
     setup = state_lib.build(model)
@@ -143,8 +142,8 @@ def main():
     p.add_argument("--batch-per-device", type=int, default=4)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--fsdp", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--frozen-dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=config.DTYPES, default="bf16")
+    p.add_argument("--frozen-dtype", choices=config.DTYPES, default="bf16")
     p.add_argument("--remat", default=None, help="UNet remat policy (pia_jax.unet.REMAT_POLICIES)")
     p.add_argument("--attention", default="auto", help="spatial attention kernel: auto, xla, cudnn")
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU where the device kind is unknown")

@@ -19,7 +19,6 @@ from flax import nnx
 from pia_jax import config
 from pia_jax.unet import UNetMotionModel
 
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 
 def count_flops(cfg, state, *inputs):
@@ -39,7 +38,7 @@ def count_flops(cfg, state, *inputs):
 
 
 def bench_jax(cfg, args):
-    dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype]
+    dtype, param_dtype = config.dtype(args.dtype), config.dtype(args.param_dtype)
     model = UNetMotionModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     graphdef, state = nnx.split(model)
     h = w = args.size // 8
@@ -115,8 +114,8 @@ def main():
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=512, help="pixel size; latents are size/8")
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 = one video with CFG)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--param-dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=list(config.DTYPES), default="bf16")
+    p.add_argument("--param-dtype", choices=list(config.DTYPES), default="bf16")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--torch", action="store_true", help="also time diffusers' UNetMotionModel")
     p.add_argument("--torch-compile", action="store_true")

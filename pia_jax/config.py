@@ -1,7 +1,23 @@
 """Model configurations as plain data: the full SD1.5 + PIA setup and a tiny one for tests."""
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+# The one vocabulary of dtype names (command lines, training configs, model directories), parsed by `dtype`.
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+
+
+def dtype(name: str) -> np.dtype:
+    """The numpy dtype (which jax takes as it is) of a name in DTYPES."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
 
 # Which GroupNorms pool their statistics over the frames of a clip (all others are per frame).
 #   pia:       what pia.ckpt was trained with: ResNet norm1/norm2 and conv_norm_out see 5-D (b, c, f, h, w) tensors.
@@ -12,9 +28,16 @@ NORM_SEMANTICS = {
 }
 
 
+# PIA's UNet input, channels-last: [noisy latent | affinity mask | condition-image latent] (name, width), in order.
+# A plain AnimateDiff (text-to-video) UNet takes only the first part.
+PIA_INPUT_CHANNELS = (("latent", 4), ("mask", 1), ("condition", 4))
+LATENT_CHANNELS = PIA_INPUT_CHANNELS[0][1]
+PIA_IN_CHANNELS = sum(n for _, n in PIA_INPUT_CHANNELS)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
-    in_channels: int = 9  # [noisy latent (4) | affinity mask (1) | condition latent (4)]; 4 for plain AnimateDiff
+    in_channels: int = PIA_IN_CHANNELS  # PIA_INPUT_CHANNELS; LATENT_CHANNELS (4) for plain AnimateDiff
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlockMotion",) * 3 + ("DownBlockMotion",)
@@ -91,13 +114,78 @@ TINY = PIAConfig(
                     num_attention_heads=4),
 )
 
+MODELS = {"sd15": SD15_PIA, "tiny": TINY}  # by name, for random-weight runs
 
-def to_dict(config: PIAConfig) -> dict:
+
+def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def from_dict(data: dict) -> PIAConfig:
-    def build(cls, d):
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    return PIAConfig(unet=build(UNetConfig, data["unet"]), vae=build(VAEConfig, data["vae"]),
-                     text=build(TextConfig, data["text"]))
+def opt(default, help: str, choices=None):
+    """A config field with its meaning (and its valid values, checked by `from_dict`), for command-line help."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its dataclasses: the message names the key and what is valid there."""
+
+
+def from_dict(cls, data, prefix: str = ""):
+    """A `cls` dataclass (nested ones too) from data as YAML or JSON give it, checked against the field types:
+    unknown keys, wrong types and values outside a field's `metadata["choices"]` raise ConfigError naming the key.
+    Lists become tuples; ints are accepted for floats, and strings of numbers too (YAML 1.1 reads `1e-4` as one)."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + str(k) for k in unknown)}; the keys of {where} are: "
+                          + ", ".join(fields))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for k, v in data.items():
+        values[k] = _typed(hints[k], v, prefix + k)
+        choices = fields[k].metadata.get("choices")
+        if choices is not None and values[k] not in choices:
+            raise ConfigError(f"{prefix + k} must be one of {list(choices)}, got {v!r}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def type_name(tp) -> str:
+    """How a field type reads in messages and help: 'float', 'str or null', 'list of str'."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return f"list of {type_name(args[0])}"
+    return "section" if dataclasses.is_dataclass(tp) else tp.__name__
+
+
+def _typed(tp, value, key: str):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _typed(next(a for a in args if a is not type(None)), value, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if typing.get_origin(tp) is tuple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_typed(args[0], v, key) for v in items)
+    if isinstance(value, bool) != (tp is bool):  # True is an int to Python, not to a config
+        if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(value, tp):
+        return value
+    elif tp is float and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be {type_name(tp)}, got {value!r}")

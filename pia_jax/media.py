@@ -1,16 +1,17 @@
 """Image input and video output: loading and sizing the condition image, saving frames as GIF, MP4 or PNGs.
 
-Every writer writes a hidden temporary sibling and renames it into place when complete, so a failure (full disk,
-bad frames, Ctrl-C) never leaves a half-written file, and an existing file is replaced only by a complete one.
+Every writer goes through `pia_jax.files.atomic_write`: a local file appears (by rename) only when complete, an
+object-store path (gs://...) is uploaded once complete, so a failure (full disk, bad frames, Ctrl-C) never leaves a
+half-written file, and an existing file is replaced only by a complete one.
 """
 
-import os
-import uuid
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pia_jax import files
 
 MAX_SIDE = 2048  # a guard against typos: SD1.5 is trained at 512 and degrades long before this
 
@@ -19,8 +20,13 @@ class MediaError(ValueError):
     """A file that cannot be read or written, or data that cannot be saved."""
 
 
-def load_image(path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB with EXIF orientation applied; alpha is dropped (as PIA's `.convert('RGB')` does)."""
+def load_image(path, exif_transpose: bool = True) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; alpha is dropped (as PIA's `.convert('RGB')` does).
+
+    `exif_transpose`: turn the pixels upright as the file's EXIF orientation says (what image viewers show, and
+    what diffusers' `load_image` does). PIA's own preprocessing ignores the tag, so a phone photo stored sideways
+    is animated sideways there; `exif_transpose=False` does the same.
+    """
     path = Path(path)
     if not path.exists():
         raise MediaError(f"image not found: {path}")
@@ -31,7 +37,7 @@ def load_image(path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decodes now, so truncated or corrupt data fails here
-            img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(img) if exif_transpose else img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot read image {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: Pillow's RGB conversion would saturate at 255
@@ -88,13 +94,15 @@ def frames_to_uint8(x) -> np.ndarray:
     return np.clip(x * 255, 0, 255).astype(np.uint8)
 
 
-def check_writable(path, directory: bool = False) -> Path:
-    """Fails early (before any model is loaded) if `path` cannot be written; creates missing parent folders.
+def check_writable(path, directory: bool = False):
+    """Fails early (before any model is loaded) if `path` cannot be written; creates missing local parent folders.
+    Returns the path (an `etils.epath.Path` for an object-store URL).
 
     directory=False: a file target, which must not be a directory. directory=True: a folder target for
     `write_png_frames`, which must not be a file or a non-empty folder.
     """
-    path = Path(path)
+    local = files.is_local(path)
+    path = Path(path) if local else files.as_path(path)
     if not path.name or path.name in (".", ".."):
         raise MediaError(f"not a file name: {str(path)!r}")
     if directory:
@@ -102,35 +110,20 @@ def check_writable(path, directory: bool = False) -> Path:
             raise MediaError(f"output folder {path} exists and is not an empty folder")
     elif path.is_dir():
         raise MediaError(f"output path {path} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = _temp_sibling(path)
-        probe.touch(exist_ok=False)
-        probe.unlink()
-    except OSError as e:
-        raise MediaError(f"cannot write {path}: {e}") from e
+    if local:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            probe = files.temp_sibling(path)
+            probe.touch(exist_ok=False)
+            probe.unlink()
+        except OSError as e:
+            raise MediaError(f"cannot write {path}: {e}") from e
     return path
 
 
-def _temp_sibling(path: Path) -> Path:
-    # hidden, unique, in the same folder so the final rename cannot cross file systems
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _write_atomically(path, write, directory=False):
-    path = check_writable(path, directory)
-    tmp = _temp_sibling(path)
-    try:
+    with files.atomic_write(check_writable(path, directory), directory=directory) as tmp:
         write(tmp)
-        os.replace(tmp, path)  # also replaces an empty folder
-    except BaseException:
-        if tmp.is_dir():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -203,7 +196,6 @@ def write_png_frames(directory, frames: np.ndarray) -> None:
     frames = _check_frames(frames)
 
     def write(tmp):
-        tmp.mkdir()
         for i, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{i:04d}.png")
 

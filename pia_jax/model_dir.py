@@ -7,17 +7,17 @@
     <dir>/tokenizer/               CLIP tokenizer files
     <dir>/sources.json             the files it was made from, with sizes and sha256, and the conversion report
 
-A directory is written to a temporary sibling and renamed into place only when complete, so an interrupted or
-failed write never leaves a half-written model, and an existing one is replaced only with `force`.
+A directory is written complete or not at all (`pia_jax.files.atomic_write`: a temporary sibling renamed into place
+on local disks; on object stores, uploaded with config.json last as the completion mark), so an interrupted or
+failed write never leaves a half-written model, and an existing one is replaced only with `force`. Directories are
+read from local disks.
 """
 
-import contextlib
-import functools
 import hashlib
 import json
-import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +27,11 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import config as config_lib
-from pia_jax import weights
+from pia_jax import files, weights
+from pia_jax.abstract import abstract_model
 
 FORMAT, VERSION = "pia-jax-model", 1
 PARTS = ("unet", "vae", "text_encoder")
-STORAGE_DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
 
 class ModelDirError(ValueError):
@@ -54,41 +54,6 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@contextlib.contextmanager
-def _cheap_tracer_errors():
-    """jax 0.10 composes the message of a tracer's `.sharding` AttributeError eagerly, walking every equation traced
-    so far (jax-ml/jax#40041), and flax probes `.sharding` on each RNG-counter update, so `nnx.eval_shape` of a model
-    is quadratic in its size: 10 s for the tiny test UNet, 16 s at SD1.5 size instead of 1 s and 1.7 s. Nothing
-    shows that message while a model is built, so it is skipped then; without the private class, nothing changes."""
-    try:
-        from jax._src.interpreters.partial_eval import DynamicJaxprTracer as tracer
-        original = tracer.__dict__["_origin_msg"]
-    except (ImportError, KeyError):
-        yield
-        return
-    tracer._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        tracer._origin_msg = original
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(cls, cfg, kwargs: tuple):
-    with _cheap_tracer_errors():
-        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **dict(kwargs)))
-
-
-def abstract_model(cls, cfg, **kwargs) -> nnx.Module:
-    """`cls(cfg, **kwargs)` with shape-only parameters (nothing allocated), fresh for the caller to fill; models of
-    one configuration are traced once per process."""
-    try:
-        return nnx.clone(_abstract(cls, cfg, tuple(sorted(kwargs.items()))))
-    except TypeError:  # unhashable arguments (e.g. a dict of attention kernels): trace every time
-        with _cheap_tracer_errors():
-            return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs))
-
-
 def sha256(path, chunk=1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,42 +71,6 @@ def describe_source(role: str, path, files=None) -> dict:
     name = (lambda f: str(f.relative_to(path))) if path.is_dir() else (lambda f: f.name)
     return {"role": role, "path": str(path.resolve()),
             "files": {name(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(map(Path, files))}}
-
-
-@contextlib.contextmanager
-def atomic_directory(path, force: bool = False):
-    """Yields a temporary sibling of `path` to fill; once the block completes it replaces `path`. On any failure or
-    interrupt the sibling is removed, an existing `path` is left as it was, and parent folders made here go again."""
-    path = Path(path).absolute()
-    if path.exists() and not force:
-        raise FileExistsError(f"{str(path)!r} already exists; pass --force to replace it")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} exists and is not a directory")
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    done = False
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        yield tmp
-        if path.exists():  # swap: the old directory goes away only once the new one is in place
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                old.rename(path)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-        done = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made if not done else ():
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -174,16 +103,15 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
     `tokenizer` is a transformers tokenizer or a folder of tokenizer files; `dtype` the storage dtype; `sources` a
     list of `describe_source` records, or a function returning it, called once the weights are written (so that
     hashing the inputs can overlap the writing)."""
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    storage = config_lib.dtype(dtype)
     unknown = sorted(set(models) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS}")
-    path = Path(path)
-    with atomic_directory(path, force) as tmp:
+    with files.atomic_write(path, directory=True, force=force, mark="config.json",
+                            log=lambda m: print(m, file=sys.stderr)) as tmp:
         for part, model in models.items():
             flat = flat_params(model) if isinstance(model, nnx.Module) else model
-            write_safetensors(tmp / f"{part}.safetensors", flat, STORAGE_DTYPES[dtype])
+            write_safetensors(tmp / f"{part}.safetensors", flat, storage)
         if tokenizer is not None:
             if isinstance(tokenizer, (str, Path)):
                 shutil.copytree(tokenizer, tmp / "tokenizer")
@@ -191,15 +119,18 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": FORMAT, "version": VERSION, "model": config_lib.to_dict(config), "scheduler": scheduler or {},
                 "storage_dtype": dtype, "parts": sorted(models)}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         sources = sources() if callable(sources) else sources
         (tmp / "sources.json").write_text(json.dumps({"sources": sources or [], "report": report or {}}, indent=2)
                                           + "\n")
-    return path
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")  # the completion mark
+    return Path(path) if files.is_local(path) else files.as_path(path)
 
 
 def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
     """(model config, scheduler dict, raw metadata) of a model directory, checked without reading any weights."""
+    if not files.is_local(path):
+        raise ModelDirError(f"model directories are read from a local disk; copy {str(path)!r} to one first (e.g. "
+                            "gcloud storage cp -r)")
     path = Path(path)
     meta_file = path / "config.json"
     if not path.is_dir():
@@ -217,7 +148,7 @@ def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
     if missing:
         raise ModelDirError(f"model directory {str(path)!r} is incomplete: missing {missing}")
     try:
-        config = config_lib.from_dict(meta["model"])
+        config = config_lib.from_dict(config_lib.PIAConfig, meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"{str(meta_file)!r} has an invalid model config ({type(e).__name__}: {e})") from None
     return config, meta.get("scheduler", {}), meta

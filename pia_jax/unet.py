@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.config import UNetConfig
+from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
 from pia_jax.layers import Attention, Builder, FeedForward, nearest_resize
 from pia_jax.motion import MotionModule
 
@@ -279,21 +279,29 @@ class UNetMotionModel(nnx.Module):
         return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, self.remat_policy))(block, *args)
 
 
-def widen_conv_in(unet: UNetMotionModel, rngs: nnx.Rngs, in_channels: int = 9) -> UNetMotionModel:
-    """Adds zero-initialized condition channels to a 4-channel UNet's conv_in (PIA's training start).
+def widen_conv_in_kernel(kernel, in_axis: int):
+    """A 4-channel conv_in kernel with zero input channels appended up to PIA's input layout
+    (`config.PIA_INPUT_CHANNELS`): PIA's training start from plain AnimateDiff. `in_axis` is the input-channel
+    axis: 2 in NNX's (kh, kw, in, out) layout, 1 in PyTorch's (out, in, kh, kw). NumPy or JAX arrays."""
+    if kernel.shape[in_axis] != LATENT_CHANNELS:
+        raise ValueError(f"conv_in has {kernel.shape[in_axis]} input channels; only a {LATENT_CHANNELS}-channel one "
+                         "is widened")
+    pad = [(0, 0)] * kernel.ndim
+    pad[in_axis] = (0, PIA_IN_CHANNELS - LATENT_CHANNELS)
+    return np.pad(kernel, pad) if isinstance(kernel, np.ndarray) else jnp.pad(kernel, pad)
+
+
+def widen_conv_in(unet: UNetMotionModel, rngs: nnx.Rngs) -> UNetMotionModel:
+    """A 4-channel UNet with zero-initialized condition channels in conv_in (`widen_conv_in_kernel`).
 
     The first 4 input channels and the bias are kept, so the widened model computes exactly what the 4-channel one
     did whatever the mask and condition inputs are.
     """
     old = unet.conv_in
-    kernel = old.kernel[...]
-    cin = kernel.shape[2]
-    if cin >= in_channels:
-        raise ValueError(f"conv_in already has {cin} input channels")
     mk = Builder(rngs, old.dtype, old.param_dtype)
-    new = mk.conv(in_channels, kernel.shape[3])
-    new.kernel[...] = jnp.zeros_like(new.kernel[...]).at[:, :, :cin, :].set(kernel)
+    new = mk.conv(PIA_IN_CHANNELS, old.kernel.shape[3])
+    new.kernel[...] = widen_conv_in_kernel(old.kernel[...], in_axis=2)
     new.bias[...] = old.bias[...]
     unet.conv_in = new
-    unet.config = dataclasses.replace(unet.config, in_channels=in_channels)
+    unet.config = dataclasses.replace(unet.config, in_channels=PIA_IN_CHANNELS)
     return unet

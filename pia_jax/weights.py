@@ -66,11 +66,16 @@ def problems_error(what: str, problems: list[str], limit: int | None = None) -> 
                            + more)
 
 
-def map_keys(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, targets: Mapping[str, tuple]):
-    """Returns ({target path: array in NNX layout}, [problems]) for `targets` = {path: shape}."""
+def map_keys(state_dict: Mapping[str, np.ndarray], keymap: KeyMap, targets: Mapping[str, tuple],
+             ignored: dict | None = None):
+    """Returns ({target path: array in NNX layout}, [problems]) for `targets` = {path: shape}; `ignored`, if given,
+    counts the source keys each ignore rule consumed, by its reason."""
     filled, sources, problems = {}, {}, []
     for key, array in state_dict.items():
-        if any(re.search(pattern, key) for pattern, _ in keymap.ignore):
+        reason = next((why for pattern, why in keymap.ignore if re.search(pattern, key)), None)
+        if reason is not None:
+            if ignored is not None:
+                ignored[reason] = ignored.get(reason, 0) + 1
             continue
         name = key
         for pattern, repl in keymap.renames:

@@ -16,3 +16,26 @@ if os.environ.get("PIA_TEST_GPU") != "1":
         jax.config.update("jax_num_cpu_devices", 8)
     except (AttributeError, RuntimeError):  # older jax has no such option; the XLA flag above covers it
         pass
+
+
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+try:  # glibc: big buffers (>= 4 MiB) always get their own mapping, so freeing one returns it to the OS at once
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD, fixed (glibc would otherwise raise it after each large free)
+except (OSError, AttributeError):  # another C library: nothing to tune
+    _LIBC = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+    """Full-size tests hold GBs of weights; handing them back between modules keeps the suite's peak near the
+    largest module's (CI allows 10 GB) rather than growing with what the heap keeps of earlier ones. JAX's compiled
+    functions stay cached: test modules share trainers (tests/test_train.py)."""
+    yield
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pia_jax import affinity
+from pia_jax.data import affinity_scores
 
 # PIA animatediff/utils/util.py RANGE_LIST @ 73f06d7, in its order: PIA index i (and -1/-2/-3 = 8/7/6).
 PIA_RANGE_LIST = [
@@ -102,8 +103,8 @@ def test_linear_ramp(num_frames, cond_frame):
 
 
 def test_statistic_is_the_training_table():
-    assert affinity.STATISTIC.shape == (16, 2)
-    np.testing.assert_array_equal(affinity.STATISTIC, np.float32(TRAIN_STATISTIC))
+    assert affinity_scores.STATISTIC.shape == (16, 2)
+    np.testing.assert_array_equal(affinity_scores.STATISTIC, np.float32(TRAIN_STATISTIC))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def test_scores_match_oracle(clip, cond):
     frames = CLIPS[clip]
     expected = oracle_scores(frames, cond)
     for x in (frames, frames.astype(np.float32)):
-        got = affinity.frame_scores(x, cond)
-        assert got.dtype == np.float32 and got.shape == (len(frames),)
+        got = affinity_scores.frame_scores(x, cond)
+        assert got.dtype == np.float64 and got.shape == (len(frames),)
         # OpenCV float32 HSV (with epsilons in its divisions) vs float64 here: measured <= 1.2e-6 relative
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert got[cond] == 0
@@ -175,25 +176,53 @@ def test_scores_match_oracle(clip, cond):
         assert np.all(np.diff(got[cond:]) > 0)
 
 
+def reference_arithmetic(frames, cond):
+    """PIA's get_score loop as it ran: cv2 HSV planes and edge maps per frame, np.sum of each |difference| plane
+    (float32 pairwise; the uint8 edge plane as an integer), times the float weight 1.0, which under the NumPy 1.x
+    of the reference makes float64, the four summed with Python's sum in channel order, / (h * w) / 4."""
+    h, w = frames.shape[1:3]
+
+    def planes(frame):
+        hsv = list(cv2.split(cv2.cvtColor(frame.astype(np.float32), cv2.COLOR_RGB2HSV)))
+        return hsv + [affinity_scores.detect_edges(hsv[2].astype(np.uint8))]
+
+    ref = planes(frames[cond])
+    out = []
+    for frame in frames:
+        sums = [np.float64(np.sum(np.abs(p - q))) * 1.0 for p, q in zip(planes(frame), ref)]
+        out.append(sum(sums) / (h * w) / 4.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("size", [(64, 80), (256, 256)])
+def test_scores_have_the_reference_arithmetic(size):
+    """Bit-equal to the reference's summation on smooth random clips (a plane summed along another axis or the
+    channels added in float32 differ by up to ~1e-4 at 256x256)."""
+    rng = np.random.default_rng(size[0])
+    walk = rng.integers(0, 256, (1, *size, 3)) + np.cumsum(rng.normal(0, 12, (8, *size, 3)), 0)
+    frames = (np.clip(walk, 0, 255) / 255 * 255).astype(np.float32)  # float frames, as the reference's tensors
+    np.testing.assert_array_equal(affinity_scores.frame_scores(frames, 3), reference_arithmetic(frames, 3))
+
+
 def test_scores_by_hand():
     red, blue = np.full((2, 32, 32, 3), 0, np.uint8)
     red[..., 0], blue[..., 2] = 255, 255
     # constant frames have no edges; only the hue differs, by 240 degrees: (240 + 0 + 0 + 0) / 4
-    np.testing.assert_array_equal(affinity.frame_scores(np.stack([red, blue]), 0), [0, 60])
+    np.testing.assert_array_equal(affinity_scores.frame_scores(np.stack([red, blue]), 0), [0, 60])
     grey = np.stack([np.full((32, 32, 3), 100), np.full((32, 32, 3), 200)]).astype(np.float32)
-    np.testing.assert_array_equal(affinity.frame_scores(grey, 1), [25, 0])  # |dV| = 100, hue and saturation 0
-    assert affinity._dilation_size(256, 256) == 5 and affinity._dilation_size(512, 512) == 7
+    np.testing.assert_array_equal(affinity_scores.frame_scores(grey, 1), [25, 0])  # |dV| = 100, hue and saturation 0
+    assert affinity_scores._dilation_size(256, 256) == 5 and affinity_scores._dilation_size(512, 512) == 7
 
 
 def test_edge_difference_wraps_like_uint8():
     flat = np.full((64, 64, 3), 128, np.uint8)
     split = flat.copy()
     split[:, 32:] = 200  # one vertical edge; hue 0, saturation 0 on both sides
-    n_edge = np.count_nonzero(affinity.detect_edges(split[..., 0]))
+    n_edge = np.count_nonzero(affinity_scores.detect_edges(split[..., 0]))
     assert 0 < n_edge < 64 * 64
     v_part = 72 * 64 * 32 / 64 ** 2 / 4
-    forward = affinity.frame_scores(np.stack([flat, split]), 0)[1]  # edges appear: 255 per edge pixel
-    backward = affinity.frame_scores(np.stack([flat, split]), 1)[0]  # edges vanish: 0 - 255 = 1 in uint8
+    forward = affinity_scores.frame_scores(np.stack([flat, split]), 0)[1]  # edges appear: 255 per edge pixel
+    backward = affinity_scores.frame_scores(np.stack([flat, split]), 1)[0]  # edges vanish: 0 - 255 = 1 in uint8
     np.testing.assert_allclose([forward, backward], [v_part + 255 * n_edge / 64 ** 2 / 4,
                                                      v_part + n_edge / 64 ** 2 / 4], rtol=1e-6)
 
@@ -204,7 +233,7 @@ def test_edge_difference_wraps_like_uint8():
     (np.full((2, 8, 8, 3), 256.0), 0, r"\[0, 255\]"), (np.full((2, 8, 8, 3), np.nan), 0, r"\[0, 255\]")])
 def test_score_validation(frames, cond, match):
     with pytest.raises(ValueError, match=match):
-        affinity.frame_scores(frames, cond)
+        affinity_scores.frame_scores(frames, cond)
 
 
 def oracle_coefficients(scores, cond, statistic, sim_range):
@@ -224,7 +253,7 @@ def test_coefficients_by_hand_at_the_clamps():
              lo: 1 - 0.8 * lo / hi, down: 1 - 0.8 * lo / hi, 0.0: 1 - 0.8 * lo / hi,
              (lo + hi) / 2: 1 - 0.8 * (lo + hi) / 2 / hi}
     for score, expected in cases.items():
-        coef = affinity.coefficients_from_scores([5.0, score], 0)  # the condition frame is 1 whatever its score
+        coef = affinity_scores.coefficients_from_scores([5.0, score], 0)  # the condition frame is 1 whatever its score
         assert coef.dtype == np.float32
         np.testing.assert_allclose(coef, [1.0, expected], rtol=1e-7, err_msg=f"score {score}")
 
@@ -234,18 +263,18 @@ def test_coefficients_by_hand_at_the_clamps():
 def test_coefficients_match_oracle(cond, sim_range):
     scores = np.random.default_rng(cond).uniform(0, 60, 16)
     expected = oracle_coefficients(scores, cond, TRAIN_STATISTIC, sim_range)
-    got = affinity.coefficients_from_scores(scores, cond, sim_range=sim_range)
+    got = affinity_scores.coefficients_from_scores(scores, cond, sim_range=sim_range)
     np.testing.assert_allclose(got, expected, rtol=1e-7)
     span = max(sim_range) - min(sim_range)
     assert got[cond] == 1 and np.all(got >= np.float32(1 - span))
     # the statistic rows may come in either order and as plain lists
     swapped = [row[::-1] for row in TRAIN_STATISTIC]
-    np.testing.assert_array_equal(affinity.coefficients_from_scores(scores, cond, swapped, sim_range), got)
+    np.testing.assert_array_equal(affinity_scores.coefficients_from_scores(scores, cond, swapped, sim_range), got)
 
 
 def test_scores_to_coefficients_end_to_end():
     frames = moving_square()
-    coef = affinity.coefficients_from_scores(affinity.frame_scores(frames, 4), 4)
+    coef = affinity_scores.coefficients_from_scores(affinity_scores.frame_scores(frames, 4), 4)
     others = np.delete(coef, 4)
     assert coef[4] == 1 and np.all((others >= 0.2) & (others < 1))
 
@@ -258,4 +287,4 @@ def test_scores_to_coefficients_end_to_end():
     (dict(scores=np.zeros(4), cond_frame=0, sim_range=(0.2,)), "sim_range must be")])
 def test_coefficient_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        affinity.coefficients_from_scores(**kwargs)
+        affinity_scores.coefficients_from_scores(**kwargs)

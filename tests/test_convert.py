@@ -214,6 +214,7 @@ def test_sd15_folder_and_diffusers_pia_adapter(src, tmp_path, capsys):
                                   tokenize(load_tokenizer(src.sd / "tokenizer"), ["hello cat"]))
     report = check_sources(out, ["base", "motion", "tokenizer"])
     assert report["motion"] == {"converted": 392, "ignored": {"position tables (recomputed by the model)": 15}}
+    assert "ignored 15 source tensors, by rule: 15 position tables (recomputed by the model)" in log
 
 
 def test_civitai_file_pia_ckpt_and_two_loras(src, tmp_path):
@@ -464,6 +465,23 @@ def test_existing_output_needs_force(src, tmp_path, capsys):
     assert cli("--out", out, "--base", src.sd, "--motion", src.pia) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["pia"] and [p.name for p in out.iterdir()] == ["keep"]
+
+
+def test_killed_conversion_leftovers_are_removed(src, tmp_path, capsys):
+    """A killed conversion leaves its hidden temporary folder (named after its process, now gone): the next
+    conversion to the same output removes it and says so; one of a running process is left alone."""
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its process id now belongs to no process
+    stale = tmp_path / f".pia.{dead.pid}-0123abcd.tmp"
+    running = tmp_path / f".pia.{os.getppid()}-0123abcd.tmp"
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / "unet.safetensors").write_bytes(b"half")
+    assert cli("--out", tmp_path / "pia", "--base", src.sd, "--motion", src.pia) == 0
+    captured = capsys.readouterr()
+    assert f"removed {stale}, left by an interrupted write (process {dead.pid})" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "pia"])
 
 
 def failing_writer(monkeypatch, error):

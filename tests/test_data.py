@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from pia_jax.affinity import coefficients_from_scores, frame_scores
+from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
 from pia_jax.data import (DataConfig, Loader, VideoError, decode_frames, draw, generic_rows, open_dataset, probe,
                           sample_window, transform_clip, webvid_rows)
 from pia_jax.data.builder import prepare
@@ -145,8 +145,10 @@ def test_prepare_counts_and_round_trip(dataset, source):
     assert again == path and report2["skipped"] == report["skipped"]
 
 
-def test_killed_preparation_leaves_no_dataset(source, tmp_path):
-    """SIGKILL in the middle of preparing: nothing that looks finished is left; a new run completes."""
+def test_killed_preparation_leaves_no_dataset(source, tmp_path, capsys):
+    """SIGKILL in the middle of preparing: nothing is in the output folder; the next run removes the killed run's
+    hidden folder, saying so, and completes."""
+    out = tmp_path / "ds"
     script = textwrap.dedent(f"""
         import os, signal
         from pia_jax.data.builder import prepare
@@ -158,18 +160,69 @@ def test_killed_preparation_leaves_no_dataset(source, tmp_path):
                     os.kill(os.getpid(), signal.SIGKILL)
                 yield row
 
-        prepare(rows(), {str(tmp_path)!r}, min_frames=8, workers=1)
+        prepare(rows(), {str(out)!r}, min_frames=8, workers=1)
     """)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=repo, env=env)
     assert done.returncode == -9, done.stderr.decode()[-2000:]
-    assert not (tmp_path / "pia_videos" / "1.0.0").exists()
-    assert any(p.name.startswith("incomplete") for p in (tmp_path / "pia_videos").iterdir())
-    with pytest.raises(FileNotFoundError, match="no prepared dataset"):
-        open_dataset(tmp_path)
-    path, report = prepare(webvid_rows(source / "webvid.csv", source), tmp_path, min_frames=8, workers=1)
+    assert not out.exists() and [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".ds.tmp"]
+    path, report = prepare(webvid_rows(source / "webvid.csv", source), out, min_frames=8, workers=1)
     assert len(open_dataset(path)) == report["examples"] == 5
+    assert "left by a killed preparation" in capsys.readouterr().out and os.listdir(tmp_path) == ["ds"]
+
+
+def write_list(path, rows, header=("path", "caption")):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def prepare_cli(capsys, *argv):
+    import prepare_dataset
+    code = prepare_dataset.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_no_usable_video_fails_leaving_nothing(source, tmp_path, capsys):
+    listing = write_list(tmp_path / "list.csv", [[str(source / "garbage.mp4"), "x"], ["gone.mp4", "y"]])
+    code, out, err = prepare_cli(capsys, "csv", "--csv", listing, "--min-frames", 8, "--out", tmp_path / "a" / "b")
+    assert code == 2 and "error: no usable video among the 2 rows ({'corrupt': 1, 'missing': 1})" in err
+    assert '"corrupt": 1' in out  # the skip report
+    assert sorted(os.listdir(tmp_path)) == ["list.csv"]  # neither the dataset nor the folders made for it
+
+
+def test_cli_bad_sources_are_clear_errors(source, tmp_path, capsys):
+    code, _, err = prepare_cli(capsys, "csv", "--csv", tmp_path / "none.csv", "--out", tmp_path / "o")
+    assert code == 2 and "error: cannot read the CSV" in err and "none.csv" in err
+    wrong = write_list(tmp_path / "w.csv", [["a", "b"]], header=("file", "text"))
+    code, _, err = prepare_cli(capsys, "csv", "--csv", wrong, "--out", tmp_path / "o")
+    assert code == 2 and "missing column(s) ['path', 'caption']; a csv CSV needs ['path', 'caption']" in err
+    code, _, err = prepare_cli(capsys, "webvid", "--csv", wrong, "--videos", tmp_path / "nope", "--out", tmp_path)
+    assert code == 2 and "the video folder" in err and "does not exist" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    listing = write_list(tmp_path / "l.csv", [[str(source / "v0.mp4"), "x"]])
+    code, _, err = prepare_cli(capsys, "csv", "--csv", listing, "--min-frames", 8, "--out", tmp_path / "full")
+    assert code == 2 and "neither a prepared dataset nor an empty folder" in err
+    assert os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+def test_cli_other_inputs_refused_or_replaced_with_force(source, tmp_path, capsys):
+    first = write_list(tmp_path / "one.csv", [[str(source / "v0.mp4"), "first"]])
+    second = write_list(tmp_path / "two.csv", [[str(source / "v1.mp4"), "second"], [str(source / "v2.mp4"), "2"]])
+    out = tmp_path / "ds"
+    assert prepare_cli(capsys, "csv", "--csv", first, "--min-frames", 8, "--out", out)[0] == 0
+    code, out_text, _ = prepare_cli(capsys, "csv", "--csv", first, "--min-frames", 8, "--out", out)
+    assert code == 0 and "already holds this dataset; reusing it" in out_text
+    code, _, err = prepare_cli(capsys, "csv", "--csv", second, "--min-frames", 8, "--out", out)
+    assert code == 2 and "holds a dataset prepared from other inputs (csv: " in err and "--force" in err
+    assert [open_dataset(out)[i]["caption"] for i in range(1)] == ["first"]  # untouched
+    assert prepare_cli(capsys, "csv", "--csv", second, "--min-frames", 8, "--out", out, "--force")[0] == 0
+    records = open_dataset(out)
+    assert sorted(records[i]["caption"] for i in range(len(records))) == ["2", "second"]
+    assert sorted(os.listdir(tmp_path)) == ["ds", "one.csv", "two.csv"]  # no temporary or old folder left
 
 
 def test_cli_parts(source, tmp_path, capsys):

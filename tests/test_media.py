@@ -58,8 +58,9 @@ def test_load_applies_exif_orientation(tmp_path):
     stored = np.random.default_rng(0).integers(0, 256, (2, 4, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    out = media.load_image(save(tmp_path, "o.png", Image.fromarray(stored), exif=exif))
-    np.testing.assert_array_equal(out, np.rot90(stored, -1))
+    path = save(tmp_path, "o.png", Image.fromarray(stored), exif=exif)
+    np.testing.assert_array_equal(media.load_image(path), np.rot90(stored, -1))
+    np.testing.assert_array_equal(media.load_image(path, exif_transpose=False), stored)  # PIA's way: as stored
 
 
 def test_load_errors(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from pia_jax.model_dir import flat_params, load_model_dir
 from pia_jax.training import loop
-from pia_jax.training.checkpoint import Checkpointer
+from pia_jax.training.checkpoint import CheckpointError, Checkpointer
 from tests.test_train import host, loader, max_rel, setup, train_config, trainer
 
 STEPS = 4
@@ -73,6 +73,55 @@ def test_resume_on_another_mesh(tmp_path, uninterrupted):
     assert max_rel(host(result.state.params), expected) < 1e-4  # other summation order only (see test_train.py)
 
 
+def copy_checkpoints(src, dst, steps):
+    for step in steps:
+        shutil.copytree(src / "checkpoints" / str(step), dst / "checkpoints" / str(step))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty_metadata"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, capsys, damage):
+    """A complete checkpoint 4 with a truncated array file (or an emptied metadata file) is named, set aside, and
+    the run resumes from checkpoint 2, ending bit-identical to the uninterrupted run; on_corrupt=refuse stops."""
+    workdir, expected, _ = uninterrupted
+    copy_checkpoints(workdir, tmp_path, (2, 4))
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    if damage == "truncated":
+        biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[:100])
+    else:
+        (state_dir / "_METADATA").write_text("")
+    with pytest.raises(CheckpointError, match="checkpoint 4 in .* cannot be read"):
+        loop.run(train_config(tmp_path, steps=STEPS, **{"checkpoint.on_corrupt": "refuse"}), trainer(4, 2), loader())
+    result = loop.run(train_config(tmp_path, steps=STEPS), trainer(4, 2), loader())
+    out = capsys.readouterr().out
+    assert "warning: checkpoint 4 in" in out and "cannot be read" in out and "resumed from step 2" in out
+    got = host(result.state.params)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert len(list((tmp_path / "checkpoints").glob("4.corrupt-*"))) == 1  # kept to inspect, out of the way
+
+
+def tensorboard_events(logdir):
+    """The events of the TensorBoard files in logdir, as written so far."""
+    from tensorboardX.proto import event_pb2
+    for events in logdir.glob("events.out.tfevents.*"):
+        raw = events.read_bytes()
+        while raw:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+            n = int.from_bytes(raw[:8], "little")
+            yield event_pb2.Event.FromString(raw[12:12 + n])
+            raw = raw[16 + n:]
+
+
+def test_tensorboard_flushed_at_each_checkpoint(tmp_path):
+    """When the batch after checkpoint 2 is drawn (a kill -9 could come now), steps 1-2 are on disk already."""
+    seen = {}
+
+    def look(count, batch):
+        if count == 3:
+            seen["steps"] = {e.step for e in tensorboard_events(tmp_path / "tensorboard") if e.summary.value}
+    loop.run(train_config(tmp_path, steps=3), trainer(4, 2), Hooked(loader(), look))
+    assert seen["steps"] == {1, 2}
+
+
 def test_sigterm_saves_and_stops(tmp_path):
     def preempt(count, batch):
         if count == 2:
@@ -112,15 +161,8 @@ def test_nonfinite_skip(tmp_path, capsys):
 
 def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):
     workdir, _, _ = uninterrupted
-    from tensorboardX.proto import event_pb2
-    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
-    tags = set()
-    raw = events.read_bytes()
-    while raw:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
-        n = int.from_bytes(raw[:8], "little")
-        event = event_pb2.Event.FromString(raw[12:12 + n])
-        tags |= {v.tag for v in event.summary.value}
-        raw = raw[16 + n:]
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    tags = {v.tag for event in tensorboard_events(workdir / "tensorboard") for v in event.summary.value}
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/clips_per_second", "perf/step_seconds",
             "perf/tflops_per_device"} <= tags
 

@@ -71,15 +71,30 @@ def test_tiny_unet_with_mid_block_motion_module_and_4_channels():
     assert_close(ours(x["sample"], x["t"], x["context"]), expected, TOL, "UNet with mid motion module")
 
 
+class Draining(dict):
+    """A dict whose items are handed out once: reading one drops it, so what it held can be freed right away."""
+
+    def __getitem__(self, key):
+        return self.pop(key)
+
+
 def test_full_sd15_pia_unet_matches_diffusers():
     """The real SD1.5 + PIA architecture (head dims 40/80/160, 320-1280 channels, 32 groups), random weights;
-    a 16x16 latent and 2 frames keep it CPU-sized. Same fp32 tolerance argument as above."""
+    a 16x16 latent and 2 frames keep it CPU-sized. Same fp32 tolerance argument as above.
+
+    Memory (5 GB of fp32 weights per copy): the reference runs first, then its weights move into our model one
+    tensor at a time, each torch tensor freed as it is copied, so the two full copies never coexist."""
     cfg = dataclasses.replace(config.SD15_PIA.unet, norm_semantics="diffusers")
     torch_model = tm.unet_motion(cfg)
-    state = tm.numpy_state(torch_model)
-    ours = jitted(load_ours(cfg, state))
-    del state
     x = inputs(cfg, 1, 2, 16, 16)
     expected = tm.run_unet_motion(torch_model, x["sample"], x["t"], x["context"], x["mask"], x["condition"])
+    state = tm.numpy_state(torch_model)
+    del torch_model  # `state` holds the only references to the weights now
+    abstract = nnx.eval_shape(lambda: UNetMotionModel(cfg, rngs=nnx.Rngs(0)))
+    flat, problems = weights.map_keys(state, weights.DIFFUSERS_UNET, weights.param_shapes(abstract))
+    assert not problems
+    del state
+    flat = Draining(flat)  # the only references left
+    ours = jitted(weights.fill(abstract, flat))
     assert_close(ours(x["sample"], x["t"], x["context"], x["mask"], x["condition"]), expected, TOL,
                  "full-size UNet")

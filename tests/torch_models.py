@@ -30,10 +30,15 @@ def motion_adapter(cfg: UNetConfig):
 
 
 def unet_motion(cfg: UNetConfig, seed=0):
-    """diffusers UNetMotionModel = UNet2DConditionModel + MotionAdapter, every weight random (incl. zero-inits)."""
+    """diffusers UNetMotionModel = UNet2DConditionModel + MotionAdapter, every weight random (incl. zero-inits).
+
+    Built from the two configs alone (the parts on the meta device, `load_weights=False`): `randomize` draws every
+    weight anyway, and at full size the parts would hold another 5 GB beside the model."""
+    from accelerate import init_empty_weights
     from diffusers import UNetMotionModel
-    model = UNetMotionModel.from_unet2d(unet2d(cfg), motion_adapter(cfg))
-    return randomize(model, seed).eval()
+    with init_empty_weights():
+        parts = unet2d(cfg), motion_adapter(cfg)
+    return randomize(UNetMotionModel.from_unet2d(*parts, load_weights=False), seed).eval()
 
 
 def run_unet_motion(model, sample, t, context, mask=None, condition=None):

@@ -18,6 +18,7 @@ source dtype plus the LoRA-touched tensors.
 import dataclasses
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,12 @@ import numpy as np
 
 from pia_jax import config as config_lib
 from pia_jax import model_dir, weights
+from pia_jax.abstract import abstract_model
 from pia_jax.convert import animatediff, ldm, lora
 from pia_jax.convert import diffusers_folder as dfolder
 from pia_jax.weights import WeightLoadError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PIA_CONV_IN_CHANNELS = 9  # [noisy latent (4) | affinity mask (1) | condition latent (4)]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,7 @@ def check_request(req: Request):
     """Every check that needs no weights, so bad arguments fail before any expensive reading."""
     if req.conv_in not in ("auto", "base", "motion"):
         raise ValueError(f"conv_in must be auto, base or motion, got {req.conv_in!r}")
-    if req.dtype not in model_dir.STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(model_dir.STORAGE_DTYPES)}, got {req.dtype!r}")
+    config_lib.dtype(req.dtype)  # raises for a name outside the vocabulary
     if req.norm_semantics not in config_lib.NORM_SEMANTICS:
         raise ValueError(f"norm semantics must be one of {sorted(config_lib.NORM_SEMANTICS)}")
     _need(req.base, "base model", folder_ok=True)
@@ -178,7 +178,11 @@ def read_vae(path: Path, cfg: config_lib.VAEConfig, report: dict, sources: Sourc
 
 
 def read_motion(req: Request, cfg: config_lib.UNetConfig, sources: Sources):
-    """(diffusers-named motion dict, info, UNetConfig with the motion fields), checked against the base UNet."""
+    """Reads the motion checkpoint and checks it against the base UNet `cfg`. Returns (motion, spatial, info,
+    unet_cfg): the motion-module (and PIA conv_in) tensors in diffusers names; the spatial UNet tensors a whole
+    PIA-trained UNet file also holds (unused: the base provides them; counted in the report); the checkpoint's
+    layout as `animatediff.convert_motion_checkpoint` reports it (conv_in channels, mid block, position-table length,
+    ignored tensors); and `cfg` with the input channels and motion-module fields that layout implies."""
     heads, seq = req.motion_heads, None
     if req.motion.is_dir():
         sd, mcfg = dfolder.read_component(req.motion, "motion")
@@ -199,14 +203,14 @@ def read_motion(req: Request, cfg: config_lib.UNetConfig, sources: Sources):
         raise WeightLoadError(f"the motion modules are for a UNet with blocks {found[0]} of {found[1]} layers, the "
                               f"base UNet has blocks {cfg.block_out_channels} of {cfg.layers_per_block} layers")
     channels = info["conv_in_channels"]
-    if channels not in (None, PIA_CONV_IN_CHANNELS):
+    if channels not in (None, config_lib.PIA_IN_CHANNELS):
         raise WeightLoadError(f"the motion checkpoint's conv_in takes {channels} input channels; PIA's takes "
-                              f"{PIA_CONV_IN_CHANNELS} (latent, affinity mask, condition latent)")
+                              f"{config_lib.PIA_IN_CHANNELS} (latent, affinity mask, condition latent)")
     if channels and req.widen_conv_in:
         raise ValueError("--widen-conv-in is for plain AnimateDiff motion modules; these PIA weights already have a "
                          f"{channels}-channel conv_in")
-    unet_cfg = dataclasses.replace(cfg, in_channels=channels or (PIA_CONV_IN_CHANNELS if req.widen_conv_in else 4),
-                                   motion_mid_block=info["mid_block"],
+    in_channels = channels or (config_lib.PIA_IN_CHANNELS if req.widen_conv_in else config_lib.LATENT_CHANNELS)
+    unet_cfg = dataclasses.replace(cfg, in_channels=in_channels, motion_mid_block=info["mid_block"],
                                    motion_max_seq_length=info["max_seq_length"] or seq or 32,
                                    motion_num_attention_heads=heads or 8)
     return motion, spatial, info, unet_cfg
@@ -217,21 +221,23 @@ def attach_motion(unet: dict, conv_in_before_lora: np.ndarray, motion: dict, inf
     """The UNetMotionModel state dict: base spatial weights + motion modules + conv_in by the chosen rule."""
     if info["conv_in_channels"] is None or mode == "base":
         merged = weights.merge_unet_and_adapter(unet, motion)
-        if widen:  # PIA's training start: zero condition channels 4-8
-            conv = np.asarray(merged["conv_in.weight"])
-            merged["conv_in.weight"] = np.concatenate([conv, np.zeros((conv.shape[0], 5, *conv.shape[2:]),
-                                                                       conv.dtype)], axis=1)
+        if widen:  # PIA's training start: zero condition channels
+            from pia_jax.unet import widen_conv_in_kernel
+            merged["conv_in.weight"] = widen_conv_in_kernel(np.asarray(merged["conv_in.weight"]), in_axis=1)
         return merged
     merged = weights.merge_unet_and_adapter(unet, {k: v for k, v in motion.items() if not k.startswith("conv_in.")})
     conv = np.array(motion["conv_in.weight"], dtype=np.float32)
-    conv[:, :4] += np.asarray(unet["conv_in.weight"], np.float32) - np.asarray(conv_in_before_lora, np.float32)
+    latent = config_lib.LATENT_CHANNELS
+    conv[:, :latent] += np.asarray(unet["conv_in.weight"], np.float32) - np.asarray(conv_in_before_lora, np.float32)
     merged["conv_in.weight"], merged["conv_in.bias"] = conv, motion["conv_in.bias"]
     return merged
 
 
-def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap) -> dict:
-    """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts)."""
-    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(model_dir.abstract_model(cls, cfg)))
+def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap, ignored: dict) -> dict:
+    """Strictly maps a diffusers-named dict onto the parameters of `cls(cfg)` (NNX paths and layouts); counts the
+    keys the keymap's ignore rules consume in `ignored` (by reason)."""
+    flat, problems = weights.map_keys(state, keymap, weights.param_shapes(abstract_model(cls, cfg)),
+                                      ignored)
     if problems:
         raise weights.problems_error(f"cannot build the {cls.__name__}", problems, limit=20)
     return flat
@@ -240,6 +246,19 @@ def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap) -> dict:
 def _lora_summary(path, multiplier, rep: lora.LoraReport) -> dict:
     return {"file": str(path), "multiplier": multiplier, "unet modules": len(rep.unet),
             "text_encoder modules": len(rep.text_encoder), "ignored": rep.ignored}
+
+
+def ignored_summary(report: dict) -> str:
+    """One line explaining the source tensors that were read but not written, counted by rule over every input."""
+    counts = Counter()
+    for name in ("base", "vae", "motion", "mapping"):
+        counts.update(report.get(name, {}).get("ignored", {}))  # {reason: tensors}
+    for summary in report.get("loras", []):
+        counts.update(summary["ignored"].values())  # {key: reason}
+    if not counts:
+        return "ignored: no source tensor"
+    return f"ignored {counts.total()} source tensors, by rule: " + "; ".join(f"{n} {r}" for r, n in
+                                                                            counts.most_common())
 
 
 def convert(req: Request, log=print) -> Path:
@@ -291,11 +310,15 @@ def _convert(req: Request, sources: Sources, log) -> Path:
         f"{rule}, mid block {'yes' if info['mid_block'] else 'no'})")
     sources.add("tokenizer", tokenizer_dir, sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
 
-    flat = {"unet": to_nnx(state, UNetMotionModel, cfg.unet, weights.DIFFUSERS_UNET)}
+    report["mapping"] = {"ignored": {}}
+    flat = {"unet": to_nnx(state, UNetMotionModel, cfg.unet, weights.DIFFUSERS_UNET, report["mapping"]["ignored"])}
     del state
-    flat["vae"] = to_nnx(parts.pop("vae"), AutoencoderKL, cfg.vae, weights.DIFFUSERS_VAE)
-    flat["text_encoder"] = to_nnx(parts.pop("text_encoder"), CLIPTextModel, cfg.text, weights.TRANSFORMERS_CLIP_TEXT)
+    flat["vae"] = to_nnx(parts.pop("vae"), AutoencoderKL, cfg.vae, weights.DIFFUSERS_VAE,
+                         report["mapping"]["ignored"])
+    flat["text_encoder"] = to_nnx(parts.pop("text_encoder"), CLIPTextModel, cfg.text, weights.TRANSFORMERS_CLIP_TEXT,
+                                  report["mapping"]["ignored"])
     report["converted"] = {part: len(v) for part, v in flat.items()}
+    log(ignored_summary(report))
     out = model_dir.save_model_dir(req.out, cfg, flat, tokenizer=tokenizer_dir,
                                    scheduler=schedulers.to_dict(schedulers.PIA_DDIM), sources=sources.records,
                                    report=report, dtype=req.dtype, force=req.force)

@@ -14,10 +14,12 @@ the file has none), or W += multiplier * up @ down with `legacy_alpha=True` as i
 import json
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from pia_jax.convert import ldm
 from pia_jax.weights import WeightLoadError, read_state_dict
 
 # Kinds of files we recognise but cannot merge: (key pattern, what it is). Checked before anything else so that the
@@ -69,33 +71,37 @@ def _listing(keys) -> str:
     return ", ".join(map(repr, keys[:10])) + more
 
 
-def _ldm_name(path: str, layers: int, up_attention: set) -> str | None:
-    """The original SD (LDM) repo's name of a diffusers UNet module: kohya files of SD1.5 LoRAs trained on an LDM
-    UNet use these. `layers` = resnets per down block; `up_attention` = indices of up blocks with attentions."""
-    fixed = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2"}
-    if path in fixed:
-        return fixed[path]
-    m = re.fullmatch(r"(down|mid|up)_blocks?\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)",
-                     path)
-    if not m:
-        return None
-    where, i, kind, j, rest = m.groups()
-    i, j = int(i or 0), int(j)
-    if kind == "resnets":
-        rest = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-                "conv_shortcut": "skip_connection"}.get(rest)
-        if rest is None:
-            return None
-    if where == "down":
-        if kind == "downsamplers":
-            return f"input_blocks.{1 + i * (layers + 1) + layers}.0.op"
-        return f"input_blocks.{1 + i * (layers + 1) + j}.{int(kind == 'attentions')}.{rest}"
-    if where == "mid":
-        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{rest}"
-    if kind == "upsamplers":  # after the resnet, and after the attention where the block has one
-        return f"output_blocks.{i * (layers + 1) + layers}.{2 if i in up_attention else 1}.{rest}"
-    return f"output_blocks.{i * (layers + 1) + j}.{int(kind == 'attentions')}.{rest}"
+def _ldm_names(paths: list[str]) -> dict[str, str]:
+    """{diffusers UNet module: the original SD (LDM) repo's name of it} for the given UNet module paths: kohya files
+    of SD1.5 LoRAs trained on an LDM UNet use these. The names come from inverting `ldm.unet_table` (the single-file
+    converter's table) for the block layout the paths show; its sub-module rules are literal renames or identities."""
+    blocks = 1 + max(int(m[1]) for p in paths if (m := re.match(r"down_blocks\.(\d+)\.", p)))
+    layers = 1 + max(int(m[1]) for p in paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p)))
+    attention = {(m[1], int(m[2])) for p in paths if (m := re.match(r"(down|up)_blocks\.(\d+)\.attentions\.", p))}
+    block_type = lambda side, b: "CrossAttn" if (side, b) in attention else ""  # noqa: E731  (what unet_table reads)
+    layout = SimpleNamespace(block_out_channels=range(blocks), layers_per_block=layers,
+                             down_block_types=[block_type("down", b) for b in range(blocks)],
+                             up_block_types=[block_type("up", b) for b in range(blocks)])
+    by_diffusers = {module: (ldm_module, k) for ldm_module, (module, k) in ldm.unet_table(layout).items()}
+    names = {}
+    for path in paths:
+        parts = path.split(".")
+        prefix = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in by_diffusers),
+                      None)
+        if prefix is None:
+            continue
+        ldm_module, k = by_diffusers[prefix]
+        rest = path[len(prefix) + 1:]
+        for pattern, replacement in k.rules:
+            if replacement == r"\g<0>" and re.fullmatch(pattern, rest):  # the same name on both sides
+                sub = rest
+            elif replacement == rest:
+                sub = pattern.replace("\\.", ".")  # a literal rename, read backwards
+            else:
+                continue
+            names[path] = ldm_module + ("." + sub if sub else "")
+            break
+    return names
 
 
 def _module_names(unet, text_encoder) -> dict[str, dict[str, str]]:
@@ -107,13 +113,11 @@ def _module_names(unet, text_encoder) -> dict[str, dict[str, str]]:
     paths = {"unet": [k[:-7] for k, v in unet.items() if k.endswith(".weight") and np.ndim(v) in (2, 4)],
              "text_encoder": [k[:-7] for k, v in text_encoder.items()  # linears; LoRAs never target the embeddings
                               if k.endswith(".weight") and np.ndim(v) == 2 and "embedding" not in k]}
-    layers = 1 + max((int(m[1]) for p in paths["unet"] if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p))),
-                     default=-1)
-    up_attention = {int(m[1]) for p in paths["unet"] if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", p))}
+    ldm_names = _ldm_names(paths["unet"]) if paths["unet"] else {}
     for component, component_paths in paths.items():
         for path in component_paths:
             if component == "unet":
-                aliases = {path, _ldm_name(path, layers, up_attention)} - {None}
+                aliases = {path, ldm_names.get(path)} - {None}
             else:
                 core = path.removeprefix("text_model.")
                 aliases = {core, "text_model." + core}

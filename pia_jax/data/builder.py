@@ -3,12 +3,16 @@
 Each example keeps the encoded video bytes as they were (compact, and every epoch can draw a new random window as
 the reference does), the caption, the exact frame count and the frames' timestamps (for seeking). Videos that are
 missing, unreadable, corrupt or shorter than `min_frames` are skipped and counted by reason in the dataset's
-metadata.json. tfds writes into an `incomplete.*` folder and renames it only when everything is written, so a
-killed preparation never leaves a folder that looks like a finished dataset.
+metadata.json, with the inputs it was prepared from. The dataset is written into a hidden sibling of the output
+folder and renamed into place only when it is complete and holds at least one video, so a failed or killed
+preparation leaves no folder behind (a killed one's hidden sibling is removed by the next run), and an existing
+dataset is replaced only on request, once the new one is complete.
 """
 
 import collections
 import itertools
+import json
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,9 +53,18 @@ def load_row(row: Row, min_frames: int) -> dict:
             "height": info.height, "width": info.width, "pts": info.pts}
 
 
+class PrepareError(ValueError):
+    """A preparation that cannot start or produced nothing; `report` holds the skip counts where there are some."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
 class PiaVideos(tfds.core.GeneratorBasedBuilder):
     """Encoded videos with captions for PIA training; one split, 'train'."""
 
+    name = "pia_videos"
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, rows: Iterable[Row] = (), min_frames: int = 16, workers: int = 8, **kwargs):
@@ -93,16 +106,69 @@ class PiaVideos(tfds.core.GeneratorBasedBuilder):
                 continue
             written += 1
             yield i, result  # the row number: unique even where a CSV repeats a video
-        self.info.metadata.update({"examples": written, "skipped": dict(skipped), "skipped_examples": dict(examples),
-                                   "min_frames": self._min_frames})
+        report = {"examples": written, "skipped": dict(skipped), "skipped_examples": dict(examples),
+                  "min_frames": self._min_frames}
+        if not written:  # stop before tfds writes (or asserts on) an empty split
+            raise PrepareError(f"no usable video among the {sum(skipped.values())} rows "
+                               f"({dict(skipped) or 'the source is empty'}); nothing was written", report)
+        self.info.metadata.update(report)
 
 
-def prepare(rows: Iterable[Row], out_dir, *, min_frames: int = 16, workers: int = 8) -> tuple[epath.Path, dict]:
-    """Writes the dataset under out_dir; returns its folder (what `open_dataset` takes) and the report
-    {"examples": n, "skipped": {reason: n}, "skipped_examples": {reason: [[key, message], ...]}, "min_frames": n}.
-    An existing finished dataset in out_dir is kept as it is (tfds reuses it)."""
-    builder = PiaVideos(rows=rows, min_frames=min_frames, workers=workers, data_dir=str(out_dir),
+def _finished(out: epath.Path) -> tuple[epath.Path, dict] | None:
+    """(dataset folder, metadata) of a finished dataset prepared into `out`, or None."""
+    folder = out / PiaVideos.name / str(PiaVideos.VERSION)
+    if not (folder / "dataset_info.json").exists():
+        return None
+    meta = folder / "metadata.json"
+    return folder, (json.loads(meta.read_text()) if meta.exists() else {})
+
+
+def prepare(rows: Iterable[Row], out_dir, *, min_frames: int = 16, workers: int = 8, inputs: dict | None = None,
+            force: bool = False, log=print) -> tuple[epath.Path, dict]:
+    """Writes the dataset into out_dir; returns its folder (what `open_dataset` takes) and the report
+    {"examples": n, "skipped": {reason: n}, "skipped_examples": {reason: [[key, message], ...]}, "min_frames": n,
+    "inputs": {...}}. `inputs` describes the source (kept in the metadata): a finished dataset in out_dir made from
+    the same inputs is reused as it is, one from other inputs is refused (PrepareError) unless `force`, which
+    replaces it once the new one is complete. No usable video raises PrepareError with the report."""
+    out = epath.Path(out_dir)
+    inputs = {**(inputs or {}), "min_frames": min_frames}
+    existing = _finished(out)
+    if existing is not None and not force:
+        if existing[1].get("inputs") == inputs:
+            log(f"{out} already holds this dataset; reusing it")
+            return existing
+        old = existing[1].get("inputs", {})
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}" for k in sorted(set(old) | set(inputs))
+                         if old.get(k) != inputs.get(k))
+        raise PrepareError(f"{out} holds a dataset prepared from other inputs ({diff}); choose another --out, or "
+                           "pass --force to replace it")
+    if existing is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrepareError(f"{out} exists and is neither a prepared dataset nor an empty folder; choose another "
+                           "--out")
+    for stale in out.parent.glob(f".{out.name}.tmp-*") if out.parent.exists() else ():
+        log(f"removing {stale}, left by a killed preparation")
+        stale.rmtree()
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    builder = PiaVideos(rows=rows, min_frames=min_frames, workers=workers, data_dir=str(tmp),
                         file_format="array_record")
-    with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
-        builder.download_and_prepare(download_dir=downloads)
-    return epath.Path(builder.data_dir), dict(builder.info.metadata)
+    builder.info.metadata["inputs"] = inputs
+    try:
+        with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
+            builder.download_and_prepare(download_dir=downloads)
+        report = dict(builder.info.metadata)
+        if out.exists():  # an empty folder, or a dataset being replaced (force): swap once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            old.rmtree()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        if tmp.exists():
+            tmp.rmtree()
+        for folder in made[1:]:  # innermost first; out itself was never made
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    return out / PiaVideos.name / str(PiaVideos.VERSION), report

@@ -11,18 +11,25 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from pia_jax.config import opt
 from pia_jax.data.video import VideoError, decode_frames
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    n_frames: int = 16
-    stride: int = 4  # the window spans n_frames * stride frames
-    resolution: int = 256  # short side after resizing, and the square crop
-    caption_dropout: float = 0.1  # caption -> "" (train.yaml cfg_random_null_text_ratio)
-    condition_dropout: float = 0.2  # use_condition = False (train.yaml cond_prob)
-    max_length: int = 77  # CLIP token ids per caption
-    sim_range: tuple[float, float] = (0.2, 1.0)  # affinity range (train.yaml mask_sim_range)
+    """The clips of training: where they come from, how many, and how each is made (train.py's `data.*` keys)."""
+    path: str | None = opt(None, "a prepared dataset (prepare_dataset.py), local or gs://")
+    synthetic: bool = opt(False, "without path: train on random synthetic clips (smoke runs)")
+    batch_size: int = opt(4, "clips per micro-batch, all hosts together; a multiple of the device count")
+    n_frames: int = opt(16, "frames per clip")
+    stride: int = opt(4, "a clip's window spans n_frames * stride frames of the video")
+    resolution: int = opt(256, "short side after resizing, and the square crop")
+    caption_dropout: float = opt(0.1, "probability of an empty caption (cfg_random_null_text_ratio)")
+    condition_dropout: float = opt(0.2, "probability of no condition frame (cond_prob), drawn per clip (the "
+                                        "reference draws one per batch)")
+    max_length: int = opt(77, "CLIP token ids per caption")
+    sim_range: tuple[float, float] = opt((0.2, 1.0), "range of the affinity coefficients (mask_sim_range)")
+    workers: int = opt(8, "threads decoding videos")
 
 
 def sample_window(num_frames: int, n_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,7 +113,7 @@ def make_example(record: dict, config: DataConfig, rng: np.random.Generator) -> 
     use_condition bool. Where use_condition is False the reference zeroes the mask and the condition latent; here
     mask_coef is 0 (and the affinity is not computed). Raises VideoError when the video cannot be used.
     """
-    from pia_jax.affinity import coefficients_from_scores, frame_scores  # needs OpenCV, only the data path does
+    from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores  # needs OpenCV
 
     d = draw(int(record["num_frames"]), config, rng)
     pixels = transform_clip(decode_frames(record["video"], d.indices, record.get("pts")), d.flip, config.resolution)

@@ -4,9 +4,13 @@ data-iterator state (JSON).
 Saves are asynchronous (training goes on while arrays are written) and atomic: orbax writes into a temporary
 folder and marks a step complete only at the end, so a run killed during a save resumes from the step before.
 Restoring takes the target shardings of the current mesh, so a run saved on one mesh shape resumes on another.
+A complete but unreadable checkpoint (a truncated data file, emptied metadata: a disk or copy fault) is named and
+set aside as `<step>.corrupt`, and the newest readable one is used, unless `on_corrupt="refuse"`.
 """
 
 import json
+import time
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +28,10 @@ def gather_json(value) -> list:
     buf[:raw.size] = raw
     rows = multihost_utils.process_allgather(buf)
     return [json.loads(bytes(rows[i, :sizes[i]]).decode()) for i in range(len(sizes))]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored."""
 
 
 class Checkpointer:
@@ -54,6 +62,34 @@ class Checkpointer:
                              f"{len(processes)} processes; this run has {jax.process_count()}. Resume with the "
                              "same number of hosts (the device count per host may change).")
         return out.state, processes[jax.process_index()]
+
+    def restore_latest(self, abstract_state, on_corrupt: str = "fallback", data: bool = True, log=print):
+        """(step, (state, data state)) of the newest readable checkpoint, or (None, None) where there is none.
+
+        A newest checkpoint that fails to restore is named (`log`) and renamed `<step>.corrupt` (kept to inspect,
+        out of the way of the step that will be saved again), then the one before is tried; with
+        on_corrupt="refuse" it raises CheckpointError instead. The data-iterator check of `restore` is not a
+        corruption: it raises ValueError as it is."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, abstract_state, data)
+            except ValueError as e:
+                if "data-iterator states" in str(e):
+                    raise
+                error = e
+            except Exception as e:  # orbax, tensorstore and JSON raise many kinds for damaged files
+                error = e
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            message = f"checkpoint {step} in {self.directory} cannot be read ({type(error).__name__}: {reason})"
+            if on_corrupt == "refuse":
+                raise CheckpointError(f"{message}; move it away to resume from an earlier one, or set "
+                                      "checkpoint.on_corrupt=fallback") from error
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rename(self.directory / f"{step}.corrupt-{int(time.time())}")
+            multihost_utils.sync_global_devices(f"pia-jax set aside checkpoint {step}")
+            self.manager.reload()
+            log(f"{message}; set aside as {step}.corrupt-*, trying the one before")
+        return None, None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,136 +1,178 @@
 """The training configuration as data: nested frozen dataclasses, read from YAML, changed by `key=value` overrides.
 
-Defaults are the PIA reference recipe (pia_reference.md §5) except where noted.
+Defaults are the PIA reference recipe except where a field's help says otherwise. Every field carries its meaning
+in `metadata["help"]` (and its valid values in `metadata["choices"]`): `train.py --help` lists them all.
 """
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 
 import yaml
 
+from pia_jax.attention import KERNELS
+from pia_jax.config import DTYPES, MODELS, ConfigError, from_dict, opt, to_dict, type_name  # noqa: F401  (API)
+from pia_jax.data.clips import DataConfig
+from pia_jax.unet import REMAT_POLICIES
+
+
+def section(cls, help: str):
+    return field(default_factory=cls, metadata={"help": help})
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_dir: str | None = None  # a converted model directory (UNet with 4 or 9 input channels)
-    init: str = "sd15"  # without model_dir: random weights of this pia_jax.config model ("sd15" or "tiny")
-    # Regexes searched in UNet parameter paths; a match is trained, everything else (and the VAE, text) is frozen.
-    trainable: tuple[str, ...] = (r"^conv_in\.", r"\.motion_modules\.")
-    compute_dtype: str = "bfloat16"
-    frozen_dtype: str = "bfloat16"  # storage of frozen weights; trainable weights and Adam state are always fp32
-    remat_policy: str | None = None  # pia_jax.unet.REMAT_POLICIES
-    attention: str = "auto"  # kernel for spatial self/cross attention (pia_jax/attention.py)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    path: str | None = None  # a prepared dataset (prepare_dataset.py); None = synthetic clips (smoke runs)
-    batch_size: int = 4  # clips per micro-batch, all hosts together; a multiple of the device count
-    n_frames: int = 16
-    stride: int = 4
-    resolution: int = 256
-    caption_dropout: float = 0.1
-    condition_dropout: float = 0.2  # drawn per clip (the reference draws one per batch)
-    sim_range: tuple[float, ...] = (0.2, 1.0)  # affinity coefficient range (train.yaml mask_sim_range)
-    workers: int = 8
+    model_dir: str | None = opt(None, "a converted model directory (convert_torch_weights.py); its UNet may take "
+                                      "4 channels (widened with zero condition channels) or 9")
+    init: str | None = opt(None, "without model_dir: random weights of this pia_jax.config model (smoke runs)",
+                           (None, *MODELS))
+    trainable: tuple[str, ...] = opt((r"^conv_in\.", r"\.motion_modules\."),
+                                     "regexes searched in UNet parameter paths: a match trains, the rest (and the "
+                                     "VAE and text encoder) is frozen")
+    compute_dtype: str = opt("bf16", "dtype of activations and matmuls", tuple(DTYPES))
+    frozen_dtype: str = opt("bf16", "storage of frozen weights (trainable weights and Adam state are fp32)",
+                            tuple(DTYPES))
+    remat_policy: str | None = opt(None, "rematerialise each UNet block, saving what this policy names",
+                                   (None, *REMAT_POLICIES))
+    attention: str = opt("auto", "kernel for spatial self/cross attention (pia_jax/attention.py)", KERNELS)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
-    clip_norm: float = 1.0  # on the accumulated, averaged gradient (the reference clips partial, scaled sums)
-    warmup_steps: int = 0  # linear warmup from 0, then constant
-    grad_accum: int = 1  # micro-batches per optimizer step (the reference config uses 16)
+    lr: float = opt(1e-4, "AdamW learning rate after warmup")
+    b1: float = opt(0.9, "Adam beta1")
+    b2: float = opt(0.999, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(1e-2, "AdamW decoupled weight decay")
+    clip_norm: float = opt(1.0, "global-norm clipping of the accumulated, averaged gradient (the reference clips "
+                                "partial, loss-scaled sums)")
+    warmup_steps: int = opt(0, "linear warmup from 0 over this many steps, then constant")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (the reference uses 16)")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: the devices left after fsdp
-    fsdp: int = 1
+    data: int = opt(-1, "data-parallel axis size; -1: the devices left after fsdp")
+    fsdp: int = opt(1, "axis splitting weights and Adam state (within a host); -1: the devices left after data")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 1000  # optimizer steps
-    keep: int = 3
-    async_save: bool = True
+    every: int = opt(1000, "optimizer steps between checkpoints")
+    keep: int = opt(3, "newest checkpoints kept")
+    async_save: bool = opt(True, "write checkpoints while training goes on")
+    on_corrupt: str = opt("fallback", "a newest checkpoint that cannot be read: 'fallback' names it and resumes "
+                                      "from the newest readable one; 'refuse' stops", ("fallback", "refuse"))
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    every: int = 10
-    tensorboard: bool = True
-    dir: str | None = None  # TensorBoard event files; default {workdir}/tensorboard (keep it local on pods)
-    progress_bar: bool = True  # only on interactive terminals
-    peak_tflops: float | None = None  # per device, for MFU; None = look up the device kind
+    every: int = opt(10, "steps between stdout lines")
+    tensorboard: bool = opt(True, "write TensorBoard event files")
+    dir: str | None = opt(None, "TensorBoard folder; default {workdir}/tensorboard (keep it local on pods)")
+    progress_bar: bool = opt(True, "a progress bar on interactive terminals")
+    peak_tflops: float | None = opt(None, "peak TFLOP/s per device for MFU; null: looked up by device kind")
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    every: int = 0  # optimizer steps; 0 = off
-    images: tuple[str, ...] = ()  # condition images, paired with prompts
-    prompts: tuple[str, ...] = ()
-    affinity: str = "moderate"  # pia_jax.affinity preset for the mask channel
-    steps: int = 25
-    guidance_scale: float = 7.5
-    seed: int = 0
+    every: int = opt(0, "optimizer steps between validation videos; 0: off")
+    images: tuple[str, ...] = opt((), "condition images, paired with prompts")
+    prompts: tuple[str, ...] = opt((), "one prompt per image")
+    affinity: str = opt("moderate", "pia_jax.affinity preset for the mask channel")
+    steps: int = opt(25, "DDIM steps")
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale")
+    seed: int = opt(0, "seed of the first video (then seed + 1, ...)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    workdir: str = "runs/pia"  # checkpoints/, tensorboard/, validation/, model/ (the export); local or gs://
-    steps: int = 31_250  # optimizer steps (the reference's 500k micro-steps / 16)
-    seed: int = 0
-    on_nonfinite: str = "stop"  # non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip"
-    export_dtype: str = "fp16"  # storage dtype of the exported model directory
-    compilation_cache: str | None = None  # a persistent XLA cache folder: a resumed run skips recompiling the step
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-
-    def __post_init__(self):
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-
-
-def _coerce(tp, value, key):
-    """`value` (from YAML) as type `tp`; YAML reads '1e-4' as a string, so numbers are converted here."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key + ".")
-    if typing.get_origin(tp) is tuple:
-        items = [value] if isinstance(value, str) else list(value)
-        return tuple(_coerce(args[0], v, key) for v in items)
-    if tp is bool and isinstance(value, str):
-        return {"true": True, "false": False}[value.lower()]
-    return tp(value)
+    workdir: str = opt("runs/pia", "checkpoints/, tensorboard/, validation/, model/ (the export), config.json; "
+                                   "local or gs://")
+    steps: int = opt(31_250, "optimizer steps (the reference's 500k micro-steps / 16)")
+    seed: int = opt(0, "weights of new parameters, data order, noise")
+    on_nonfinite: str = opt("stop", "non-finite loss or gradient: 'stop' (keep the last good checkpoint) or "
+                                    "'skip' the step", ("stop", "skip"))
+    on_change: str = opt("refuse", "resuming with other hyperparameters than the workdir's config.json: 'refuse' "
+                                   "(listing them) or 'apply' the new ones (logged)", ("refuse", "apply"))
+    sigterm_exit_code: int = opt(0, "exit status after SIGTERM saved a checkpoint (e.g. 143 for supervisors that "
+                                    "restart only failed jobs)")
+    export_dtype: str = opt("fp16", "storage dtype of the exported model directory", tuple(DTYPES))
+    compilation_cache: str | None = opt(None, "a persistent XLA cache folder: a resumed run skips recompiling")
+    model: ModelConfig = section(ModelConfig, "the model and what trains")
+    data: DataConfig = section(DataConfig, "the clips")
+    optim: OptimConfig = section(OptimConfig, "the optimizer")
+    mesh: MeshConfig = section(MeshConfig, "the device mesh")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints in {workdir}/checkpoints")
+    log: LogConfig = section(LogConfig, "stdout and TensorBoard")
+    validation: ValidationConfig = section(ValidationConfig, "sample videos during training")
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; {cls.__name__} has {sorted(hints)}")
-    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
+POSITIVE = ("steps", "data.batch_size", "data.n_frames", "data.stride", "data.resolution", "data.workers",
+            "optim.grad_accum", "checkpoint.every", "checkpoint.keep", "log.every")
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every leaf field, for --help."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = cls.__annotations__[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            default = yaml.safe_dump(list(f.default) if isinstance(f.default, tuple) else f.default,
+                                     default_flow_style=True, width=1000).strip().removesuffix("\n...")
+            rows.append((prefix + f.name, type_name(tp), default, f.metadata["help"]))
+    return rows
+
+
+def check(cfg: TrainConfig, data: bool = True) -> TrainConfig:
+    """Checks that need more than one field, or a value range (`data`: of the data source too); raises
+    ConfigError."""
+    flat = {k: v for k, v in _flatten(to_dict(cfg))}
+    bad = [k for k in POSITIVE if flat[k] < 1]
+    if bad:
+        raise ConfigError("must be >= 1: " + ", ".join(f"{k}={flat[k]}" for k in bad))
+    if bool(cfg.model.model_dir) == bool(cfg.model.init):
+        raise ConfigError("give exactly one of model.model_dir=DIR (a converted model directory) and "
+                          f"model.init={'|'.join(MODELS)} (random weights)")
+    if data and bool(cfg.data.path) == cfg.data.synthetic:
+        raise ConfigError("give exactly one of data.path=DIR (a prepared dataset) and data.synthetic=true")
+    v = cfg.validation
+    if v.every and (len(v.images) != len(v.prompts) or not v.images or not cfg.model.model_dir):
+        raise ConfigError(f"validation.every={v.every} needs as many validation.images as validation.prompts "
+                          f"(got {len(v.images)} and {len(v.prompts)}, at least one) and a model.model_dir (its "
+                          "tokenizer)")
+    return cfg
+
+
+def _flatten(d: dict, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def flatten(cfg: TrainConfig) -> dict:
+    """{'optim.lr': 1e-4, ...}: every leaf of a config (tuples as lists, as config.json stores them)."""
+    return dict(_flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))))
+
+
+# Settings a resumed run may change freely (where it writes, how long it runs, what it logs, how it is laid out on
+# devices), by key or section prefix; others are hyperparameters (config.on_change); FIXED ones never change, since
+# the checkpoint's trainable weights depend on them.
+FREE_ON_RESUME = ("workdir", "steps", "on_nonfinite", "on_change", "sigterm_exit_code", "export_dtype",
+                  "compilation_cache", "data.workers", "mesh.", "checkpoint.", "log.", "validation.")
+FIXED_ON_RESUME = ("model.model_dir", "model.init", "model.trainable")
+
+
+def changes(stored: dict, cfg: TrainConfig) -> tuple[list, list]:
+    """([(key, stored value, new value)] of FIXED_ON_RESUME keys, [...] of the other hyperparameters) where the
+    config.json of a run (`stored`) and `cfg` differ."""
+    old, new = dict(_flatten(stored)), flatten(cfg)
+    diff = [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
+    return [d for d in diff if d[0] in FIXED_ON_RESUME], [d for d in diff if d[0] not in FIXED_ON_RESUME]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -138,20 +180,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
         *parents, leaf = key.strip().split(".")
         node = data
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
     return data
 
 
 def load(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """The defaults, updated by the YAML file at `path` (if any), then by the overrides."""
+    """The defaults, updated by the YAML file at `path` (if any), then by the overrides; raises ConfigError."""
     data = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read the config file: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
     return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

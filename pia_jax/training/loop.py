@@ -1,7 +1,8 @@
 """The training run: resume, step, log, checkpoint, validate, survive pre-emption, export.
 
-A run resumes from the newest complete checkpoint in `{workdir}/checkpoints` if there is one. SIGTERM (pre-emption)
-finishes the current step, saves a checkpoint and returns `status="preempted"`; a non-finite loss or gradient
+A run resumes from the newest complete, readable checkpoint in `{workdir}/checkpoints` if there is one (see
+`Checkpointer.restore_latest`). SIGTERM (pre-emption) finishes the current step, saves a checkpoint and returns
+`status="preempted"` (train.py then exits with `sigterm_exit_code`); a non-finite loss or gradient
 either stops the run (`NonFiniteError`; the step did not touch the weights and nothing after the last good
 checkpoint is saved) or is skipped, as `on_nonfinite` says.
 """
@@ -69,22 +70,24 @@ def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
     from pia_jax import data
     if tokenizer is None:
         raise ValueError("training on a dataset needs the model directory's tokenizer")
-    config = data.DataConfig(n_frames=d.n_frames, stride=d.stride, resolution=d.resolution,
-                             caption_dropout=d.caption_dropout, condition_dropout=d.condition_dropout,
-                             sim_range=d.sim_range)
-    return data.Loader(data.open_dataset(d.path), tokenizer, config, num_workers=d.workers, **common)
+    return data.Loader(data.open_dataset(d.path), tokenizer, d, num_workers=d.workers, **common)
 
 
 def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
     workdir = epath.Path(cfg.workdir)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    latest = ckpt.latest_step()
+    try:
+        latest, restored = ckpt.restore_latest(trainer.abstract_state(), cfg.checkpoint.on_corrupt,
+                                               log=lambda m: print(f"warning: {m}", flush=True))
+    except BaseException:
+        ckpt.close()
+        raise
     writer = metrics_lib.Writer(cfg.log.dir or workdir / "tensorboard", cfg.log.every, cfg.steps, latest or 0,
                                 cfg.log.tensorboard, cfg.log.progress_bar)
     if latest is None:
         state = trainer.init_state(cfg.seed)
     else:
-        state, data_state = ckpt.restore(latest, trainer.abstract_state())
+        state, data_state = restored
         loader.set_state(data_state)
         writer.log(f"resumed from step {latest} of {ckpt.directory}")
     step, skipped, status = latest or 0, 0, "done"
@@ -121,6 +124,7 @@ def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
             stop = preemption.requested()
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
                 ckpt.save(step, state, loader.get_state())
+                writer.flush()  # a kill after this loses no logged step up to the checkpoint
             if cfg.validation.every and step % cfg.validation.every == 0:
                 from pia_jax.training.validation import validate
                 validate(cfg, trainer, state, step, writer)
@@ -144,8 +148,7 @@ def export(path, trainer: Trainer, params: dict, *, dtype: str = "fp16", force: 
     params = multihost_utils.process_allgather(params, tiled=True)  # numpy on every process
     if jax.process_index() != 0:
         return None
-    models = {"unet": {**setup.frozen["unet"], **params}, "vae": setup.frozen["vae"],
-              "text_encoder": setup.frozen["text"]}
+    models = {**setup.frozen, "unet": {**setup.frozen["unet"], **params}}
     return save_model_dir(path, setup.config, models, tokenizer=setup.tokenizer,
                           scheduler=schedulers.to_dict(setup.scheduler), dtype=dtype, force=force,
                           report={"trained": sorted(params)})

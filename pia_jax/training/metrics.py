@@ -89,6 +89,10 @@ class Writer:
         else:
             print(line, flush=True)
 
+    def flush(self):
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self):
         if self.tb is not None:
             self.tb.close()

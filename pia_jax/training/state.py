@@ -11,22 +11,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from pia_jax import config as model_config
+from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS
 from pia_jax import schedulers
-from pia_jax.model_dir import abstract_model, flat_params, load_model_dir
+from pia_jax.abstract import abstract_model
+from pia_jax.model_dir import PARTS, flat_params, load_model_dir
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.training.config import ModelConfig, OptimConfig
-from pia_jax.unet import UNetMotionModel, widen_conv_in
+from pia_jax.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
 from pia_jax.vae import AutoencoderKL
 from pia_jax.weights import param_shapes
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-INITS = {"sd15": model_config.SD15_PIA, "tiny": model_config.TINY}
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Graphs:
     """The static structure of the models (NNX graph definitions: hashable, no weights)."""
     unet: nnx.GraphDef
     vae: nnx.GraphDef
-    text: nnx.GraphDef
+    text_encoder: nnx.GraphDef
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Setup:
     graphs: Graphs
     model: ModelConfig
     trainable: dict[str, np.ndarray]  # UNet weights that train, fp32
-    # {"unet", "vae", "text"} -> the weights that do not, at their source precision (the device copies are cast to
+    # {"unet", "vae", "text_encoder"} -> the weights that do not, at their source precision (the device copies are cast to
     # model.frozen_dtype; an export writes these)
     frozen: dict[str, dict[str, np.ndarray]]
     scheduler: schedulers.SchedulerConfig
@@ -58,15 +57,15 @@ def merge(graph: nnx.GraphDef, *flats: dict) -> nnx.Module:
 
 def abstract_models(config: model_config.PIAConfig, cfg: ModelConfig, attention: str | None = None,
                     remat: bool = True) -> dict[str, nnx.Module]:
-    """{"unet", "vae", "text"} -> abstract models (no memory) in the compute dtype; `attention`/`remat` override the
+    """{"unet", "vae", "text_encoder"} -> abstract models (no memory) in the compute dtype; `attention`/`remat` override the
     configured kernel and policy (the FLOP count uses all-XLA kernels and no rematerialisation)."""
-    dtype, kernel = DTYPES[cfg.compute_dtype], attention or cfg.attention
+    dtype, kernel = model_config.dtype(cfg.compute_dtype), attention or cfg.attention
     policy = cfg.remat_policy if remat else None
     return {
         "unet": abstract_model(UNetMotionModel, config.unet, dtype=dtype, remat_policy=policy,
                                attention_kernels={"self": kernel, "cross": kernel}),
         "vae": abstract_model(AutoencoderKL, config.vae, dtype=dtype, attention_kernel=kernel),
-        "text": abstract_model(CLIPTextModel, config.text, dtype=dtype),
+        "text_encoder": abstract_model(CLIPTextModel, config.text, dtype=dtype),
     }
 
 
@@ -106,24 +105,25 @@ def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig |
         md = load_model_dir(cfg.model_dir, tokenizer=(Path(cfg.model_dir) / "tokenizer").is_dir())
         config, tokenizer = md.config, md.tokenizer
         scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else schedulers.PIA_DDIM
-        if md.unet.config.in_channels == 4:
+        if md.unet.config.in_channels == LATENT_CHANNELS:
             md.unet = widen_conv_in(md.unet, nnx.Rngs(seed))
             config = dataclasses.replace(config, unet=md.unet.config)
         unet, vae, text = flat_params(md.unet), flat_params(md.vae), flat_params(md.text_encoder)
         del md
     else:
-        if init_config is None and cfg.init not in INITS:
-            raise ValueError(f"model.init must be one of {sorted(INITS)} (or give model.model_dir), got {cfg.init!r}")
-        config, tokenizer, scheduler = init_config or INITS[cfg.init], None, schedulers.PIA_DDIM
+        if init_config is None and cfg.init not in model_config.MODELS:
+            raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
+                             f"got {cfg.init!r}")
+        config, tokenizer, scheduler = init_config or model_config.MODELS[cfg.init], None, schedulers.PIA_DDIM
         cin = config.unet.in_channels
-        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=9))
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=PIA_IN_CHANNELS))
         models = abstract_models(config, cfg)
-        unet, vae, text = (random_weights(models[part], seed + i) for i, part in enumerate(("unet", "vae", "text")))
-        if cin == 4:  # as widen_conv_in: zero condition channels
-            unet["conv_in.kernel"][:, :, 4:] = 0
+        unet, vae, text = (random_weights(models[part], seed + i) for i, part in enumerate(PARTS))
+        if cin == LATENT_CHANNELS:  # as a loaded 4-channel model: zero condition channels
+            unet["conv_in.kernel"] = widen_conv_in_kernel(unet["conv_in.kernel"][:, :, :cin], in_axis=2)
     trainable, frozen_unet = split_trainable(unet, cfg.trainable)
     trainable = {k: v.astype(np.float32) for k, v in trainable.items()}
-    frozen = {"unet": frozen_unet, "vae": vae, "text": text}
+    frozen = {"unet": frozen_unet, "vae": vae, "text_encoder": text}
     graphs = make_graphs(abstract_models(config, cfg) if cfg.model_dir else models)
     return Setup(config, graphs, cfg, trainable, frozen, scheduler, tokenizer)
 
@@ -131,10 +131,12 @@ def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig |
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """Global-norm clipping of the (accumulated, averaged) gradient, then AdamW with linear warmup + constant LR.
 
-    The learning rate is injected as a hyperparameter so the optimizer state carries the value used at each step.
+    The learning rate is injected as a schedule, so the optimizer state carries the value used at each step but a
+    resumed run computes it from this config; b1, b2, eps and weight decay are static, not stored in the state. So
+    nothing of the config is frozen into a checkpoint: a resumed run uses the values it is given.
     """
     lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
-                              [cfg.warmup_steps]) if cfg.warmup_steps else cfg.lr
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                                  weight_decay=cfg.weight_decay)
+                              [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
+        learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pia_jax import schedulers
+from pia_jax import config as model_config, schedulers
 from pia_jax.sharding import batch_sharding, param_shardings, replicated
 from pia_jax.training.metrics import count_flops
-from pia_jax.training.state import DTYPES, Graphs, Setup, abstract_models, make_graphs, merge
+from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
 from pia_jax.vae import sample_posterior
 
 BATCH_KEYS = ("pixel_values", "input_ids", "mask_coef", "cond_frame", "use_condition")
@@ -36,7 +36,7 @@ class TrainState(NamedTuple):
 
 def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
     """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d)."""
-    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text, frozen["text"])
+    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text_encoder, frozen["text_encoder"])
     pixels = batch["pixel_values"]
     b, f = pixels.shape[:2]
     mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
@@ -94,7 +94,7 @@ class Trainer:
         self.setup, self.tx, self.mesh = setup, tx, mesh
         self.param_shardings = param_shardings(setup.trainable, mesh)
         self.frozen_shardings = {part: param_shardings(flat, mesh) for part, flat in setup.frozen.items()}
-        frozen_dtype = np.dtype(DTYPES[setup.model.frozen_dtype])
+        frozen_dtype = model_config.dtype(setup.model.frozen_dtype)
         self.frozen = jax.tree.map(lambda v, s: put(v.astype(frozen_dtype), s), setup.frozen, self.frozen_shardings)
         abstract = self.abstract_state()
         self.state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
