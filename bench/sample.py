@@ -1,6 +1,7 @@
 """Sampling: seconds per video for the standard PIA job, and diffusers' PIAPipeline beside it.
 
     python -m bench.sample --config sd15 --frames 16 --size 512 --steps 25 --torch
+    python -m bench.sample --config tiny --frames 2 --size 16 --steps 50 --overhead   # host overhead per step
 
 Random weights (timing does not depend on their values), CFG 7.5, DDIM, the reference's batch of one video.
 Reports compile time, seconds per video (second call, so no compilation), ms per denoising step (one CFG UNet
@@ -17,8 +18,7 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import affinity, config, schedulers
-from pia_jax.model_dir import ModelDir
-from pia_jax.pipeline import Animator, SampleOptions, accelerator_default_dtype
+from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.unet import UNetMotionModel
 from pia_jax.vae import AutoencoderKL
@@ -39,13 +39,14 @@ def bench_jax(cfg, args):
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else accelerator_default_dtype()
     rngs = nnx.Rngs(0)
     make = dict(rngs=rngs, dtype=dtype, param_dtype=dtype)
-    model = ModelDir(None, cfg, schedulers.to_dict(schedulers.PIA_DDIM), UNetMotionModel(cfg.unet, **make),
-                     AutoencoderKL(cfg.vae, **make), CLIPTextModel(cfg.text, **make), FixedTokenizer())
-    animator = Animator(model)
+    animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
+                        CLIPTextModel(cfg.text, **make), FixedTokenizer(), compile_cache_dir=args.compile_cache)
     n = args.videos
     images = np.random.default_rng(0).integers(0, 256, (n, args.size, args.size, 3), np.uint8)
     mask = np.stack([affinity.preset_coefficients("moderate", args.frames)] * n)
     options = SampleOptions(steps=args.steps, scheduler=args.scheduler, decode_chunk=args.decode_chunk)
+    if args.overhead:
+        return bench_overhead(animator, images, mask, options)
     run = lambda: animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)))  # noqa: E731
     first = run()
     runs = [run() for _ in range(args.repeats)]
@@ -57,6 +58,26 @@ def bench_jax(cfg, args):
     print(f"jax   {jnp.dtype(dtype).name}, {n} video(s) on {len(jax.devices())} {jax.default_backend()} device(s): "
           f"compile {first.seconds['compile']:.1f} s, {total / n:.2f} s/video (encode {s['encode']:.2f} s, "
           f"{1e3 * s['denoise'] / args.steps:.1f} ms/step, decode {s['decode']:.2f} s), peak memory {peak}")
+
+
+def bench_overhead(animator, images, mask, options):
+    """Seconds per denoising step of one loop call, of one-step pieces queued at once (what progress reporting
+    does), and of one-step calls each waited for (the pattern of the former per-step Python loop: signature check,
+    dispatch, block); at a tiny size the differences are the host's overhead per step."""
+    n = len(images)
+    animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)))  # compiles
+    steps = options.steps
+    timings = {}
+    for mode in ("loop", "pieces", "blocking"):
+        animator._wait_each_step = mode == "blocking"
+        progress = None if mode == "loop" else (lambda *a: None)
+        timings[mode] = min(animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)),
+                                     progress=progress).seconds["denoise"] / steps for _ in range(3))
+    animator._wait_each_step = False
+    print(f"denoising, {steps} steps on {animator.devices} {jax.default_backend()} device(s): "
+          + ", ".join(f"{k} {1e3 * v:.2f} ms/step" for k, v in timings.items())
+          + f"; host overhead per step vs one loop call: pieces {1e3 * (timings['pieces'] - timings['loop']):.2f} ms,"
+          f" blocking per-step calls {1e3 * (timings['blocking'] - timings['loop']):.2f} ms")
 
 
 def bench_torch(cfg, args):
@@ -110,6 +131,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--torch", action="store_true", help="also time diffusers' PIAPipeline (needs torch+diffusers)")
     p.add_argument("--torch-compile", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="time the denoising loop's host overhead per step")
+    p.add_argument("--compile-cache", default="off", help="persistent compilation cache folder (default: off)")
     args = p.parse_args()
     cfg = {"sd15": config.SD15_PIA, "tiny": config.TINY}[args.config]
     print(f"{args.config}: {args.videos} x {args.frames} frames at {args.size}x{args.size}, {args.steps} "

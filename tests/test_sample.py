@@ -114,7 +114,8 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}"], "--prompt are required"),
     # the checks that used to fail late, after loading and compiling
     (["--image", "{img}", "--prompt", "x", "--steps", "1001"], "steps must be in [1, 1000]"),
-    (["--image", "{img}", "--prompt", "x", "--steps", "10", "--strength", "0.05"], "strength 0.05 leaves no step of 10"),
+    (["--image", "{img}", "--prompt", "x", "--steps", "10", "--strength", "0.05"],
+     "strength 0.05 leaves no step of 10"),
     (["--image", "{img}", "--prompt", "x", "--eta", "-0.5"], "eta must be >= 0"),
     (["--image", "{img}", "--prompt", "x", "--clip-skip", "3"], "clip skip must be in [0, 2]"),
     (["--image", "{img}", "--prompt", "x", "--num-videos", "0"], "number of videos must be >= 1"),

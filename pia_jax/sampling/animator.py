@@ -90,8 +90,8 @@ class Animator:
                  scheduler: schedulers.SchedulerConfig = schedulers.PIA_DDIM, mesh: Mesh | None = None, *,
                  compile_cache_dir="default"):
         """`tokenizer`: a CLIP tokenizer (pia_jax.tokenizer.load_tokenizer); `mesh`: devices to split videos over
-        (default: this host's); `compile_cache_dir`: the persistent compilation cache ('default', a folder, or
-        'off': see compile_cache.py)."""
+        (default: this host's); `compile_cache_dir`: the persistent compilation cache ('default', a folder, 'off',
+        or None to leave jax's setting alone: see compile_cache.py)."""
         self.compile_cache = compile_cache.enable(compile_cache_dir)
         self.config, self.tokenizer, self.scheduler_config = config, tokenizer, scheduler
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
@@ -107,6 +107,7 @@ class Animator:
         self._denoise = _Compiled(self._denoise_fn, static_argnums=(11,), donate_argnums=donate,
                                   out_shardings=self._by_video)
         self._decode = _Compiled(self._decode_fn, static_argnums=(2, 3), out_shardings=self._by_video)
+        self._wait_each_step = False  # bench/sample.py: wait for each piece before queuing the next (the old loop)
 
     @classmethod
     def load(cls, path, *, dtype=None, param_dtype=None, mesh=None, attention_kernels=None,
@@ -289,6 +290,8 @@ class Animator:
                 latents, state, finite = self._denoise(self._unet, latents, state, schedule, text, *args,
                                                        put(np.int32(begin)), put(np.int32(end)), options.cfg)
                 pieces.append((end, finite))
+                if self._wait_each_step:
+                    finite.block_until_ready()
             for end, finite in pieces:
                 finite.block_until_ready()
                 report("denoise", end, count)

@@ -36,16 +36,16 @@ def _count(event: str, **_):
 
 
 def enable(where="default") -> str | None:
-    """Turns the cache on at `where` ('default': see the module docstring; 'off'/None: leave jax's setting), and
-    returns the folder in use (None: no cache)."""
+    """Turns the cache on at `where` ('default': see the module docstring; a folder), or off ('off': a cache set
+    here is turned off, a user's own is left), or leaves jax's setting alone (None); returns the folder in use."""
     global _listening, _ours
     if not _listening:
         monitoring.register_event_listener(_count)
         _listening = True
     current = jax.config.jax_compilation_cache_dir
-    if current and current != _ours:  # the user's own choice wins
+    if where is None or current and current != _ours:  # the user's own choice wins
         return current
-    path = None if where is None or str(where).lower() == "off" else (
+    path = None if str(where).lower() == "off" else (
         default_dir() if where == "default" else Path(where).expanduser())
     from jax.experimental.compilation_cache import compilation_cache
     if path is None:
