@@ -32,7 +32,7 @@ from pia_jax.config import PIAConfig, VAEConfig
 from pia_jax.sampling import compile_cache, memory, noise as noise_lib
 from pia_jax.sampling.decode import decode
 from pia_jax.sampling.encode import encode
-from pia_jax.sampling.loop import denoise, start
+from pia_jax.sampling.loop import denoise, guided_eps, start
 from pia_jax.sampling.options import Result, SampleOptions
 from pia_jax.tokenizer import tokenize
 
@@ -108,6 +108,9 @@ class Animator:
                                   out_shardings=self._by_video)
         self._decode = _Compiled(self._decode_fn, static_argnums=(2, 3), out_shardings=self._by_video)
         self._wait_each_step = False  # bench/sample.py: wait for each piece before queuing the next (the old loop)
+        # eps = denoiser(unet, latents, t, text, mask, cond, guidance, cfg), called in every step of the loop; a
+        # replacement (e.g. context windows over long videos) must be set before the first call compiles the loop
+        self.denoiser = guided_eps
 
     @classmethod
     def load(cls, path, *, dtype=None, param_dtype=None, mesh=None, attention_kernels=None,
@@ -149,7 +152,7 @@ class Animator:
         """-> (latents, solver state, whether each video's latents are finite): the flags are ready when the
         latents are, and unlike the latents (donated to the next piece on accelerators) they can be waited for."""
         latents, solver_state = denoise(nnx.merge(self._unet_def, unet_state), schedule, latents, solver_state, text,
-                                        mask, cond, guidance, step_keys, begin, end, cfg=cfg)
+                                        mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=self.denoiser)
         return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
 
     def _decode_fn(self, vae_state, latents, chunk, as_uint8):
@@ -193,20 +196,21 @@ class Animator:
 
     def plan_batch_size(self, videos: int, height: int, width: int, frames: int, options: SampleOptions,
                         batch_size: int | None = None, float_frames=False) -> int:
-        """Videos per device per batch. An explicit `batch_size` is checked against the free device memory
-        (ValueError when it cannot fit); the default is as many as fit, at most what `videos` need."""
+        """Videos per device per batch, at most what `videos` need. An explicit `batch_size` is checked against the
+        free device memory (ValueError when it cannot fit); the default is as many as fit."""
         free = memory.free_bytes(self.mesh.devices.flat)
         shape = (height, width, frames, options)
+        wanted = -(-videos // self.devices)
         if batch_size is not None:
             if batch_size < 1:
                 raise ValueError(f"batch size must be >= 1 video per device, got {batch_size}")
+            batch_size = min(batch_size, wanted)
             need = self.batch_bytes(batch_size, *shape, float_frames)
             if need > free:
                 one = self.batch_bytes(1, *shape, float_frames)
                 raise ValueError(f"batch size {batch_size} needs {memory.gib(need)} per device, {memory.gib(free)} "
                                  f"are free; use a batch size of at most {max(1, free // one)}")
             return batch_size
-        wanted = -(-videos // self.devices)
         if self.batch_bytes(wanted, *shape, float_frames) <= free:  # the usual case: one batch, compiled once
             return wanted
         one = self.batch_bytes(1, *shape, float_frames)
@@ -283,12 +287,15 @@ class Animator:
             report("encode", 1, 1)
             tick = self._lap(seconds, "encode", tick)
             args = (batch(mask_coef), cond, guidance, batch(keys))
-            # the whole loop in one call, or (progress) in one-step pieces all queued before the first is waited for
+            # the whole loop in one call, or (progress) in one-step pieces all queued before the first is waited for;
+            # the executable is looked up once, not per piece (that lookup checks every weight's signature)
+            run = self._denoise.get(self._unet, latents, state, schedule, text, *args, put(np.int32(0)),
+                                    put(np.int32(count)), options.cfg)
             bounds = [(0, count)] if progress is None else [(i, i + 1) for i in range(count)]
             pieces = []
             for begin, end in bounds:
-                latents, state, finite = self._denoise(self._unet, latents, state, schedule, text, *args,
-                                                       put(np.int32(begin)), put(np.int32(end)), options.cfg)
+                latents, state, finite = run(self._unet, latents, state, schedule, text, *args, put(np.int32(begin)),
+                                             put(np.int32(end)))
                 pieces.append((end, finite))
                 if self._wait_each_step:
                     finite.block_until_ready()
