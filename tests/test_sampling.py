@@ -139,7 +139,7 @@ def test_seeds_devices_and_no_recompilation(tiny, animator):
 
 def test_loop_compiles_once_for_any_steps_strength_guidance_eta(animator):
     """The denoising loop is one program per (shape, scheduler kind, guidance on/off): calls with other step counts,
-    strengths, guidance scales, eta and Karras sigmas compile nothing new."""
+    strengths, guidance scales and eta compile nothing new (Karras sigmas and DPM-Solver: test_schedulers.py)."""
     img, mask = image(2)[None, :16, :16], affinity.preset_coefficients("small", 2)[None]  # a shape no other test uses
     before = (animator._encode.compiles, animator._denoise.compiles, animator._decode.compiles)
     for options in (SampleOptions(steps=2), SampleOptions(steps=3, strength=0.7, guidance_scale=3.0, eta=0.5),
@@ -147,14 +147,10 @@ def test_loop_compiles_once_for_any_steps_strength_guidance_eta(animator):
         animator(img, ["hello"], ["cat"], mask, options, seeds=[5])
     assert (animator._encode.compiles, animator._denoise.compiles, animator._decode.compiles) == \
         tuple(b + 1 for b in before)
-    for options in (SampleOptions(steps=2, scheduler="dpmpp_2m"),
-                    SampleOptions(steps=4, scheduler="dpmpp_2m", karras=True, strength=0.5)):
-        animator(img, ["hello"], ["cat"], mask, options, seeds=[5])
-    assert animator._denoise.compiles == before[1] + 2, "a second scheduler kind is a second loop program"
 
 
 def test_batches_equal_videos_one_by_one(tiny, tmp_path, monkeypatch):
-    """A batch file of 5 videos on 2 devices with memory for one video per device runs as 3 batches through the same
+    """A batch file of 4 videos on 2 devices with memory for one video per device runs as 2 batches through the same
     programs, and every video equals the same video made alone (bit for bit: the same program on the same data)."""
     import jax
     from jax.sharding import Mesh
@@ -165,7 +161,7 @@ defaults: {{frames: 3, steps: 2, size: 16, scheduler: dpmpp_2m}}
 cases:
   - {{image: {tmp_path / 'img.png'}, prompts: [hello, cat, hello cat], motion: [small, loop_small], seed: 1}}
 """)
-    videos = cases.read_batch_file(tmp_path / "cases.yaml", cases.Settings(), 42)[:5]
+    videos = cases.read_batch_file(tmp_path / "cases.yaml", cases.Settings(), 42)[:4]
     plan = cases.plan(tiny[0], videos, tmp_path / "out")
     (group,) = plan.groups
     two = Animator.load(tiny[0], mesh=Mesh(np.array(jax.devices()[:2]), ("data",)))
@@ -175,16 +171,16 @@ cases:
     args = (np.stack(group.images), [v.prompt for v in videos], [v.negative_prompt for v in videos],
             np.stack([v.affinity for v in videos]), group.options)
     together = two(*args, seeds=[v.seed for v in videos])
-    assert together.batch_size == 1 and together.videos.shape == (5, 3, 8, 16, 3)  # 48x32 -> 16x10 -> 16x8
+    assert together.batch_size == 1 and together.videos.shape == (4, 3, 8, 16, 3)  # 48x32 -> 16x10 -> 16x8
     assert together.videos.dtype == np.uint8
     with pytest.raises(ValueError, match="batch size 2 needs .* use a batch size of at most 1"):
         two(*args, seeds=[v.seed for v in videos], batch_size=2)
     for i, v in enumerate(videos):
         alone = two(*(a[i:i + 1] for a in args[:4]), group.options, seeds=[v.seed])
         np.testing.assert_array_equal(alone.videos[0], together.videos[i])
-    # encode, denoise and decode for 1 and 2 videos per device (measured above), and for 3 (all five at once: the
-    # planner's first try, which did not fit); none for the batches themselves
-    assert two.compilations == 3 * 3
+    # encode, denoise and decode for 1 and 2 videos per device (measured above; 2 is also the planner's first try,
+    # which does not fit); none for the batches themselves
+    assert two.compilations == 2 * 3
 
 
 def test_no_weight_work_inside_the_loop(animator):

@@ -1,6 +1,7 @@
 """`Animator`: PIA image animation from its parts (UNet, VAE, text encoder, tokenizer, scheduler config, mesh).
 
-A call runs the phases of the reference pipeline (PIA `i2v_pipeline.py`), each one compiled program:
+A call runs the phases of the reference pipeline (PIA `i2v_pipeline.py`); encode, denoise and decode are one
+compiled program each:
   noise   (noise.py)   per-video noise from seeds, drawn on the host (or given as arrays);
   encode  (encode.py)  prompts -> text states, image -> condition latent, and the first latents (loop.start);
   denoise (loop.py)    the whole loop over a padded schedule, one program for every step count and strength;
@@ -14,8 +15,8 @@ the same programs; the last is padded with copies of its last video.
 Progress: with a `progress` function the loop runs in one-step pieces, all dispatched at once, and a step is
 reported when its latents are ready: truthful per step, the device never waits for the host. (A host callback in
 the loop would do the same in one call, but jax 0.10 does not cache programs holding callbacks: compile_cache.py.)
-The piece costs the loop-invariant work (weight re-layouts on GPU, hoisted out of the loop body) once per step;
-without `progress` the loop is one call.
+Each piece repeats the loop-invariant work (weight re-layouts on GPU, hoisted out of the loop body) and costs a
+dispatch with every weight as an argument (host time, BENCHMARKS.md); without `progress` the loop is one call.
 """
 
 import time
