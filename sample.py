@@ -4,132 +4,50 @@
   python sample.py --model models/pia-sd15 --image cat.jpg --prompt "a cat" --seed 1 2 3 4 --out out/cat.mp4
   python sample.py --model models/pia-sd15 --config cases.yaml --out out/
 
-Every input is checked before any model is loaded or compiled. Several videos (seeds x prompts, or the cases of a
-YAML file with the same size and options) run as one batch split over all local devices.
+Every input is checked before any model is loaded or compiled (pia_jax.sampling.cases: the batch-file format,
+output names). Videos of one size and options run in batches of --batch-size videos per local device.
 """
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from pia_jax import affinity, media, model_dir
-from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, SampleOptions, latent_shape
-
-FORMATS = ("gif", "mp4", "png")
-
-
-@dataclasses.dataclass
-class Case:
-    """One video to make: everything that differs between videos of a batch."""
-    name: str
-    image: Path
-    prompt: str
-    negative_prompt: str
-    affinity: np.ndarray  # (F,)
-    seed: int
-
-
-def parse_affinity(motion, custom, frames: int, cond_frame: int) -> np.ndarray:
-    if custom is not None:
-        values = [float(v) for v in str(custom).replace(",", " ").split()] if isinstance(custom, str) else custom
-        return affinity.custom_coefficients(values, frames)
-    preset = int(motion) if str(motion).lstrip("-").isdigit() else motion
-    return affinity.preset_coefficients(preset, frames, cond_frame)
-
-
-def output_paths(out: Path, name: str, single: bool, formats) -> dict:
-    """--out file.gif: that file (several videos: file-<name>.gif); --out folder: folder/<name>.gif."""
-    stem = out / name if out.suffix == "" else out.with_suffix("") if single else out.with_name(f"{out.stem}-{name}")
-    return {fmt: (stem.with_name(stem.name + "_frames") if fmt == "png" else stem.with_suffix(f".{fmt}"))
-            for fmt in formats}
-
-
-def cases_from_args(a) -> list[Case]:
-    seeds = a.seed if a.num_videos is None else [a.seed[0] + i for i in range(a.num_videos)]
-    coef = parse_affinity(a.motion, a.affinity, a.frames, a.cond_frame)
-    negative = DEFAULT_NEGATIVE_PROMPT if a.negative_prompt is None else a.negative_prompt
-    many = len(seeds) * len(a.prompt) > 1
-    return [Case(f"{a.image.stem}-{p}-{s}" if many else a.image.stem, a.image, prompt, negative, coef, s)
-            for p, prompt in enumerate(a.prompt) for s in seeds]
-
-
-# keys a YAML case may set; anything else is a typo and an error
-CASE_KEYS = {"name", "image", "prompt", "prompts", "negative_prompt", "motion", "affinity", "cond_frame", "seed",
-             "seeds", "frames", "steps", "scheduler", "karras", "guidance", "strength", "eta", "size", "height",
-             "width", "clip_skip"}
-
-
-def cases_from_yaml(path: Path, a) -> list[tuple[Case, dict]]:
-    """A YAML file: optional `defaults:` (any case key) and a list `cases:`; each case gives an image and a prompt
-    (or `prompts:`), and may list `motion:` presets and `seeds:`, making one video per combination."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read the batch file {path}: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list) or not doc["cases"]:
-        raise ValueError(f"{path}: expected a mapping with a non-empty list 'cases:' (and optional 'defaults:')")
-    defaults = doc.get("defaults") or {}
-    out = []
-    for i, raw in enumerate(doc["cases"]):
-        case = {**defaults, **(raw or {})}
-        unknown = sorted(set(case) - CASE_KEYS)
-        if unknown:
-            raise ValueError(f"{path}: case {i}: unknown keys {unknown}; allowed: {sorted(CASE_KEYS)}")
-        if "image" not in case or not ({"prompt", "prompts"} & set(case)):
-            raise ValueError(f"{path}: case {i} needs 'image' and 'prompt' (or 'prompts')")
-        image = Path(case["image"])
-        image = image if image.is_absolute() else path.parent / image
-        prompts = case.get("prompts") or [case["prompt"]]
-        motions = case.get("motion", a.motion)
-        motions = motions if isinstance(motions, list) else [motions]
-        seeds = case.get("seeds") or [case.get("seed", a.seed[0])]
-        frames = int(case.get("frames", a.frames))
-        settings = {k: case[k] for k in ("steps", "scheduler", "karras", "guidance", "strength", "eta", "size",
-                                         "height", "width", "clip_skip") if k in case}
-        settings["frames"] = frames
-        name = str(case.get("name", image.stem))
-        for p, prompt in enumerate(prompts):
-            for motion in motions:
-                coef = parse_affinity(motion, case.get("affinity"), frames, int(case.get("cond_frame", a.cond_frame)))
-                for seed in seeds:
-                    tag = f"{name}-{p}-{motion if case.get('affinity') is None else 'custom'}-{seed}"
-                    out.append((Case(tag, image, str(prompt), case.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT),
-                                     coef, int(seed)), settings))
-    return out
+from pia_jax import media
+from pia_jax.sampling import cases
+from pia_jax.schedulers import KINDS
 
 
 def build_parser():
+    d = cases.Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
     p.add_argument("--negative-prompt", help="default: the reference's negative prompt; '' for none")
     p.add_argument("--config", type=Path, help="YAML batch file of cases (instead of --image/--prompt)")
-    p.add_argument("--motion", default="small",
+    p.add_argument("--motion", default=d.motion,
                    help="affinity preset: small, moderate, large, loop_small, loop_moderate, loop_large, style_small, "
                         "style_moderate, style_large, or a PIA index (0..5, -1..-3)")
     p.add_argument("--affinity", help="custom per-frame affinities, e.g. '1,0.9,0.85,...' (one per frame)")
-    p.add_argument("--cond-frame", type=int, default=0, help="the frame that shows the image (presets count from it)")
-    p.add_argument("--frames", type=int, default=16, help="frames per video (at most the motion modules' 32)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scheduler", choices=("ddim", "dpmpp_2m"), default="ddim")
+    p.add_argument("--cond-frame", type=int, help="the frame that shows the image (presets count from it; default 0)")
+    p.add_argument("--frames", type=int, default=d.frames, help="frames per video (at most the motion modules' 32)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--scheduler", choices=KINDS, default=d.scheduler)
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    p.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the noised image")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--strength", type=float, default=d.strength, help="< 1 starts from the noised image")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta")
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--seed", type=int, nargs="+", default=[42])
     p.add_argument("--num-videos", type=int, help="videos with seeds seed, seed+1, ...")
-    p.add_argument("--size", type=int, default=512, help="long side of the image (reference preprocessing)")
+    p.add_argument("--size", type=int, default=d.size, help="long side of the image (reference preprocessing)")
     p.add_argument("--height", type=int, help="explicit size (with --width): resize to cover, centre-crop")
     p.add_argument("--width", type=int)
     p.add_argument("--out", type=Path, default=Path("outputs"),
-                   help="output file (.gif/.mp4; several videos get -<prompt>-<seed> suffixes) or folder")
+                   help="output file (.gif/.mp4; several videos get -<name> suffixes) or folder")
     p.add_argument("--format", default=None, help="comma-separated gif,mp4,png (default: from --out, else gif)")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--noise", type=Path, help=".npy initial noise (B, F, h, w, 4) to use instead of the seeds")
@@ -137,120 +55,88 @@ def build_parser():
     p.add_argument("--save-noise", action="store_true", help="save the noise used next to each video (.npy)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on GPU/TPU, fp32 on CPU)")
-    p.add_argument("--decode-chunk", type=int, default=4, help="frames per video decoded at once by the VAE")
+    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, help="frames per video decoded at once")
+    p.add_argument("--batch-size", type=int,
+                   help="videos per device per batch (default: as many as the device memory holds)")
+    p.add_argument("--compile-cache", default="default", metavar="DIR|off",
+                   help="persistent compilation cache folder (default: $PIA_JAX_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/pia_jax/xla); 'off' disables it")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress (the loop runs as one call)")
     return p
 
 
-def plan(a):
-    """Every check that needs no model weights. Returns the batches [((image shape, frames, options), [(case,
-    image)])], the output formats, the model config and whether there is a single video."""
-    config, _, _ = model_dir.read_config(a.model)  # raises a clear error for a missing or incomplete directory
-    if config.unet.in_channels != 9:
-        raise ValueError(f"{a.model} holds a {config.unet.in_channels}-channel UNet (motion modules without PIA's "
-                         "condition branch); convert it with pia.ckpt or the PIA condition adapter")
+def plan(a) -> tuple:
+    """Every check that needs no model weights -> (plan, noise, posterior noise)."""
+    settings = cases.Settings(
+        negative_prompt=a.negative_prompt, motion=a.motion, affinity=a.affinity, cond_frame=a.cond_frame,
+        frames=a.frames, steps=a.steps, scheduler=a.scheduler, karras=a.karras, guidance=a.guidance,
+        strength=a.strength, eta=a.eta, clip_skip=a.clip_skip, size=a.size, height=a.height, width=a.width,
+        decode_chunk=a.decode_chunk)
+    if a.batch_size is not None and a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:
-        if a.image is not None or a.prompt is not None:
-            raise ValueError("use either --config or --image/--prompt")
-        entries = cases_from_yaml(a.config, a)
+        if a.image is not None or a.prompt is not None or a.num_videos is not None:
+            raise ValueError("use either --config or --image/--prompt/--num-videos")
+        videos = cases.read_batch_file(a.config, settings, a.seed[0])
     else:
         if a.image is None or not a.prompt:
             raise ValueError("--image and --prompt are required (or --config with a batch file)")
-        entries = [(c, {"frames": a.frames}) for c in cases_from_args(a)]
-    formats = a.format.split(",") if a.format else ([a.out.suffix[1:]] if a.out.suffix else ["gif"])
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
-    max_frames = config.unet.motion_max_seq_length
-    batches = {}
-    images = {}
-    for case, settings in entries:
-        merged = {**{k: getattr(a, k) for k in ("steps", "scheduler", "karras", "guidance", "strength", "eta",
-                                                 "size", "height", "width", "clip_skip")}, **settings}
-        frames = merged["frames"]
-        if not 1 <= frames <= max_frames:
-            raise ValueError(f"{frames} frames: this model's motion modules take 1..{max_frames}")
-        if (merged["height"] is None) != (merged["width"] is None):
-            raise ValueError("give both --height and --width, or neither")
-        key = (case.image, merged["size"], merged["height"], merged["width"])
-        if key not in images:
-            images[key] = media.preprocess_image(media.load_image(case.image), merged["size"], merged["height"],
-                                                 merged["width"])
-        options = SampleOptions(steps=int(merged["steps"]), scheduler=merged["scheduler"], karras=bool(merged["karras"]),
-                                guidance_scale=float(merged["guidance"]), strength=float(merged["strength"]),
-                                eta=float(merged["eta"]), clip_skip=merged["clip_skip"],
-                                decode_chunk=a.decode_chunk)
-        if not 0 < options.strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {options.strength}")
-        if options.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {options.steps}")
-        image = images[key]
-        batches.setdefault((image.shape, frames, options), []).append((case, image))
-    names = [case.name for case, _ in entries]
-    if len(set(names)) != len(names):
-        raise ValueError("two videos would get the same output name; give the cases distinct names")
-    for case, _ in entries:
-        for path in output_paths(a.out, case.name, len(entries) == 1, formats).values():
-            media.check_writable(path, directory=path.suffix == "")
-    return list(batches.items()), formats, config, len(entries) == 1
-
-
-def load_noise(a, batch_size, shape):
-    noise = post = None
-    for name, path, expected in (("noise", a.noise, (batch_size,) + shape),
-                                 ("posterior noise", a.posterior_noise, (batch_size,) + shape[1:])):
-        if path is None:
-            continue
-        try:
-            arr = np.load(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the {name} file {path}: {e}") from None
-        if arr.shape != expected:
-            raise ValueError(f"{name} in {path} has shape {arr.shape}; this run needs {expected}")
-        noise, post = (arr, post) if name == "noise" else (noise, arr)
-    return noise, post
+        videos = cases.videos_from_values(a.image, a.prompt, a.seed, settings, a.num_videos)
+    p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
+    return (p, *cases.load_noise(p, a.noise, a.posterior_noise))
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        batches, formats, config, single = plan(a)
-        if (a.noise or a.posterior_noise) and len(batches) != 1:
-            raise ValueError("--noise/--posterior-noise need a single batch (one image size and one set of options)")
-        (shape, frames, _), items = batches[0]
-        noise, post = load_noise(a, len(items), latent_shape(config.vae, shape[0], shape[1], frames))
+        p, noise, post = plan(a)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import jax.numpy as jnp
-    from pia_jax.pipeline import Animator
+    from pia_jax.sampling import Animator, compile_cache
+    cache_before = compile_cache.counts()
     dtype = {"auto": None, "fp32": jnp.float32, "bf16": jnp.bfloat16}[a.dtype]
-    animator = Animator.load(a.model, dtype=dtype)
+    animator = Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
     seconds = {"load": time.perf_counter() - start}
-    written = []
-    for (shape, frames, options), items in batches:
-        cases = [c for c, _ in items]
-        progress = Progress(len(cases), frames)
-        result = animator(np.stack([img for _, img in items]), [c.prompt for c in cases],
-                          [c.negative_prompt for c in cases], np.stack([c.affinity for c in cases]), options,
-                          seeds=[c.seed for c in cases], noise=noise, posterior_noise=post, progress=progress)
+    try:  # compile (or load from the cache) and size every batch before the first video is made
+        sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size)
+                 for g in p.groups]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    written, single = [], len(p.videos) == 1
+    for g, size in zip(p.groups, sizes):
+        progress = None if a.no_progress else Progress(len(g.videos), g.frames)
+        try:
+            result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
+                              np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
+                              noise=noise, posterior_noise=post, progress=progress, batch_size=size)
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         for k, v in result.seconds.items():
             seconds[k] = seconds.get(k, 0) + v
-        for i, case in enumerate(cases):
-            frames_u8 = media.frames_to_uint8(result.videos[i])
-            paths = output_paths(a.out, case.name, single, formats)
+        for i, video in enumerate(g.videos):
+            paths = cases.output_paths(a.out, video.name, single, p.formats)
             for fmt, path in paths.items():
-                {"gif": lambda p, f: media.write_gif(p, f, a.fps), "mp4": lambda p, f: media.write_mp4(p, f, a.fps),
-                 "png": media.write_png_frames}[fmt](path, frames_u8)
+                {"gif": lambda q, f: media.write_gif(q, f, a.fps), "mp4": lambda q, f: media.write_mp4(q, f, a.fps),
+                 "png": media.write_png_frames}[fmt](path, result.videos[i])
                 written.append(path)
             if a.save_noise:
-                stem = next(iter(paths.values()))
-                np.save(stem.with_name(stem.stem + "_noise.npy"), result.noise[i:i + 1])
-                np.save(stem.with_name(stem.stem + "_posterior_noise.npy"), result.posterior_noise[i:i + 1])
+                noise_path, post_path = cases.noise_paths(paths)
+                np.save(noise_path, result.noise[i:i + 1])
+                np.save(post_path, result.posterior_noise[i:i + 1])
+    seconds["compile"] = animator.compile_seconds
     seconds["total"] = time.perf_counter() - start
-    shown = ", ".join(str(p) for p in written[:4]) + (f", ... ({len(written)} files)" if len(written) > 4 else "")
-    print(f"wrote {shown} | " + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    counts = {k: v - cache_before[k] for k, v in compile_cache.counts().items()}
+    cache = (f"cache {counts['hits']} hit(s), {counts['misses']} miss(es)" if animator.compile_cache
+             else "cache off")
+    shown = ", ".join(str(q) for q in written[:4]) + (f", ... ({len(written)} files)" if len(written) > 4 else "")
+    print(f"wrote {shown} | " + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+          + f" | {cache} | batch {max(sizes)} video(s) x {animator.devices} device(s)")
     return 0
 
 
@@ -262,12 +148,11 @@ class Progress:
         self.start = time.perf_counter()
 
     def __call__(self, phase, done, total):
-        text = {"encode": "encoding prompts and image" + (" (compiling)" if done == 0 else ""),
-                "denoise": f"denoising step {done}/{total}", "decode": f"decoding frame {done}/{total}"}[phase]
+        text = {"encode": "encoding prompts and image", "denoise": f"denoising step {done}/{total}",
+                "decode": f"decoding {total} frames"}[phase]
         line = f"[{time.perf_counter() - self.start:6.1f}s] {self.videos} video(s) x {self.frames} frames: {text}"
         if self.tty:
-            print("\r" + line.ljust(100), end="" if done < total or phase != "decode" else "\n", file=sys.stderr,
-                  flush=True)
+            print("\r" + line.ljust(100), end="" if phase != "decode" else "\n", file=sys.stderr, flush=True)
         elif done == total or phase == "denoise" and done % 5 == 0:
             print(line, file=sys.stderr, flush=True)
 

@@ -1,6 +1,7 @@
 """Sampling: seconds per video for the standard PIA job, and diffusers' PIAPipeline beside it.
 
     python -m bench.sample --config sd15 --frames 16 --size 512 --steps 25 --torch
+    python -m bench.sample --config tiny --frames 2 --size 16 --steps 50 --overhead   # host overhead per step
 
 Random weights (timing does not depend on their values), CFG 7.5, DDIM, the reference's batch of one video.
 Reports compile time, seconds per video (second call, so no compilation), ms per denoising step (one CFG UNet
@@ -17,8 +18,7 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import affinity, config, schedulers
-from pia_jax.model_dir import ModelDir
-from pia_jax.pipeline import Animator, SampleOptions, accelerator_default_dtype
+from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.unet import UNetMotionModel
 from pia_jax.vae import AutoencoderKL
@@ -27,11 +27,15 @@ DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
 
 class FixedTokenizer:
-    """Stands in for CLIP's tokenizer (no vocabulary files here): BOS, a few ids, EOS padding."""
+    """Stands in for CLIP's tokenizer (no vocabulary files here): BOS, a few ids, EOS padding (CLIP's BOS and EOS
+    are the vocabulary's last two ids)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
 
     def __call__(self, prompts, max_length=77, **_):
-        ids = np.full((len(prompts), max_length), 49407, np.int64)
-        ids[:, 0], ids[:, 1:6] = 49406, np.arange(400, 405)
+        ids = np.full((len(prompts), max_length), self.vocab_size - 1, np.int64)
+        ids[:, 0], ids[:, 1:6] = self.vocab_size - 2, np.arange(400, 405)
         return {"input_ids": ids}
 
 
@@ -39,13 +43,14 @@ def bench_jax(cfg, args):
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else accelerator_default_dtype()
     rngs = nnx.Rngs(0)
     make = dict(rngs=rngs, dtype=dtype, param_dtype=dtype)
-    model = ModelDir(None, cfg, schedulers.to_dict(schedulers.PIA_DDIM), UNetMotionModel(cfg.unet, **make),
-                     AutoencoderKL(cfg.vae, **make), CLIPTextModel(cfg.text, **make), FixedTokenizer())
-    animator = Animator(model)
+    animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
+                        CLIPTextModel(cfg.text, **make), FixedTokenizer(cfg.text.vocab_size), compile_cache_dir=args.compile_cache)
     n = args.videos
     images = np.random.default_rng(0).integers(0, 256, (n, args.size, args.size, 3), np.uint8)
     mask = np.stack([affinity.preset_coefficients("moderate", args.frames)] * n)
     options = SampleOptions(steps=args.steps, scheduler=args.scheduler, decode_chunk=args.decode_chunk)
+    if args.overhead:
+        return bench_overhead(animator, images, mask, options)
     run = lambda: animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)))  # noqa: E731
     first = run()
     runs = [run() for _ in range(args.repeats)]
@@ -57,6 +62,58 @@ def bench_jax(cfg, args):
     print(f"jax   {jnp.dtype(dtype).name}, {n} video(s) on {len(jax.devices())} {jax.default_backend()} device(s): "
           f"compile {first.seconds['compile']:.1f} s, {total / n:.2f} s/video (encode {s['encode']:.2f} s, "
           f"{1e3 * s['denoise'] / args.steps:.1f} ms/step, decode {s['decode']:.2f} s), peak memory {peak}")
+
+
+class _HostTimed:
+    """Wraps the loop's compiled executables: the host time spent in each call (argument checks, dispatch), which
+    returns before the device is done (asynchronous dispatch)."""
+
+    def __init__(self, compiled):
+        self.compiled, self.seconds_in_calls = compiled, []
+
+    def get(self, *args):
+        return _TimedExecutable(self.compiled.get(*args), self.seconds_in_calls)
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+
+
+class _TimedExecutable:
+    def __init__(self, exe, seconds: list):
+        self.exe, self.seconds = exe, seconds
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = self.exe(*args)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.exe, name)
+
+
+def bench_overhead(animator, images, mask, options):
+    """Host time per denoising step spent calling the loop program, and wall time per step, for: one loop call
+    (no progress), one-step pieces queued at once (progress), and one-step calls each waited for (the pattern of
+    the former per-step Python loop, where the device idles while the host prepares the next step)."""
+    n, steps = len(images), options.steps
+    animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)))  # compiles
+    animator._denoise = timed = _HostTimed(animator._denoise)
+    rows = []
+    for mode in ("loop", "pieces", "blocking"):
+        animator._wait_each_step = mode == "blocking"
+        progress = None if mode == "loop" else (lambda *a: None)
+        wall, host = [], []
+        for _ in range(5):
+            timed.seconds_in_calls = []
+            result = animator(images, ["a cat"] * n, ["ugly"] * n, mask, options, seeds=list(range(n)),
+                              progress=progress)
+            wall.append(result.seconds["denoise"] / steps)
+            host.append(sum(timed.seconds_in_calls) / steps)
+        rows.append(f"{mode}: host {1e3 * min(host):.2f} ms/step, wall {1e3 * min(wall):.1f} ms/step")
+    animator._wait_each_step, animator._denoise = False, timed.compiled
+    print(f"denoising, {steps} steps on {animator.devices} {jax.default_backend()} device(s) (best of 5): "
+          + "; ".join(rows))
 
 
 def bench_torch(cfg, args):
@@ -110,6 +167,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--torch", action="store_true", help="also time diffusers' PIAPipeline (needs torch+diffusers)")
     p.add_argument("--torch-compile", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="time the denoising loop's host overhead per step")
+    p.add_argument("--compile-cache", default="off", help="persistent compilation cache folder (default: off)")
     args = p.parse_args()
     cfg = {"sd15": config.SD15_PIA, "tiny": config.TINY}[args.config]
     print(f"{args.config}: {args.videos} x {args.frames} frames at {args.size}x{args.size}, {args.steps} "

@@ -183,6 +183,38 @@ class _Tensors:
         return self.handle.get_tensor(key)
 
 
+def _check_header(path, part: str, handle, abstract) -> None:
+    """Raises ModelDirError unless the stored tensors are exactly the model's parameters, shapes included."""
+    stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    expected = weights.param_shapes(abstract)
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [f"{k}: shape {stored[k]}, model expects {s}" for k, s in expected.items()
+                 if k in stored and stored[k] != s]
+    if problems:
+        raise ModelDirError(f"{part}.safetensors in {str(path)!r} does not match its config.json "
+                            f"({len(problems)} problems): " + "; ".join(problems[:10]))
+
+
+def check_model_dir(path, *, parts=PARTS, tokenizer: bool = True) -> tuple[config_lib.PIAConfig, dict]:
+    """Everything `load_model_dir` would find wrong, found without reading a weight: the config, each part's
+    safetensors header against the shapes its config implies (a truncated file fails to open), and the tokenizer
+    files. Returns (model config, scheduler dict)."""
+    from pia_jax.tokenizer import _is_tokenizer_dir
+    config, scheduler, meta = read_config(path)
+    builders = _builders(config)
+    for part in parts:
+        if part not in meta["parts"]:
+            raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
+        cls, cfg = builders[part]
+        with open_part(path, part) as handle:
+            _check_header(path, part, handle, abstract_model(cls, cfg))
+    if tokenizer and not _is_tokenizer_dir(Path(path) / "tokenizer"):
+        raise ModelDirError(f"model directory {str(path)!r} has no tokenizer (tokenizer/vocab.json + merges.txt or "
+                            "tokenizer/tokenizer.json); convert it again or copy SD1.5's tokenizer/ folder there")
+    return config, scheduler
+
+
 def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None,
                    model_kwargs: dict | None = None, tokenizer: bool = True) -> ModelDir:
     """Builds the models of a directory with their weights. `dtype` is the compute dtype, `param_dtype` the
@@ -198,15 +230,7 @@ def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.floa
         abstract = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype,
                                   **(model_kwargs or {}).get(part, {}))
         with open_part(path, part) as handle:
-            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-            expected = weights.param_shapes(abstract)
-            problems = [f"missing {k}" for k in expected if k not in stored]
-            problems += [f"unexpected {k}" for k in stored if k not in expected]
-            problems += [f"{k}: shape {stored[k]}, model expects {s}" for k, s in expected.items()
-                         if k in stored and stored[k] != s]
-            if problems:
-                raise ModelDirError(f"{part}.safetensors in {str(path)!r} does not match its config.json "
-                                    f"({len(problems)} problems): " + "; ".join(problems[:10]))
+            _check_header(path, part, handle, abstract)
             setattr(out, part, weights.fill(abstract, _Tensors(handle), sharding))
     if tokenizer:
         from pia_jax.tokenizer import load_tokenizer

@@ -1,5 +1,8 @@
 """Noise schedulers as data: DDIM and DPM-Solver++ 2M with every per-step coefficient precomputed on the host, so a
-sampler is one `jax.lax.fori_loop` over a pure `step` that compiles once per shape.
+sampler is a loop over a pure `step`. `make_schedule(..., length=L)` pads the per-step arrays to a fixed length L and
+says in `count` how many steps are real: the step count, strength, Karras sigmas and DDIM eta are then all data, and
+the compiled loop (pia_jax.sampling.loop: a `fori_loop` with a dynamic trip count) compiles once per scheduler kind
+and shape, whatever they are.
 
 The parity target is diffusers' DDIMScheduler and DPMSolverMultistepScheduler (same config keys, same timesteps, same
 float32 formulas; tests/test_schedulers.py runs both). Sampling convention: sample = alpha·x0 + sigma·ε at every step.
@@ -165,15 +168,19 @@ def _pytree(*meta):
 @_pytree("prediction_type", "clip", "stochastic")
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """Per-step (S,) arrays; x_prev = alpha_prev·x0 + direction·ε + std·noise."""
+    """Per-step (S,) arrays; x_prev = alpha_prev·x0 + direction·ε + std·noise. The first `count` entries are the
+    steps taken; any further ones are padding (copies of the last step) that a sampler never runs."""
     timesteps: jax.Array   # int32, the model's timestep input
     alpha: jax.Array       # sqrt(ᾱ_t)
     sigma: jax.Array       # sqrt(1 - ᾱ_t)
     alpha_prev: jax.Array  # sqrt(ᾱ_prev), ᾱ_prev = 1 (or ᾱ_0) after the last step
     direction: jax.Array   # sqrt(1 - ᾱ_prev - std²)
     std: jax.Array         # η · sqrt((1-ᾱ_prev)/(1-ᾱ_t) · (1 - ᾱ_t/ᾱ_prev))
+    count: jax.Array       # int32 scalar: the number of steps taken
     prediction_type: str = "epsilon"
     clip: float | None = None
+    # Whether `step` adds std·noise (and so needs noise). True for eta > 0, and always for padded schedules, so
+    # that eta is data there: with eta = 0, std = 0 and x + 0·noise = x exactly.
     stochastic: bool = False
 
 
@@ -187,28 +194,48 @@ class DPMSchedule:
     ratio: jax.Array      # sigma_next / sigma
     phi: jax.Array        # alpha_next·(exp(-h) - 1), h = λ_next - λ, λ = log(alpha/sigma)
     c1: jax.Array         # weight of the second-order difference; 0 on first-order steps
+    count: jax.Array      # int32 scalar: the number of steps taken (the first `count` entries; the rest padding)
     prediction_type: str = "epsilon"
 
 
 Schedule = DDIMSchedule | DPMSchedule
 
 
-def make_schedule(kind: str, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0) -> Schedule:
+def check_steps(config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0) -> int:
+    """Raises ValueError unless `num_inference_steps` and `strength` leave at least one step; returns the index of
+    the first step taken (diffusers' `get_timesteps`: the last int(steps·strength) steps are kept)."""
+    n = num_inference_steps
+    if not 0 < n <= config.num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {config.num_train_timesteps}] (the model's training timesteps), "
+                         f"got {n}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    start = n - min(int(n * strength), n)
+    if start >= n:
+        raise ValueError(f"strength {strength} leaves no step of {n} (int(steps * strength) = 0); raise --strength "
+                         f"to at least {1 / n:.3g} or --steps")
+    return start
+
+
+def make_schedule(kind: str, config: SchedulerConfig, num_inference_steps: int, strength: float = 1.0,
+                  length: int | None = None) -> Schedule:
     """The sampling schedule of `num_inference_steps`; `strength` < 1 keeps only the last int(steps·strength) steps,
-    as diffusers' img2img and PIA pipelines do (start from the image noised with `add_noise_start`)."""
+    as diffusers' img2img and PIA pipelines do (start from the image noised with `add_noise_start`). `length` pads
+    the per-step arrays to that many entries (at least the steps taken), so schedules of any step count share one
+    shape; a padded DDIM schedule is always `stochastic` (see DDIMSchedule)."""
     n = num_inference_steps
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 0 < n <= config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {config.num_train_timesteps}], got {n}")
-    start = n - min(int(n * strength), n)
-    if start >= n:
-        raise ValueError(f"strength {strength} leaves no step of {n}")
+    start = check_steps(config, n, strength)
+    if length is not None and length < n - start:
+        raise ValueError(f"length {length} is shorter than the {n - start} steps taken")
+    pad = 0 if length is None else length - (n - start)
     acp = alphas_cumprod(config)
     ts = _timesteps(config, kind, n)
+    count = jnp.asarray(n - start, jnp.int32)
 
-    def f32(a):  # the steps taken, as device arrays
-        return jnp.asarray(np.asarray(a, np.float32)[start:])
+    def taken(a, dtype=np.float32):  # the steps taken, padded with copies of the last, as device arrays
+        return jnp.asarray(np.pad(np.asarray(a)[start:].astype(dtype), (0, pad), mode="edge"))
 
     if kind == "ddim":
         prev = ts - config.num_train_timesteps // n  # diffusers' rule for every spacing, so also for 'linspace'
@@ -217,9 +244,9 @@ def make_schedule(kind: str, config: SchedulerConfig, num_inference_steps: int, 
         variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
         std = np.float32(config.eta) * variance ** 0.5
         return DDIMSchedule(
-            jnp.asarray(ts[start:], jnp.int32), f32(a ** 0.5), f32((1 - a) ** 0.5), f32(a_prev ** 0.5),
-            f32((1 - a_prev - std ** 2) ** 0.5), f32(std), config.prediction_type,
-            config.clip_sample_range if config.clip_sample else None, config.eta > 0)
+            taken(ts, np.int32), taken(a ** 0.5), taken((1 - a) ** 0.5), taken(a_prev ** 0.5),
+            taken((1 - a_prev - std ** 2) ** 0.5), taken(std), count, config.prediction_type,
+            config.clip_sample_range if config.clip_sample else None, config.eta > 0 or length is not None)
 
     sigmas = ((1 - acp) / acp) ** 0.5
     if config.use_karras_sigmas:
@@ -247,8 +274,8 @@ def make_schedule(kind: str, config: SchedulerConfig, num_inference_steps: int, 
                    or config.final_sigmas_type == "zero")
     first = (config.solver_order == 1) | (k == start) | ((k == N - 1) & lower_final)
     return DPMSchedule(
-        jnp.asarray(ts[start:], jnp.int32), f32(alpha[:-1]), f32(sigma[:-1]), f32(sigma[1:] / sigma[:-1]), f32(phi),
-        f32(np.where(first, 0, c1)), config.prediction_type)
+        taken(ts, np.int32), taken(alpha[:-1]), taken(sigma[:-1]), taken(sigma[1:] / sigma[:-1]), taken(phi),
+        taken(np.where(first, 0, c1)), count, config.prediction_type)
 
 
 def init_state(schedule: Schedule, sample: jax.Array):

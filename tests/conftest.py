@@ -5,6 +5,8 @@ PIA_TEST_GPU=1 leaves the platform alone instead, for the GPU-only checks in tes
 
 import os
 
+os.environ.setdefault("PIA_JAX_CACHE_DIR", "off")  # tests write no compilation cache unless one asks
+
 if os.environ.get("PIA_TEST_GPU") != "1":
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -1,7 +1,8 @@
 """GPU-only checks (skipped elsewhere; run with `PIA_TEST_GPU=1 pytest tests/test_gpu.py` on a CUDA machine).
 
 cuDNN flash attention must agree with the XLA kernel at every call site it is picked for, in both directions
-(gradients too, for training), and the full model in bf16 must stay close to fp32.
+(gradients too, for training), the full model in bf16 must stay close to fp32, and the sampling loop must not
+re-lay weights in every step.
 """
 
 import jax
@@ -61,3 +62,17 @@ def test_bf16_unet_close_to_fp32():
     got = jax.jit(lambda s, *a: nnx.merge(graphdef16, s)(*a))(state16, *args)
     assert np.isfinite(np.asarray(got)).all()
     assert_close(np.asarray(got), np.asarray(ref), 5e-2, "bf16 vs fp32 UNet")
+
+
+def test_no_weight_work_inside_the_sampling_loop():
+    """On a GPU the convolutions want their kernels in cuDNN's layout: the compiled denoising loop must re-lay the
+    weights once, before the loop, not in every step (the detector of tests/test_sampling.py)."""
+    from pia_jax.sampling import Animator, SampleOptions
+    from pia_jax.text_encoder import CLIPTextModel
+    from pia_jax.vae import AutoencoderKL
+    from tests.hlo import weight_shapes, weight_work_in_loop_body
+    cfg, make = config.TINY, dict(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
+                        CLIPTextModel(cfg.text, **make), tokenizer=None, compile_cache_dir="off")
+    (_, _), (exe, _), (_, _) = animator._executables(1, 64, 64, 16, SampleOptions())
+    assert weight_work_in_loop_body(exe.as_text(), weight_shapes(animator._unet)) == []

@@ -1,6 +1,7 @@
 """sample.py: the command line on a tiny converted model, and every bad input failing before any model loads."""
 
 import dataclasses
+import shutil
 
 import av
 import numpy as np
@@ -39,7 +40,7 @@ def test_cli_writes_gif_mp4_png_and_noise(model, tmp_path, capsys):
     assert code == 0, io.err
     # 60x40 -> long side 32 -> 32x21 -> multiples of 8: 32x16
     for seed in (1, 2):
-        stem = out.with_name(f"cat-img-0-{seed}")
+        stem = out.with_name(f"cat-img-hello-cat-{seed}")  # --out stem, image stem, prompt slug, seed
         with Image.open(stem.with_suffix(".gif")) as gif:
             assert gif.n_frames == 5 and gif.size == (32, 16)
         with av.open(str(stem.with_suffix(".mp4"))) as mp4:
@@ -47,11 +48,12 @@ def test_cli_writes_gif_mp4_png_and_noise(model, tmp_path, capsys):
             assert len(frames) == 5 and (frames[0].width, frames[0].height) == (32, 16)
         assert len(list(stem.with_name(stem.name + "_frames").glob("*.png"))) == 5
         assert np.load(stem.with_name(stem.name + "_noise.npy")).shape == (1, 5, 8, 16, 4)
-    assert "wrote" in io.out and "denoise" in io.out and "compile" in io.out
+    assert "wrote" in io.out and "denoise" in io.out and "compile" in io.out and "cache off" in io.out
+    assert "denoising step 2/2" in io.err  # progress per step
 
     # the saved noise reproduces the video exactly when fed back in (and no seed is needed then)
     again = tmp_path / "again.gif"
-    stem = out.with_name("cat-img-0-1")
+    stem = out.with_name("cat-img-hello-cat-1")
     code, io = run(capsys, "--model", path, "--image", img, "--prompt", "hello cat", "--frames", 5, "--steps", 2,
                    "--out", again, "--motion", "loop_small", "--size", 32, "--format", "png",
                    "--noise", stem.with_name(stem.name + "_noise.npy"),
@@ -80,8 +82,21 @@ cases:
     code, io = run(capsys, "--model", path, "--config", cases, "--out", tmp_path / "videos")
     assert code == 0, io.err
     names = sorted(p.name for p in (tmp_path / "videos").glob("*.gif"))
-    assert names == ["img-0-small-7.gif", "img-0-style_large-7.gif", "img-1-small-7.gif", "img-1-style_large-7.gif",
-                     "second-0-custom-42.gif"]
+    assert names == ["img-cat-small-7.gif", "img-cat-style_large-7.gif", "img-hello-small-7.gif",
+                     "img-hello-style_large-7.gif", "second-dog-custom-42.gif"]
+
+
+YAML_CASES = {  # a batch file's case -> (what the error names)
+    "bad_scheduler": ("{{image: {img}, prompt: x, scheduler: euler}}", "case 0: key 'scheduler' must be one of"),
+    "prompt_list": ("{{image: {img}, prompt: [a, b]}}", "key 'prompt' must be a string (several prompts go in a "
+                                                        "list under 'prompts:')"),
+    "karras_string": ("{{name: k, image: {img}, prompt: x, karras: 'no'}}", "case 0 (k): key 'karras' must be true "
+                                                                              "or false"),
+    "steps_float": ("{{image: {img}, prompt: x, steps: 2.5}}", "key 'steps' must be an integer"),
+    "cond_and_affinity": ("{{image: {img}, prompt: x, frames: 2, affinity: [1, 0.5], cond_frame: 1}}",
+                          "key 'affinity': the condition frame places a motion preset"),
+    "typo": ("{{image: {img}, prompt: x, sed: 1}}", "unknown keys ['sed']"),
+}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,27 +105,63 @@ cases:
     (["--image", "{img}", "--prompt", "x", "--frames", "33"], "1..32"),
     (["--image", "{img}", "--prompt", "x", "--affinity", "1,0.5"], "frame"),
     (["--image", "{img}", "--prompt", "x", "--height", "100", "--width", "64"], "multiple of 8"),
-    (["--image", "{img}", "--prompt", "x", "--height", "64"], "both --height and --width"),
+    (["--image", "{img}", "--prompt", "x", "--height", "64"], "both height and width"),
     (["--image", "{img}", "--prompt", "x", "--out", "{dir}"], "directory"),
     (["--image", "{img}", "--prompt", "x", "--out", "{blocked}/a.gif"], "cannot write"),
     (["--image", "{img}", "--prompt", "x", "--format", "avi"], "unknown output format"),
     (["--image", "{img}", "--prompt", "x", "--strength", "0"], "strength"),
     (["--image", "{img}", "--prompt", "x", "--noise", "{bad_noise}"], "has shape"),
     (["--image", "{img}"], "--prompt are required"),
-    (["--config", "{bad_yaml}"], "unknown keys"),
+    # the checks that used to fail late, after loading and compiling
+    (["--image", "{img}", "--prompt", "x", "--steps", "1001"], "steps must be in [1, 1000]"),
+    (["--image", "{img}", "--prompt", "x", "--steps", "10", "--strength", "0.05"],
+     "strength 0.05 leaves no step of 10"),
+    (["--image", "{img}", "--prompt", "x", "--eta", "-0.5"], "eta must be >= 0"),
+    (["--image", "{img}", "--prompt", "x", "--clip-skip", "3"], "clip skip must be in [0, 2]"),
+    (["--image", "{img}", "--prompt", "x", "--num-videos", "0"], "number of videos must be >= 1"),
+    (["--image", "{img}", "--prompt", "x", "--fps", "0"], "fps must be in (0, 50]"),
+    (["--image", "{img}", "--prompt", "x", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--image", "{img}", "--prompt", "x", "--affinity", "1 0.5", "--frames", "2", "--cond-frame", "1"],
+     "the condition frame places a motion preset"),
+    (["--image", "{img}", "--prompt", "x", "--karras"], "Karras sigmas apply to the dpmpp_2m scheduler"),
+    (["--image", "{img}", "--prompt", "a cat", "a cat!"], "the same output name (img-a-cat-42)"),
+    *[(["--config", "{%s}" % k], message) for k, (_, message) in YAML_CASES.items()],
 ])
 def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, args, message):
     path, img = model
-    monkeypatch.setattr("pia_jax.pipeline.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "dir.gif").mkdir()
     (tmp_path / "blocked").write_text("a file where a folder should be")
     np.save(tmp_path / "bad_noise.npy", np.zeros((1, 16, 8, 8, 4), np.float32))
-    (tmp_path / "bad.yaml").write_text(f"cases: [{{image: {img}, prompt: x, sed: 1}}]")
     fill = {"missing": tmp_path / "nope.png", "img": img, "dir": tmp_path / "dir.gif", "blocked": tmp_path / "blocked",
-            "bad_noise": tmp_path / "bad_noise.npy", "bad_yaml": tmp_path / "bad.yaml"}
+            "bad_noise": tmp_path / "bad_noise.npy"}
+    for key, (case, _) in YAML_CASES.items():
+        (tmp_path / f"{key}.yaml").write_text(f"cases: [{case.format(img=img)}]")
+        fill[key] = tmp_path / f"{key}.yaml"
     code, io = run(capsys, "--model", path, *[a.format(**fill) for a in args])
-    assert code == 2 and message in io.err, io.err
+    assert code == 2 and message in io.err and io.err.startswith("error: "), io.err
     assert not list(tmp_path.glob("*.gif*")) or (tmp_path / "dir.gif").is_dir()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot read"),  # a download or copy cut short
+    ("other_config", "does not match its config.json"),  # weights of another architecture
+    ("no_tokenizer", "has no tokenizer"),
+])
+def test_bad_model_files_fail_before_loading(model, tmp_path, capsys, monkeypatch, damage, message):
+    path, img = model
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    broken = shutil.copytree(path, tmp_path / "model")
+    if damage == "truncate":
+        data = (broken / "unet.safetensors").read_bytes()
+        (broken / "unet.safetensors").write_bytes(data[: len(data) * 3 // 4])
+    elif damage == "other_config":
+        meta = (broken / "config.json").read_text()
+        (broken / "config.json").write_text(meta.replace('"cross_attention_dim": 32', '"cross_attention_dim": 48'))
+    else:
+        shutil.rmtree(broken / "tokenizer")
+    code, io = run(capsys, "--model", broken, "--image", img, "--prompt", "x", "--out", tmp_path / "x.gif")
+    assert code == 2 and message in io.err, io.err
 
 
 def test_bad_model_directory(tmp_path, capsys):

@@ -204,3 +204,43 @@ def test_config_io():
         S.make_schedule("ddim", S.PIA_DDIM, 10, strength=0.05)
     with pytest.raises(ValueError):
         S.step(S.make_schedule("ddim", dataclasses.replace(S.PIA_DDIM, eta=1.0), 10), (), 0, x := jnp.ones(3), x)
+
+
+def test_padded_schedules_make_the_step_count_data():
+    """Padded to one length, schedules of any step count, strength, eta or Karras sigmas run through one compiled
+    loop (a fori_loop to `count`) per kind and give what the unpadded schedules give (DDIM with eta = 0 adds
+    0·noise, which changes nothing)."""
+    traces = [0]
+
+    @jax.jit
+    def run(schedule, x, noises):
+        traces[0] += 1
+
+        def body(i, carry):
+            x, state = carry
+            return S.step(schedule, state, i, 0.5 * x + noises[i], x, 0.3 * noises[i])
+        return jax.lax.fori_loop(0, schedule.count, body, (x, S.init_state(schedule, x)))[0]
+
+    rng = np.random.default_rng(5)
+    x, noises = np.float32(rng.standard_normal(SHAPE)), np.float32(rng.standard_normal((50,) + SHAPE))
+    karras = dataclasses.replace(S.PIA_DDIM, use_karras_sigmas=True)
+    eta = dataclasses.replace(S.PIA_DDIM, eta=0.7)
+    padded_traces = 0
+    for kind, cfg, steps, strength in (("ddim", S.PIA_DDIM, 10, 1.0), ("ddim", eta, 25, 0.6),
+                                       ("ddim", S.PIA_DDIM, 7, 1.0), ("dpmpp_2m", S.PIA_DDIM, 12, 1.0),
+                                       ("dpmpp_2m", karras, 20, 0.5)):
+        compact = S.make_schedule(kind, cfg, steps, strength)
+        n = len(compact.timesteps)
+        expected = run(compact, x, noises[:n]) if kind == "dpmpp_2m" or cfg.eta else None
+        padded = S.make_schedule(kind, cfg, steps, strength, length=50)
+        assert padded.timesteps.shape == (50,) and int(padded.count) == n
+        before = traces[0]
+        got = run(padded, x, noises)
+        padded_traces += traces[0] - before
+        if expected is None:  # a compact DDIM schedule with eta = 0 takes no noise: step it by hand
+            expected, state = jnp.asarray(x), ()
+            for i in range(n):
+                expected, state = S.step(compact, state, i, 0.5 * expected + noises[i], expected)
+        # the same float32 formulas; only XLA's fusion of a loop with a static vs dynamic trip count may differ
+        assert_close(got, expected, 1e-6, f"padded {kind} {steps} steps, strength {strength}")
+    assert padded_traces == 2, "one compiled loop per scheduler kind"

@@ -1,5 +1,5 @@
 """Periodic validation videos: fixed (image, prompt) pairs animated with the weights being trained, through
-`pia_jax.pipeline`, written as GIFs to `{workdir}/validation/step_NNNNNNN/`.
+`pia_jax.sampling.Animator` built from the trainer's models, written as GIFs to `{workdir}/validation/step_NNNNNNN/`.
 
 Every process samples on its own devices (weights gathered to each host; validation is rare and small) and
 process 0 writes. One `Animator` per trainer is kept and given the new UNet weights each time, so its phases
@@ -7,22 +7,20 @@ compile once per run.
 """
 
 import weakref
-
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pia_jax import affinity, media, schedulers
-from pia_jax.model_dir import ModelDir
+from pia_jax import affinity, media
 from pia_jax.training.state import merge
 
 _ANIMATORS = weakref.WeakKeyDictionary()  # trainer -> its Animator
 
 
 def validate(cfg, trainer, state, step: int, writer) -> None:
-    from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT, Animator, SampleOptions
+    from pia_jax.sampling import DEFAULT_NEGATIVE_PROMPT, Animator, SampleOptions
 
     v, setup = cfg.validation, trainer.setup
     if len(v.images) != len(v.prompts) or not v.images:
@@ -33,10 +31,10 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
     unet = merge(setup.graphs.unet, params, setup.frozen["unet"])
     animator = _ANIMATORS.get(trainer)
     if animator is None:
-        model = ModelDir(Path(cfg.workdir), setup.config, schedulers.to_dict(setup.scheduler), unet=unet,
-                         vae=merge(setup.graphs.vae, setup.frozen["vae"]),
-                         text_encoder=merge(setup.graphs.text, setup.frozen["text"]), tokenizer=setup.tokenizer)
-        animator = _ANIMATORS[trainer] = Animator(model, jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)))
+        animator = _ANIMATORS[trainer] = Animator(
+            setup.config, unet, merge(setup.graphs.vae, setup.frozen["vae"]),
+            merge(setup.graphs.text, setup.frozen["text"]), setup.tokenizer, setup.scheduler,
+            jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)), compile_cache_dir=None)  # jax's setting
     else:
         animator.update_unet(unet)
     size, n = cfg.data.resolution, len(v.images)
@@ -48,6 +46,6 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
     if jax.process_index() == 0:
         out = Path(cfg.workdir) / "validation" / f"step_{step:07d}"
         out.mkdir(parents=True, exist_ok=True)
-        for i, video in enumerate(result.videos):
-            media.write_gif(out / f"{i}.gif", media.frames_to_uint8(video))
+        for i, video in enumerate(result.videos):  # uint8 frames
+            media.write_gif(out / f"{i}.gif", video)
         writer.log(f"validation: {n} videos in {out}")

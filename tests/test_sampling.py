@@ -1,4 +1,4 @@
-"""End-to-end sampling against diffusers' PIAPipeline, and the pipeline's sharding, caching and seeding.
+"""End-to-end sampling against diffusers' PIAPipeline, and the sampler's sharding, compiling, batching and seeding.
 
 The oracle is PIAPipeline with a tiny random model in `diffusers` norm semantics (what diffusers' UNetMotionModel
 computes), the same weights, the same injected initial noise and VAE posterior noise, the same affinity preset,
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pia_jax import affinity, config
-from pia_jax.pipeline import Animator, SampleOptions
+from pia_jax.sampling import Animator, SampleOptions
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close
@@ -89,7 +89,7 @@ def test_matches_diffusers_pia_pipeline(tiny, animator, kind):
     expected = diffusers_video(tiny, img, scheduler, steps, 7.5, 11, noise.transpose(0, 4, 1, 2, 3))
     mask = affinity.preset_coefficients("small", FRAMES)[None]
     got = animator(img[None], [PROMPT], [NEGATIVE], mask, SampleOptions(steps=steps, scheduler=kind, karras=karras),
-                   noise=noise, posterior_noise=posterior_noise(11))
+                   noise=noise, posterior_noise=posterior_noise(11), float_frames=True)
     assert got.videos.shape == expected.shape == (1, FRAMES, H, W, 3)
     assert_close(got.videos, expected, TOL, f"{kind} video vs PIAPipeline")
 
@@ -106,7 +106,7 @@ def test_strength_and_no_guidance_match_diffusers(tiny, animator):
     expected = diffusers_video(tiny, img, ddim(), 8, 1.0, 3, ignored, motion_scale=2, strength=0.6)
     got = animator(img[None], [PROMPT], [NEGATIVE], affinity.preset_coefficients("large", FRAMES)[None],
                    SampleOptions(steps=8, guidance_scale=1.0, strength=0.6),
-                   noise=start_noise.transpose(0, 2, 3, 4, 1), posterior_noise=post)
+                   noise=start_noise.transpose(0, 2, 3, 4, 1), posterior_noise=post, float_frames=True)
     assert_close(got.videos, expected, TOL, "strength 0.6, no CFG")
 
 
@@ -119,18 +119,103 @@ def test_seeds_devices_and_no_recompilation(tiny, animator):
     masks = np.stack([affinity.preset_coefficients(p, FRAMES) for p in ("small", "loop_large", "style_small")])
     opts = SampleOptions(steps=3, scheduler="dpmpp_2m")
     args = (imgs, ["hello", "cat", "hello cat"], ["", "", "dog"], masks, opts)
-    one = Animator(animator.model, Mesh(np.array(jax.devices()[:1]), ("data",)))
-    a = one(*args, seeds=[1, 2, 3])
+    one = Animator.load(tiny[0], mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+    a = one(*args, seeds=[1, 2, 3], float_frames=True)
     compiled = one.compilations
-    b = one(*args, seeds=[1, 2, 3])
-    assert one.compilations == compiled == 3, "the second call with the same shapes must not compile"
+    b = one(*args, seeds=[1, 2, 3], float_frames=True)
+    assert compiled == 3, "encode, denoise and decode compile once for a batch that fits in memory"
+    assert one.compilations == compiled, "the second call with the same shapes must not compile"
     np.testing.assert_array_equal(a.videos, b.videos)  # a seed fully determines the output on a backend
 
     assert len(jax.devices()) == 8
-    many = animator(*args, seeds=[1, 2, 3])
+    many = animator(*args, seeds=[1, 2, 3], float_frames=True)
     # fp32 on the same CPU; only the per-device batch differs, which may change reduction order at ~1e-7
     assert_close(many.videos, a.videos, 1e-5, "8 devices vs 1")
-    alone = one(imgs[1:2], ["cat"], [""], masks[1:2], opts, seeds=[2])
+    alone = one(imgs[1:2], ["cat"], [""], masks[1:2], opts, seeds=[2], float_frames=True)
     assert_close(alone.videos[0], a.videos[1], 1e-5, "alone vs in a batch")
     np.testing.assert_array_equal(alone.noise[0], a.noise[1])
     assert not np.allclose(a.videos[0], a.videos[1])
+
+
+def test_loop_compiles_once_for_any_steps_strength_guidance_eta(animator):
+    """The denoising loop is one program per (shape, scheduler kind, guidance on/off): calls with other step counts,
+    strengths, guidance scales and eta compile nothing new (Karras sigmas and DPM-Solver: test_schedulers.py)."""
+    img, mask = image(2)[None, :16, :16], affinity.preset_coefficients("small", 2)[None]  # a shape no other test uses
+    before = (animator._encode.compiles, animator._denoise.compiles, animator._decode.compiles)
+    for options in (SampleOptions(steps=2), SampleOptions(steps=3, strength=0.7, guidance_scale=3.0, eta=0.5),
+                    SampleOptions(steps=1, guidance_scale=12.0)):
+        animator(img, ["hello"], ["cat"], mask, options, seeds=[5])
+    assert (animator._encode.compiles, animator._denoise.compiles, animator._decode.compiles) == \
+        tuple(b + 1 for b in before)
+
+
+def test_batches_equal_videos_one_by_one(tiny, tmp_path, monkeypatch):
+    """A batch file of 4 videos on 2 devices with memory for one video per device runs as 2 batches through the same
+    programs, and every video equals the same video made alone (bit for bit: the same program on the same data)."""
+    import jax
+    from jax.sharding import Mesh
+    from pia_jax.sampling import cases, memory
+    Image.fromarray(image(3)).save(tmp_path / "img.png")
+    (tmp_path / "cases.yaml").write_text(f"""
+defaults: {{frames: 3, steps: 2, size: 16, scheduler: dpmpp_2m}}
+cases:
+  - {{image: {tmp_path / 'img.png'}, prompts: [hello, cat, hello cat], motion: [small, loop_small], seed: 1}}
+""")
+    videos = cases.read_batch_file(tmp_path / "cases.yaml", cases.Settings(), 42)[:4]
+    plan = cases.plan(tiny[0], videos, tmp_path / "out")
+    (group,) = plan.groups
+    two = Animator.load(tiny[0], mesh=Mesh(np.array(jax.devices()[:2]), ("data",)))
+    one, two_videos = (two.batch_bytes(n, group.height, group.width, group.frames, group.options) for n in (1, 2))
+    assert two_videos > one > 0
+    monkeypatch.setattr(memory, "free_bytes", lambda devices: (one + two_videos) // 2)  # room for one per device
+    args = (np.stack(group.images), [v.prompt for v in videos], [v.negative_prompt for v in videos],
+            np.stack([v.affinity for v in videos]), group.options)
+    together = two(*args, seeds=[v.seed for v in videos])
+    assert together.batch_size == 1 and together.videos.shape == (4, 3, 8, 16, 3)  # 48x32 -> 16x10 -> 16x8
+    assert together.videos.dtype == np.uint8
+    with pytest.raises(ValueError, match="batch size 2 needs .* use a batch size of at most 1"):
+        two(*args, seeds=[v.seed for v in videos], batch_size=2)
+    for i, v in enumerate(videos):
+        alone = two(*(a[i:i + 1] for a in args[:4]), group.options, seeds=[v.seed])
+        np.testing.assert_array_equal(alone.videos[0], together.videos[i])
+    # encode, denoise and decode for 1 and 2 videos per device (measured above; 2 is also the planner's first try,
+    # which does not fit); none for the batches themselves
+    assert two.compilations == 2 * 3
+
+
+def test_no_weight_work_inside_the_loop(animator):
+    """The compiled loop's body computes nothing of a weight's shape (no re-layout, cast or copy of a weight per
+    step: XLA keeps such loop-invariant work out of the loop). The detector is checked on a loop that does scale a
+    weight every step. On a GPU, tests/test_gpu.py runs the same check where convolutions want cuDNN layouts.
+    The video is 24x40 (latents 12x20, 6x10, 3x5 in the UNet's levels): at 2x2 latents XLA:CPU computes a
+    convolution with its operands swapped, reversing that (tiny) kernel every step, and activations of such
+    sizes share shapes with weights, which the detector cannot tell apart."""
+    import jax
+    import jax.numpy as jnp
+    from tests.hlo import weight_shapes, weight_work_in_loop_body
+    (_, _), (exe, _), (_, _) = animator._executables(animator.devices, 24, 40, 3, SampleOptions())
+    assert "while" in exe.as_text()
+    assert weight_work_in_loop_body(exe.as_text(), weight_shapes(animator._unet)) == []
+
+    w = jnp.ones((48, 40), jnp.float32)  # the control: (w * i) depends on the step, so it must stay in the body
+    control = jax.jit(lambda w, x, n: jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ (w * i).T) @ w, x)).lower(
+        w, jnp.ones((2, 40)), 3).compile().as_text()
+    assert weight_work_in_loop_body(control, {("f32", (48, 40))})
+
+
+def test_persistent_compilation_cache(tiny, tmp_path):
+    """A second animator (a new process, as far as jax's in-memory caches go) loads every program from the cache."""
+    import jax
+    from pia_jax.sampling import compile_cache
+    img, mask = image(4)[None, :16, :24], affinity.preset_coefficients("small", 2)[None]
+    try:
+        runs = []
+        for _ in range(2):
+            jax.clear_caches()
+            animator = Animator.load(tiny[0], compile_cache_dir=tmp_path / "xla")
+            runs.append(animator(img, ["hello"], ["cat"], mask, SampleOptions(steps=2), seeds=[1]))
+    finally:
+        compile_cache.enable("off")
+    assert runs[0].cache["misses"] >= 3 and runs[1].cache["misses"] == 0 and runs[1].cache["hits"] >= 3
+    assert list((tmp_path / "xla").glob("jit__denoise_fn-*"))
+    np.testing.assert_array_equal(runs[0].videos, runs[1].videos)

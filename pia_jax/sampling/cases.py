@@ -1,0 +1,326 @@
+"""Inputs: which videos to make, from command-line values or a YAML batch file, all checked before any model
+weight is read or anything compiled; and where each video goes.
+
+A batch file has optional `defaults:` and a list `cases:`; every key is one of `Settings`' fields or `name`,
+`image`, `prompt`/`prompts`, `seeds`, typed strictly (a list where a string belongs, or "no" where a boolean
+belongs, is an error naming the case and the key). Each case makes one video per prompt x motion x seed.
+
+Output names: `<image stem>-<prompt slug>-<seed>` from the command line, `<case name or image stem>-<prompt slug>-
+<motion or 'custom'>-<seed>` from a batch file; the slug is the prompt lower-cased, runs of other characters than
+a-z and 0-9 made one '-', cut to 40 characters. `--out x.gif` with one video writes x.gif; with several,
+x-<name>.gif beside it; `--out folder` writes folder/<name>.gif. PNG frames go to a folder `<that stem>_frames/`
+(0000.png, ...); saved noise to `<that stem>_noise.npy` and `<that stem>_posterior_noise.npy`.
+"""
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pia_jax import affinity, media, model_dir, schedulers
+from pia_jax.config import PIAConfig
+from pia_jax.sampling.animator import latent_factor, latent_shape
+from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
+
+FORMATS = ("gif", "mp4", "png")
+MAX_FPS = {"gif": 50, "mp4": 240, "png": math.inf}  # what media.write_gif / write_mp4 accept
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a video is made with, besides its image, prompt and seed: the command line's flags, a batch file's
+    keys (`guidance` is `SampleOptions.guidance_scale`)."""
+    negative_prompt: str | None = None  # None: the reference's DEFAULT_NEGATIVE_PROMPT
+    motion: str | int = "small"  # an affinity preset name or PIA index
+    affinity: str | list | None = None  # custom per-frame affinities (instead of `motion`)
+    cond_frame: int | None = None  # the frame showing the image (presets count from it); None: 0
+    frames: int = 16
+    steps: int = 25
+    scheduler: str = "ddim"
+    karras: bool = False
+    guidance: float = 7.5
+    strength: float = 1.0
+    eta: float = 0.0
+    clip_skip: int | None = None
+    size: int = 512
+    height: int | None = None
+    width: int | None = None
+    decode_chunk: int = 4
+
+    def options(self) -> SampleOptions:
+        return SampleOptions(steps=self.steps, scheduler=self.scheduler, karras=self.karras,
+                             guidance_scale=float(self.guidance), strength=float(self.strength), eta=float(self.eta),
+                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk)
+
+
+@dataclass
+class Video:
+    """One video to make."""
+    name: str
+    image: Path
+    prompt: str
+    negative_prompt: str
+    affinity: np.ndarray  # (F,)
+    seed: int
+    settings: Settings
+
+
+@dataclass
+class Group:
+    """Videos of one image size, frame count and options: they share the compiled programs and run in batches."""
+    height: int
+    width: int
+    frames: int
+    options: SampleOptions
+    videos: list  # [Video]
+    images: list  # [(H, W, 3) uint8], one per video
+
+
+@dataclass
+class Plan:
+    groups: list  # [Group]
+    formats: list  # of FORMATS
+    config: PIAConfig
+    scheduler: schedulers.SchedulerConfig
+
+    @property
+    def videos(self) -> list:
+        return [v for g in self.groups for v in g.videos]
+
+
+def slug(prompt: str, most: int = 40) -> str:
+    """'A cat, wind blowing!' -> 'a-cat-wind-blowing'."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:most].strip("-") or "prompt"
+
+
+def output_paths(out: Path, name: str, single: bool, formats) -> dict:
+    """{format: path} of one video (see the module docstring)."""
+    stem = out / name if out.suffix == "" else out.with_suffix("") if single else out.with_name(f"{out.stem}-{name}")
+    return {fmt: (stem.with_name(stem.name + "_frames") if fmt == "png" else stem.with_suffix(f".{fmt}"))
+            for fmt in formats}
+
+
+def noise_paths(paths: dict) -> tuple[Path, Path]:
+    stem = next(iter(paths.values()))
+    stem = stem.with_name(stem.name.removesuffix("_frames")).with_suffix("")
+    return stem.with_name(stem.name + "_noise.npy"), stem.with_name(stem.name + "_posterior_noise.npy")
+
+
+def coefficients(s: Settings) -> np.ndarray:
+    """The (F,) affinities of a video: custom values, or a preset counted from the condition frame."""
+    if s.affinity is not None:
+        if s.cond_frame is not None:
+            raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
+                             "themselves (put 1.0 where the image should be): drop one of the two")
+        values = s.affinity
+        if isinstance(values, str):
+            try:
+                values = [float(v) for v in values.replace(",", " ").split()]
+            except ValueError:
+                raise ValueError(f"affinity must be numbers separated by commas, got {s.affinity!r}") from None
+        return affinity.custom_coefficients(values, s.frames)
+    preset = int(s.motion) if str(s.motion).lstrip("-").isdigit() else s.motion
+    return affinity.preset_coefficients(preset, s.frames, s.cond_frame or 0)
+
+
+# ---- batch files ----
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+_TYPES = {  # key: (check, what it must be)
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "image": (lambda v: isinstance(v, str) and v != "", "a path (a string)"),
+    "prompt": (lambda v: isinstance(v, str), "a string (several prompts go in a list under 'prompts:')"),
+    "prompts": (lambda v: isinstance(v, list) and v and all(isinstance(p, str) for p in v),
+                "a non-empty list of strings"),
+    "negative_prompt": (lambda v: isinstance(v, str), "a string ('' for none)"),
+    "motion": (lambda v: all(isinstance(m, str) or _is_int(m) for m in (v if isinstance(v, list) else [v]))
+               and v != [], "a preset name or PIA index, or a non-empty list of them"),
+    "affinity": (lambda v: isinstance(v, str) or isinstance(v, list) and all(_is_number(x) for x in v),
+                 "a list of numbers (one per frame) or a string '1, 0.9, ...'"),
+    "seed": (lambda v: _is_int(v), "an integer"),
+    "seeds": (lambda v: isinstance(v, list) and v and all(_is_int(x) for x in v), "a non-empty list of integers"),
+    "karras": (lambda v: isinstance(v, bool), "true or false"),
+    "scheduler": (lambda v: v in schedulers.KINDS, f"one of {', '.join(schedulers.KINDS)}"),
+    "clip_skip": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "height": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "width": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "cond_frame": (lambda v: v is None or _is_int(v), "an integer or null"),
+    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk")},
+    **{k: (_is_number, "a number") for k in ("guidance", "strength", "eta")},
+}
+CASE_KEYS = set(_TYPES)
+
+
+def _typed(where: str, raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - CASE_KEYS, key=str)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(CASE_KEYS)}")
+    for key, value in raw.items():
+        check, must = _TYPES[key]
+        if not check(value):
+            raise ValueError(f"{where}: key '{key}' must be {must}, got {value!r}")
+    return raw
+
+
+def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video]:
+    """The videos of a YAML batch file; `base` and `default_seed` fill what neither a case nor `defaults:` sets."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the batch file {path}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list) or not doc["cases"]:
+        raise ValueError(f"{path}: expected a mapping with a non-empty list 'cases:' (and optional 'defaults:')")
+    extra = sorted(set(doc) - {"cases", "defaults"}, key=str)
+    if extra:
+        raise ValueError(f"{path}: unknown top-level keys {extra}; a batch file has 'defaults:' and 'cases:'")
+    defaults = _typed(f"{path}: defaults", doc.get("defaults"))
+    videos = []
+    for i, raw in enumerate(doc["cases"]):
+        label = f"case {i}" + (f" ({raw['name']})" if isinstance(raw, dict) and isinstance(raw.get("name"), str)
+                               else "")
+        where = f"{path}: {label}"
+        case = {**defaults, **_typed(where, raw)}
+        if "image" not in case or not ({"prompt", "prompts"} & set(case)):
+            raise ValueError(f"{where}: needs 'image' and 'prompt' (or 'prompts')")
+        if "prompt" in case and "prompts" in case:
+            raise ValueError(f"{where}: give 'prompt' or 'prompts', not both")
+        if "seed" in case and "seeds" in case:
+            raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
+        image = Path(case["image"])
+        image = image if image.is_absolute() else path.parent / image
+        prompts = case.get("prompts") or [case["prompt"]]
+        motions = case.get("motion", base.motion)
+        motions = motions if isinstance(motions, list) else [motions]
+        seeds = case.get("seeds") or [case.get("seed", default_seed)]
+        fields = {k: case[k] for k in case if k in {f.name for f in dataclasses.fields(Settings)}}
+        name = case.get("name", image.stem)
+        for prompt in prompts:
+            for motion in motions:
+                s = dataclasses.replace(base, **{**fields, "motion": motion})
+                try:
+                    coef = coefficients(s)
+                except ValueError as e:
+                    raise ValueError(f"{where}: key '{'affinity' if s.affinity is not None else 'motion'}': {e}") \
+                        from None
+                tag = "custom" if s.affinity is not None else str(motion)
+                for seed in seeds:
+                    videos.append(_video(f"{name}-{slug(prompt)}-{tag}-{seed}", image, prompt, coef, seed, s, where))
+    return videos
+
+
+def _video(name, image, prompt, coef, seed, s: Settings, where="") -> Video:
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
+    negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
+    return Video(name, Path(image), prompt, negative, coef, int(seed), s)
+
+
+def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
+                       num_videos: int | None = None) -> list[Video]:
+    """The videos of one image: one per prompt x seed (`num_videos`: seeds seeds[0], seeds[0]+1, ...)."""
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    if num_videos is not None:
+        if num_videos < 1:
+            raise ValueError(f"the number of videos must be >= 1, got {num_videos}")
+        if len(seeds) != 1:
+            raise ValueError("give one seed with a number of videos (they get seed, seed+1, ...)")
+        seeds = [seeds[0] + i for i in range(num_videos)]
+    coef = coefficients(settings)
+    return [_video(f"{Path(image).stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+
+
+# ---- the plan: every check that needs no model weights ----
+
+def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) -> Plan:
+    """Checks the model directory (config, weight headers, tokenizer), every video's settings against it, the
+    images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
+    compiled. Raises ValueError (or OSError) with a message for the user."""
+    config, scheduler_dict = model_dir.check_model_dir(model)
+    if config.unet.in_channels != 9:
+        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet (motion modules without PIA's "
+                         "condition branch); convert it with pia.ckpt or the PIA condition adapter")
+    scheduler = schedulers.from_dict(scheduler_dict) if scheduler_dict else schedulers.PIA_DDIM
+    out = Path(out)
+    formats = list(formats) if formats else ([out.suffix[1:]] if out.suffix else ["gif"])
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
+    most = min(MAX_FPS[f] for f in formats)
+    if not 0 < fps <= most:
+        raise ValueError(f"fps must be in (0, {most:g}] for {', '.join(formats)}, got {fps}")
+    if not videos:
+        raise ValueError("nothing to make: no videos")
+    names = [v.name for v in videos]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two videos would get the same output name ({', '.join(twice[:3])}); give the cases "
+                         "distinct names, prompts or seeds")
+    max_frames = config.unet.motion_max_seq_length
+    groups, images = {}, {}
+    for v in videos:
+        s = v.settings
+        if not 1 <= s.frames <= max_frames:
+            raise ValueError(f"{v.name}: {s.frames} frames: this model's motion modules take 1..{max_frames}")
+        if (s.height is None) != (s.width is None):
+            raise ValueError(f"{v.name}: give both height and width, or neither")
+        options = s.options()
+        try:
+            options.check(config, scheduler)
+        except ValueError as e:
+            raise ValueError(f"{v.name}: {e}") from None
+        key = (v.image, s.size, s.height, s.width)
+        if key not in images:
+            images[key] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
+        image = images[key]
+        if image.shape[0] % latent_factor(config.vae) or image.shape[1] % latent_factor(config.vae):
+            raise ValueError(f"{v.name}: image size {image.shape[1]}x{image.shape[0]} is not a multiple of "
+                             f"{latent_factor(config.vae)}")
+        group = groups.setdefault((image.shape, s.frames, options),
+                                  Group(image.shape[0], image.shape[1], s.frames, options, [], []))
+        group.videos.append(v)
+        group.images.append(image)
+    for v in videos:
+        for path in output_paths(out, v.name, len(videos) == 1, formats).values():
+            media.check_writable(path, directory=path.suffix == "")
+    return Plan(list(groups.values()), formats, config, scheduler)
+
+
+def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Noise arrays from .npy files, checked against the one group of videos they are for."""
+    if noise_path is None and posterior_path is None:
+        return None, None
+    if len(plan_.groups) != 1:
+        raise ValueError("--noise/--posterior-noise need a single batch (one image size and one set of options)")
+    g = plan_.groups[0]
+    shape = (len(g.videos),) + latent_shape(plan_.config.vae, g.height, g.width, g.frames)
+    out = []
+    for name, path, expected in (("noise", noise_path, shape), ("posterior noise", posterior_path,
+                                                                 shape[:1] + shape[2:])):
+        if path is None:
+            out.append(None)
+            continue
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the {name} file {path}: {e}") from None
+        if arr.shape != expected:
+            raise ValueError(f"{name} in {path} has shape {arr.shape}; this run needs {expected}")
+        out.append(arr)
+    return tuple(out)

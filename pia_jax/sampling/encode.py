@@ -1,0 +1,19 @@
+"""Encode: prompts -> CLIP text states, image -> condition latent (the first phase; one compiled program).
+
+As the reference (PIA `i2v_pipeline.py`): the text states of [negative prompt, prompt] per video (guidance picks
+what it needs), and the VAE posterior *sample* of the image times the scaling factor, the same on every frame.
+"""
+
+import jax.numpy as jnp
+
+from pia_jax.vae import sample_posterior
+
+
+def encode(text_encoder, vae, scaling_factor: float, ids_Bx2xL, pixels_BxHxWx3, post_noise_Bxhxwx4,
+           clip_skip: int | None):
+    """-> (text states (B, 2, L, D), condition latent (B, h, w, c) float32). `pixels` in [-1, 1]."""
+    b, n, length = ids_Bx2xL.shape
+    states = text_encoder(ids_Bx2xL.reshape(b * n, length), clip_skip=clip_skip)
+    mean, logvar = vae.encode(pixels_BxHxWx3)
+    latent = sample_posterior(mean.astype(jnp.float32), logvar.astype(jnp.float32), post_noise_Bxhxwx4)
+    return states.reshape(b, n, length, -1), latent * scaling_factor

@@ -1,0 +1,51 @@
+"""Denoise: the sampling loop as one program, `lax.fori_loop` over a padded schedule (pia_jax.schedulers) from step
+`begin` to `end`, both data. So one executable per (shape, scheduler kind, guidance on/off) serves every step count,
+strength, guidance scale, eta and Karras setting; and the loop-invariant work on the weights (re-layouts for the
+convolution kernels, dtype casts) is hoisted out of the loop body by XLA, so it runs once per call, not per step
+(tests/test_sampling.py reads the compiled program to check it).
+
+Every step: eps = denoiser(...) (the UNet with classifier-free guidance; a replaceable function, e.g. for context
+windows over long videos), then the scheduler's pure `step`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pia_jax import schedulers
+from pia_jax.sampling.noise import step_noise
+
+
+def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool):
+    """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
+    next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only."""
+    b = latents_BxFxhxwxc.shape[0]
+    n = 2 if cfg else 1
+    x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
+    text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
+    mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
+    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)[:, None]
+    eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
+    return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
+
+
+def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_image):
+    """The first latents and the solver state: the noise itself, or (`from_image`, for strength < 1) the condition
+    latent on every frame noised to the first step taken. `from_image` is data: both come from one program."""
+    noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond_Bxhxwxc[:, None], noise_BxFxhxwxc.shape),
+                                        noise_BxFxhxwxc)
+    latents = jnp.where(from_image, noised, noise_BxFxhxwxc)
+    return latents, schedulers.init_state(schedule, latents)
+
+
+def denoise(unet, schedule: schedulers.Schedule, latents, solver_state, text, mask, cond, guidance, step_keys,
+            begin, end, *, cfg: bool, denoiser=guided_eps):
+    """Runs steps begin..end-1 of the schedule -> (latents, solver state). `step_keys` (B, 2) is each video's DDIM
+    step-noise key (unused by DPM-Solver); `denoiser(unet, latents, t, text, mask, cond, guidance, cfg) -> eps`."""
+
+    def body(i, carry):
+        x, state = carry
+        eps = denoiser(unet, x, schedule.timesteps[i], text, mask, cond, guidance, cfg)
+        noise = step_noise(step_keys, i, x.shape[1:]) if getattr(schedule, "stochastic", False) else None
+        return schedulers.step(schedule, state, i, eps, x, noise)
+
+    return jax.lax.fori_loop(begin, end, body, (latents, solver_state))
