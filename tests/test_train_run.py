@@ -168,7 +168,7 @@ def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):
 
 
 def test_validation_writes_videos(tmp_path):
-    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.pipeline, and
+    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.sampling, and
     a later validation reuses the compiled sampler with the new weights."""
     from PIL import Image
     from pia_jax.training.metrics import Writer

@@ -62,7 +62,7 @@ def _find_image(folder: Path, stem: str) -> Path:
 
 def read_cases(bench) -> list[Case]:
     """Every case of a bench folder, in style then file order; the images must exist."""
-    from pia_jax.pipeline import DEFAULT_NEGATIVE_PROMPT
+    from pia_jax.sampling import DEFAULT_NEGATIVE_PROMPT
 
     bench = Path(bench)
     files = sorted((bench / "configs").glob("*.yaml")) + sorted((bench / "configs").glob("*.yml"))
@@ -123,7 +123,7 @@ def _animator(model_dir: str, devices: int | None):
     import jax
     from jax.sharding import Mesh
 
-    from pia_jax.pipeline import Animator
+    from pia_jax.sampling import Animator
     return Animator.load(model_dir, mesh=Mesh(np.array(jax.local_devices()[:devices]), ("data",)))
 
 
@@ -132,7 +132,7 @@ def animate(model_dir, image, prompt: str, coefficients, seed: int, *, negative_
     """uint8 (P, F, H, W, 3): one video per row of `coefficients` (P, F) (affinity schedules), all from the same
     image (uint8, any size; shrunk as sample.py does), prompt and seed; the videos are split over the first
     `devices` local devices (default all)."""
-    from pia_jax.pipeline import SampleOptions
+    from pia_jax.sampling import SampleOptions
 
     coefficients = np.atleast_2d(np.asarray(coefficients, np.float32))
     n = len(coefficients)
@@ -140,7 +140,7 @@ def animate(model_dir, image, prompt: str, coefficients, seed: int, *, negative_
     animator = _animator(str(model_dir), devices)
     result = animator(np.stack([pixels] * n), [prompt] * n, [negative_prompt] * n, coefficients,
                       SampleOptions(steps=steps, guidance_scale=guidance), seeds=[seed] * n)
-    return media.frames_to_uint8(result.videos)
+    return result.videos  # uint8
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from pia_jax import model_dir, weights
+from pia_jax import files, model_dir, weights
 from pia_jax.config import TextConfig
 from pia_jax.eval.clip import TRANSFORMERS_CLIP, CLIPConfig, CLIPModel, VisionConfig
 
@@ -101,7 +101,7 @@ def convert_clip(src, out, force: bool = False) -> Path:
         raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
     abstract = model_dir.abstract_model(CLIPModel, config)
     model = weights.load_state_dict(abstract, read_weights(weight_file), TRANSFORMERS_CLIP)
-    with model_dir.atomic_directory(out, force) as tmp:
+    with files.atomic_write(out, directory=True, force=force, mark="config.json") as tmp:
         model_dir.write_safetensors(tmp / "clip.safetensors", model_dir.flat_params(model))
         (tmp / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:

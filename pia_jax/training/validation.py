@@ -7,10 +7,10 @@ compile once per run.
 """
 
 import weakref
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from pia_jax import affinity, media
@@ -33,7 +33,7 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
     if animator is None:
         animator = _ANIMATORS[trainer] = Animator(
             setup.config, unet, merge(setup.graphs.vae, setup.frozen["vae"]),
-            merge(setup.graphs.text, setup.frozen["text"]), setup.tokenizer, setup.scheduler,
+            merge(setup.graphs.text_encoder, setup.frozen["text_encoder"]), setup.tokenizer, setup.scheduler,
             jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)), compile_cache_dir=None)  # jax's setting
     else:
         animator.update_unet(unet)
@@ -44,8 +44,7 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
     result = animator(images, list(v.prompts), [DEFAULT_NEGATIVE_PROMPT] * n, mask, options,
                       seeds=[v.seed + i for i in range(n)])
     if jax.process_index() == 0:
-        out = Path(cfg.workdir) / "validation" / f"step_{step:07d}"
-        out.mkdir(parents=True, exist_ok=True)
+        out = epath.Path(cfg.workdir) / "validation" / f"step_{step:07d}"  # gs:// too; writers make parents
         for i, video in enumerate(result.videos):  # uint8 frames
             media.write_gif(out / f"{i}.gif", video)
         writer.log(f"validation: {n} videos in {out}")
