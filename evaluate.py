@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pia_jax import affinity, media, model_dir
+from pia_jax import affinity, files, media, model_dir
 from pia_jax.eval import bench
 from pia_jax.eval.clip_dir import ClipDirError, convert_clip, read_clip_config
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         options = bench.BenchOptions(a.frames, a.steps, a.guidance, a.size, a.motion,
                                      tuple(filter(None, a.presets.split(","))), a.devices)
         scorer = _scorer(a.clip)
-        with model_dir.atomic_directory(a.out, a.force) as tmp:
+        with files.atomic_write(a.out, directory=True, force=a.force) as tmp:
             bench.run_bench(cases, tmp, options, scorer=scorer, models=models, videos=a.videos)
         print((a.out / "summary.md").read_text())
         print(f"wrote {a.out}: scores.csv, summary.md, motion.png, sheets/" + (", videos/" if models else ""))

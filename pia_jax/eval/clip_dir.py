@@ -5,7 +5,7 @@ without PyTorch or transformers' model code.
     <dir>/clip.safetensors   CLIPModel parameters keyed by NNX path, in NNX layout
     <dir>/tokenizer/         the CLIP tokenizer files
 
-Written into a hidden sibling and renamed into place when complete (`model_dir.atomic_directory`).
+Written into a hidden sibling and renamed into place when complete (`files.atomic_write`).
 """
 
 import dataclasses
