@@ -35,13 +35,16 @@ def test_chunked_equals_xla(small_chunks, lq, lk):
                  f"chunked attention {lq}x{lk}")
 
 
-def test_chunked_gradients_equal_xla(small_chunks):
-    q, k, v = qkv()
+def assert_gradients_equal_xla(kernel, q, k, v):
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     grad = lambda kernel: jax.jit(jax.grad(  # noqa: E731
         lambda q, k, v: jnp.sum(w * attention.dot_product_attention(q, k, v, kernel=kernel)), argnums=(0, 1, 2)))
-    for got, expected, name in zip(grad("chunked")(q, k, v), grad("xla")(q, k, v), "qkv"):
-        assert_close(got, expected, TOL, f"d loss / d {name}")
+    for got, expected, name in zip(grad(kernel)(q, k, v), grad("xla")(q, k, v), "qkv"):
+        assert_close(got, expected, TOL, f"{kernel}: d loss / d {name}")
+
+
+def test_chunked_gradients_equal_xla(small_chunks):
+    assert_gradients_equal_xla("chunked", *qkv())
 
 
 def test_short_equals_xla():
@@ -49,11 +52,7 @@ def test_short_equals_xla():
     q, k, v = qkv(16, 16, b=3, h=4, d=40)
     assert_close(jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="short"))(q, k, v),
                  attention.dot_product_attention(q, k, v, kernel="xla"), TOL, "short attention")
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-    grad = lambda kernel: jax.jit(jax.grad(  # noqa: E731
-        lambda q, k, v: jnp.sum(w * attention.dot_product_attention(q, k, v, kernel=kernel)), argnums=(0, 1, 2)))
-    for got, expected, name in zip(grad("short")(q, k, v), grad("xla")(q, k, v), "qkv"):
-        assert_close(got, expected, TOL, f"short attention: d loss / d {name}")
+    assert_gradients_equal_xla("short", q, k, v)
 
 
 def test_auto_picks_chunks_for_large_logits_off_cuda():
