@@ -51,25 +51,17 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
 
     def __call__(self, x, frames: int = 1):
-        n, c, g = x.shape[0] // frames, x.shape[-1], self.num_groups
-        x_NxSxC = x.reshape(n, -1, c).astype(jnp.float32)  # N = clips (or frames), S = every site of one
-        sites = x_NxSxC.shape[1]
-        # One pass over x: per-channel sums of d = x - shift and of d^2 (XLA fuses both into one reduction). With
-        # shift = the channel's first value, s2 - s1^2 / S loses ~eps * (1 + (mean - shift)^2 / var) of the
-        # variance: O(eps) for any sample of the channel, where unshifted sums lose eps * mean^2 / var.
-        shift = jax.lax.stop_gradient(x_NxSxC[:, :1])  # mean and variance do not depend on it
-        d = x_NxSxC - shift
-        s1, s2 = d.sum(axis=1), jnp.square(d).sum(axis=1)  # (N, C)
-        mean_NxGxK = (shift[:, 0] + s1 / sites).reshape(n, g, -1)
-        m2_NxGxK = (s2 - jnp.square(s1) / sites).reshape(n, g, -1)  # per channel: sum of squared deviations
-        # groups from channels by Chan et al.'s pairwise rule: M2 = sum of M2_c + S * sum of (mean_c - mean)^2
-        mean_NxGx1 = mean_NxGxK.mean(axis=-1, keepdims=True)
-        m2 = m2_NxGxK.sum(axis=-1, keepdims=True) + sites * jnp.square(mean_NxGxK - mean_NxGx1).sum(-1, keepdims=True)
-        var_NxGx1 = jnp.maximum(m2, 0.0) / (sites * mean_NxGxK.shape[-1])
-        scale = self.scale[...].astype(jnp.float32).reshape(g, -1) * jax.lax.rsqrt(var_NxGx1 + self.eps)
-        mean_Nx1xC = jnp.broadcast_to(mean_NxGx1, scale.shape).reshape(n, 1, c)
-        y = (x_NxSxC - mean_Nx1xC) * scale.reshape(n, 1, c) + self.bias[...].astype(jnp.float32)
-        return y.reshape(x.shape).astype(self.dtype)
+        c = x.shape[-1]
+        x_BxSxGxK = x.reshape(x.shape[0] // frames, -1, self.num_groups, c // self.num_groups).astype(jnp.float32)
+        # One pass over x: the sums of d = x - shift and of d^2 fuse into one reduction. With shift = the group's
+        # first value, E[d^2] - E[d]^2 loses ~eps * (1 + (mean - shift)^2 / var) of the variance: O(eps) for any
+        # sample of the group, where unshifted sums would lose eps * mean^2 / var.
+        shift = jax.lax.stop_gradient(x_BxSxGxK[:, :1, :, :1])  # mean and variance do not depend on it
+        d = x_BxSxGxK - shift
+        m1, m2 = d.mean(axis=(1, 3), keepdims=True), jnp.square(d).mean(axis=(1, 3), keepdims=True)
+        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+        y = ((d - m1) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Attention(nnx.Module):
