@@ -50,22 +50,24 @@ def jax_peak_gib():
 
 
 def random_state(abstract_state, seed=0):
-    """Random weights, fast: slices of one pool of 2**24 host normals scaled by 1/sqrt(fan_in). Initialising on the
-    device would compile ~90 RNG programs (eager) or one huge one (jitted): tens of seconds to minutes."""
+    """Random weights, fast: slices of one pool of 2**24 host normals scaled by 1/sqrt(fan_in), norm scales 1 and
+    biases 0 (so activations keep their scale through the deep VAE). Initialising on the device would compile ~90
+    RNG programs (eager) or one huge one (jitted): tens of seconds to minutes."""
     import jax
     import numpy as np
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal(1 << 24, dtype=np.float32)
 
-    def leaf(a):
-        n = int(np.prod(a.shape))
-        if len(a.shape) <= 1:  # norm scales and biases
-            values = 1.0 + 0.1 * np.resize(pool, n)
+    def leaf(path, a):
+        if len(a.shape) <= 1:
+            scale = "['scale']" in jax.tree_util.keystr(path)  # GroupNorm / LayerNorm scales
+            values = np.full(a.shape, 1.0 if scale else 0.0, np.float32)
         else:
+            n = int(np.prod(a.shape))
             start = int(rng.integers(0, pool.size - n)) if n < pool.size else 0
-            values = np.resize(pool[start:], n) * np.float32(np.prod(a.shape[:-1]) ** -0.5)
-        return jax.device_put(values.reshape(a.shape).astype(a.dtype))
-    return jax.tree.map(leaf, abstract_state)
+            values = np.resize(pool[start:], n).reshape(a.shape) * np.float32(np.prod(a.shape[:-1]) ** -0.5)
+        return jax.device_put(values.astype(a.dtype))
+    return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
 def random_models(cfg, dtype, attention_kernels=None):
@@ -283,7 +285,7 @@ def torch_infer(a):
         sync()
         return round(time.perf_counter() - begin, 3)
 
-    for mode in ("eager", "torch.compile"):
+    for mode in a.torch_modes.split(","):
         if mode == "torch.compile":
             pipe.unet = unet = torch.compile(unet, dynamic=False)
             env["reset"](); begin = time.perf_counter()  # noqa: E702
@@ -339,7 +341,7 @@ def torch_train(a):
             opt.zero_grad(set_to_none=True)
         return step
 
-    for mode in ("eager", "torch.compile"):
+    for mode in a.torch_modes.split(","):
         unet = torch_unet(cfg, env)
         if mode == "torch.compile":
             torch._dynamo.reset()
@@ -376,6 +378,8 @@ def main():
     p.add_argument("--train-size", type=int, default=256)
     p.add_argument("--total", type=float, default=480, help="seconds for the whole run; no part starts after it")
     p.add_argument("--guard-factor", type=float, default=1.0, help="scales each part's time guard (slow machines)")
+    p.add_argument("--torch-modes", default="eager,torch.compile",
+                   help="diffusers modes to time (torch.compile takes many minutes on a CPU)")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if a.part:
