@@ -107,7 +107,8 @@ def jax_step(a, temporal=None):
     f, h = a.frames, a.size // 8
     rng = np.random.default_rng(0)
     args = (rng.standard_normal((1, f, h, h, 4), np.float32), np.int32(500),
-            rng.standard_normal((1, 2, 77, cfg.unet.cross_attention_dim)).astype(dtype), np.full((1, f), 0.8, np.float32),
+            rng.standard_normal((1, 2, 77, cfg.unet.cross_attention_dim)).astype(dtype),
+            np.full((1, f), 0.8, np.float32),
             rng.standard_normal((1, h, h, 4), np.float32), np.float32(7.5))
     args = jax.device_put(args)
     begin = time.perf_counter()
@@ -125,9 +126,11 @@ def jax_step(a, temporal=None):
     piped = (time.perf_counter() - begin) / 25
     memory = exe.memory_analysis()
     (OUT / f"jax_step{'_' + temporal if temporal else ''}.hlo.gz").write_bytes(gzip.compress(exe.as_text().encode()))
-    emit(part="jax_unet_cfg_step", temporal_kernel=temporal or "default", ms_synced=round(1e3 * statistics.median(synced), 2), ms_pipelined=round(1e3 * piped, 2),
+    emit(part="jax_unet_cfg_step", temporal_kernel=temporal or "default",
+         ms_synced=round(1e3 * statistics.median(synced), 2), ms_pipelined=round(1e3 * piped, 2),
          compile_s=round(compile_s, 1), temp_GiB=round(memory.temp_size_in_bytes / 2**30, 2),
-         weights_GiB=round(memory.argument_size_in_bytes / 2**30, 2), peak_GiB=jax_peak_gib(), device=str(jax.devices()[0]))
+         weights_GiB=round(memory.argument_size_in_bytes / 2**30, 2), peak_GiB=jax_peak_gib(),
+         device=str(jax.devices()[0]))
 
 
 class IdsTokenizer:
@@ -332,7 +335,8 @@ def torch_train(a):
                 t = torch.randint(0, 1000, (b,), device=dev)
                 alpha = alphas[t].view(b, 1, 1, 1, 1)
                 noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-                inputs = torch.cat([noisy, torch.full_like(latents[:, :1], 0.8), latents[:, :, :1].expand_as(latents)], 1)
+                mask = torch.full_like(latents[:, :1], 0.8)
+                inputs = torch.cat([noisy, mask, latents[:, :, :1].expand_as(latents)], 1)
                 pred = unet(inputs, t, context).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
             loss.backward()

@@ -3,13 +3,15 @@
 Kernels: "xla" runs everywhere (softmax in fp32). "cudnn" is cuDNN flash attention through
 `jax.nn.dot_product_attention`: on an H100 it is ~6x faster than XLA for 64x64 spatial self-attention, break-even
 at 16x16 and 2-4x slower for temporal attention (16-frame sequences). "auto" takes cuDNN only where it applies and
-pays off; elsewhere (CPU, TPU, fp32) it takes XLA, in query chunks where the full logits would be large.
+pays off (on TPU: splash, below); elsewhere it takes XLA, in query chunks where the full logits would be large.
 "chunked" is XLA attention over blocks of CHUNK_QUERIES queries, each block rematerialized in the backward pass: the
 same math per query row, with memory bounded by one block's logits instead of all of them (at 64x64 latents one
 UNet self-attention over 32 frames would otherwise hold 32 x 8 x 4096^2 fp32 logits, 16 GiB).
 "splash" is Pallas' TPU flash attention (splash attention): "auto" takes it on TPU for self-attention over
 SPLASH_MIN_QUERY_LEN tokens and more (no logits in memory at all); off TPU it runs in Pallas' interpreter (tests).
 Its speed on a TPU is not measured yet (no TPU was lent).
+"short" computes attention over few keys (temporal: 16 frames) with broadcast products and sums instead of batched
+matmuls, avoiding the head-layout transposes; opt-in until a GPU run confirms the device-less estimate (BENCHMARKS.md).
 """
 
 import functools
@@ -80,7 +82,8 @@ def _splash(q, k, v):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     if lq % SPLASH_BLOCK or lk % SPLASH_BLOCK:
-        raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}, got {lq}, {lk}")
+        raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}, got "
+                         f"{lq}, {lk}")
     pad = -d % 128  # TPU lanes: head dims 40/80/160 padded with zeros, which change neither logits nor kept outputs
     q = q * jnp.asarray(d ** -0.5, q.dtype)  # the kernel does not scale
     to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, pad))).swapaxes(1, 2)  # noqa: E731  (B, H, L, D')
