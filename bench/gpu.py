@@ -134,12 +134,16 @@ def jax_step(a, temporal=None):
 
 
 class IdsTokenizer:
-    """CLIP ids without vocabulary files (BOS, a few ids, EOS padding): the speed does not depend on the words."""
+    """Token ids without vocabulary files (BOS, a few ids, EOS padding; CLIP's BOS/EOS are the vocabulary's last two
+    ids): the speed does not depend on the words."""
+
+    def __init__(self, vocab_size: int):
+        self.bos, self.eos = vocab_size - 2, vocab_size - 1
 
     def __call__(self, prompts, max_length=77, **_):
         import numpy as np
-        ids = np.full((len(prompts), max_length), 49407, np.int64)
-        ids[:, 0], ids[:, 1:6] = 49406, np.arange(400, 405)
+        ids = np.full((len(prompts), max_length), self.eos, np.int64)
+        ids[:, 0], ids[:, 1:6] = self.bos, np.arange(400, 405)
         return {"input_ids": ids}
 
 
@@ -147,7 +151,8 @@ def make_animator(a):
     """The sampler (pia_jax.sampling.Animator) from random-weight parts, its compilation cache at CACHE."""
     from pia_jax.sampling import Animator, accelerator_default_dtype
     cfg = model_config(a.config)
-    return Animator(cfg, *random_models(cfg, accelerator_default_dtype()), IdsTokenizer(), compile_cache_dir=CACHE)
+    return Animator(cfg, *random_models(cfg, accelerator_default_dtype()), IdsTokenizer(cfg.text.vocab_size),
+                    compile_cache_dir=CACHE)
 
 
 def animate(animator, a):
