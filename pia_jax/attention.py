@@ -3,10 +3,15 @@
 Kernels: "xla" runs everywhere (softmax in fp32). "cudnn" is cuDNN flash attention through
 `jax.nn.dot_product_attention`: on an H100 it is ~6x faster than XLA for 64x64 spatial self-attention, break-even
 at 16x16 and 2-4x slower for temporal attention (16-frame sequences). "auto" takes cuDNN only where it applies and
-pays off; elsewhere (CPU, TPU, fp32) it takes XLA, in query chunks where the full logits would be large.
+pays off (on TPU: splash, below); elsewhere it takes XLA, in query chunks where the full logits would be large.
 "chunked" is XLA attention over blocks of CHUNK_QUERIES queries, each block rematerialized in the backward pass: the
 same math per query row, with memory bounded by one block's logits instead of all of them (at 64x64 latents one
 UNet self-attention over 32 frames would otherwise hold 32 x 8 x 4096^2 fp32 logits, 16 GiB).
+"splash" is Pallas' TPU flash attention (splash attention): "auto" takes it on TPU for self-attention over
+SPLASH_MIN_QUERY_LEN tokens and more (no logits in memory at all); off TPU it runs in Pallas' interpreter (tests).
+Its speed on a TPU is not measured yet (no TPU was lent).
+"short" computes attention over few keys (temporal: 16 frames) with broadcast products and sums instead of batched
+matmuls, avoiding the head-layout transposes; opt-in until a GPU run confirms the device-less estimate (BENCHMARKS.md).
 """
 
 import functools
@@ -14,10 +19,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("xla", "cudnn", "chunked", "auto")
+KERNELS = ("xla", "cudnn", "chunked", "splash", "short", "auto")
 CUDNN_MIN_QUERY_LEN = 1024  # below ~32x32 tokens XLA is as fast (measured on H100, bf16)
 CHUNK_QUERIES = 1024
 CHUNK_MIN_LOGITS = 4096 * 4096  # "auto" chunks XLA attention from 64x64-token self-attention up
+SPLASH_MIN_QUERY_LEN = 1024  # 32x32 tokens and up; an estimate, as for cuDNN (not measured on a TPU)
+SPLASH_BLOCK = 128  # query/key block of the splash kernel; sequences must be multiples of it
 
 
 @functools.cache
@@ -33,12 +40,18 @@ def _cudnn_max_head_dim() -> int:
     return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
+def _on_tpu() -> bool:
+    return jax.default_backend() == "tpu"
+
+
 def pick_kernel(kernel: str, q_len: int, head_dim: int, dtype, kv_len: int | None = None) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel != "auto":
         return kernel
     kv_len = q_len if kv_len is None else kv_len
+    if _on_tpu() and q_len == kv_len and q_len >= SPLASH_MIN_QUERY_LEN and q_len % SPLASH_BLOCK == 0:
+        return "splash"
     fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
             and head_dim <= _cudnn_max_head_dim())
     if fits and q_len >= CUDNN_MIN_QUERY_LEN:
@@ -55,12 +68,49 @@ def _chunked(q, k, v):
     return jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(b, n * CHUNK_QUERIES, h, d)[:, :lq]
 
 
+@functools.cache
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len))] * heads)
+    b = SPLASH_BLOCK
+    blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                               block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q, k, v):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if lq % SPLASH_BLOCK or lk % SPLASH_BLOCK:
+        raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}, got "
+                         f"{lq}, {lk}")
+    pad = -d % 128  # TPU lanes: head dims 40/80/160 padded with zeros, which change neither logits nor kept outputs
+    q = q * jnp.asarray(d ** -0.5, q.dtype)  # the kernel does not scale
+    to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, pad))).swapaxes(1, 2)  # noqa: E731  (B, H, L, D')
+    attend = _splash_kernel(h, lq, lk, not _on_tpu())
+    return jax.vmap(attend)(to_kernel(q), to_kernel(k), to_kernel(v)).swapaxes(1, 2)[..., :d]
+
+
+def _short(q, k, v):
+    """Attention over a few keys (temporal: 16 frames) as broadcast products and sums in fp32. XLA fuses these into
+    reductions over the (B, L, H, D) layout the projections produce; its batched matmuls would first move the heads
+    before the sequence and back (transposes) for tiny 16 x 16 products."""
+    f32 = jnp.float32
+    logits_BxLqxLkxH = (q[:, :, None].astype(f32) * k[:, None].astype(f32)).sum(-1) * (q.shape[-1] ** -0.5)
+    p = jax.nn.softmax(logits_BxLqxLkxH, axis=2)
+    return (p[..., None] * v[:, None].astype(f32)).sum(2).astype(q.dtype)
+
+
 def dot_product_attention(q, k, v, *, kernel: str = "xla", causal: bool = False):
     """softmax(q k^T / sqrt(d)) v for q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> (B, Lq, H, D)."""
     kernel = pick_kernel(kernel, q.shape[1], q.shape[-1], q.dtype, k.shape[1])
+    if kernel == "splash" and not causal:
+        return _splash(q, k, v)
+    if kernel == "short" and not causal:
+        return _short(q, k, v)
     if kernel == "chunked" and not causal:
         return _chunked(q, k, v)
-    if kernel in ("xla", "chunked"):  # causal attention only runs over 77 text tokens: never worth chunking
+    if kernel in ("xla", "chunked", "splash", "short"):  # causal attention only runs over 77 text tokens: plain XLA
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
     kv_len = k.shape[1]
     pad = -kv_len % 8  # cuDNN's backward pass rejects e.g. 77 text tokens; padded keys are masked out by length

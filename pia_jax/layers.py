@@ -53,9 +53,14 @@ class GroupNorm(nnx.Module):
     def __call__(self, x, frames: int = 1):
         c = x.shape[-1]
         x_BxSxGxK = x.reshape(x.shape[0] // frames, -1, self.num_groups, c // self.num_groups).astype(jnp.float32)
-        mean = x_BxSxGxK.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(x_BxSxGxK - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((x_BxSxGxK - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        # One pass over x: the sums of d = x - shift and of d^2 fuse into one reduction. With shift = the group's
+        # first value, E[d^2] - E[d]^2 loses ~eps * (1 + (mean - shift)^2 / var) of the variance: O(eps) for any
+        # sample of the group, where unshifted sums would lose eps * mean^2 / var.
+        shift = jax.lax.stop_gradient(x_BxSxGxK[:, :1, :, :1])  # mean and variance do not depend on it
+        d = x_BxSxGxK - shift
+        m1, m2 = d.mean(axis=(1, 3), keepdims=True), jnp.square(d).mean(axis=(1, 3), keepdims=True)
+        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+        y = ((d - m1) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
@@ -79,6 +84,13 @@ class Attention(nnx.Module):
 
 
 class GEGLU(nnx.Module):
+    """value * gelu(gate) with [value | gate] = proj(x), as diffusers'.
+
+    One matmul on purpose: as two matmuls on `proj`'s halves (value, gate) XLA:GPU still writes both products and
+    reads them back in a separate multiply (compiled for an H100 without autotuning: no epilogue fusion, see
+    BENCHMARKS.md), so the split saves no memory traffic and costs a kernel.
+    """
+
     def __init__(self, mk: Builder, dim, inner):
         self.proj = mk.linear(dim, 2 * inner)
 

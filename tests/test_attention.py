@@ -35,13 +35,24 @@ def test_chunked_equals_xla(small_chunks, lq, lk):
                  f"chunked attention {lq}x{lk}")
 
 
-def test_chunked_gradients_equal_xla(small_chunks):
-    q, k, v = qkv()
+def assert_gradients_equal_xla(kernel, q, k, v):
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
     grad = lambda kernel: jax.jit(jax.grad(  # noqa: E731
         lambda q, k, v: jnp.sum(w * attention.dot_product_attention(q, k, v, kernel=kernel)), argnums=(0, 1, 2)))
-    for got, expected, name in zip(grad("chunked")(q, k, v), grad("xla")(q, k, v), "qkv"):
-        assert_close(got, expected, TOL, f"d loss / d {name}")
+    for got, expected, name in zip(grad(kernel)(q, k, v), grad("xla")(q, k, v), "qkv"):
+        assert_close(got, expected, TOL, f"{kernel}: d loss / d {name}")
+
+
+def test_chunked_gradients_equal_xla(small_chunks):
+    assert_gradients_equal_xla("chunked", *qkv())
+
+
+def test_short_equals_xla():
+    """The broadcast-and-sum kernel for temporal attention: the same fp32 math, another summation order."""
+    q, k, v = qkv(16, 16, b=3, h=4, d=40)
+    assert_close(jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="short"))(q, k, v),
+                 attention.dot_product_attention(q, k, v, kernel="xla"), TOL, "short attention")
+    assert_gradients_equal_xla("short", q, k, v)
 
 
 def test_auto_picks_chunks_for_large_logits_off_cuda():
@@ -52,3 +63,23 @@ def test_auto_picks_chunks_for_large_logits_off_cuda():
     q, k, v = qkv(8, 8)  # causal requests never take the chunked path
     assert_close(attention.dot_product_attention(q, k, v, kernel="chunked", causal=True),
                  attention.dot_product_attention(q, k, v, kernel="xla", causal=True), 0, "causal")
+
+
+# Splash attention runs here in Pallas' interpreter (slow: one small case). It is the same softmax in another
+# summation order (online softmax over 128-key blocks, zero-padded head dims) with q scaled before the product,
+# not the logits after: fp32 agrees to ~1e-6 of the output scale (measured 1.3e-6 here), so 1e-5; a mis-scaled or
+# mis-padded result is off by O(1).
+def test_splash_equals_xla():
+    q, k, v = qkv(256, 256, b=1, h=2, d=40)  # SD1.5's smallest head dim, padded to 128 lanes inside
+    assert_close(jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="splash"))(q, k, v),
+                 attention.dot_product_attention(q, k, v, kernel="xla"), 1e-5, "splash attention")
+
+
+def test_auto_picks_splash_on_tpu_for_long_self_attention(monkeypatch):
+    monkeypatch.setattr(attention, "_on_tpu", lambda: True)
+    assert attention.pick_kernel("auto", 4096, 40, jnp.bfloat16) == "splash"  # 64x64 latents
+    assert attention.pick_kernel("auto", 1024, 80, jnp.float32) == "splash"  # 32x32 latents
+    assert attention.pick_kernel("auto", 4096, 40, jnp.bfloat16, kv_len=77) == "xla"  # cross-attention to text
+    assert attention.pick_kernel("auto", 256, 160, jnp.bfloat16) == "xla"  # 16x16: short
+    assert attention.pick_kernel("auto", 16, 40, jnp.bfloat16) == "xla"  # temporal
+    assert attention.pick_kernel("auto", 4160, 40, jnp.bfloat16) == "chunked"  # 65x64: not whole blocks
