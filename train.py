@@ -39,9 +39,8 @@ def main(argv=None) -> int:
         jax.distributed.initialize()
 
     from pia_jax.sharding import make_mesh
-    from pia_jax.training import config as config_lib, loop, state as state_lib
+    from pia_jax.training import config as config_lib, loop, tasks
     from pia_jax.training.checkpoint import Checkpointer
-    from pia_jax.training.step import Trainer
 
     from etils import epath
     cfg = config_lib.load(args.config, args.overrides)
@@ -51,8 +50,7 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
-    setup = state_lib.build(cfg.model, cfg.seed)
-    trainer = Trainer(setup, state_lib.make_optimizer(cfg.optim), make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+    trainer = tasks.make_trainer(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
 
     if args.export:
         ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep)
@@ -62,20 +60,21 @@ def main(argv=None) -> int:
             return 1
         state, _ = ckpt.restore(step, trainer.abstract_state(), data=False)
         ckpt.close()
-        loop.export(args.export, trainer, state.params, dtype=cfg.export_dtype)
+        tasks.export(args.export, trainer, state.params, cfg)
         print(f"exported step {step} to {args.export}")
         return 0
 
-    loader = loop.make_loader(cfg, setup.tokenizer, setup.config.text.vocab_size)
+    loader = loop.make_loader(cfg, trainer.setup.tokenizer, trainer.setup.config.text.vocab_size)
     try:
         result = loop.run(cfg, trainer, loader)
+        if result.status == "done":
+            tasks.export(workdir / "model", trainer, result.state.params, cfg, loader)
     except loop.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         getattr(loader, "close", lambda: None)()
     if result.status == "done":
-        loop.export(workdir / "model", trainer, result.state.params, dtype=cfg.export_dtype)
         if jax.process_index() == 0:
             print(f"done: {cfg.steps} steps; model exported to {workdir / 'model'}")
     return 0

@@ -23,6 +23,7 @@ class DataConfig:
     condition_dropout: float = 0.2  # use_condition = False (train.yaml cond_prob)
     max_length: int = 77  # CLIP token ids per caption
     sim_range: tuple[float, float] = (0.2, 1.0)  # affinity range (train.yaml mask_sim_range)
+    flip: bool = True  # random horizontal flip of the clip (drawn either way, so the other draws do not shift)
 
 
 def sample_window(num_frames: int, n_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +96,7 @@ def draw(num_frames: int, config: DataConfig, rng: np.random.Generator) -> Draws
     them). Condition dropout is drawn per sample; the reference draws it once per batch (train.py
     `is_cond = random.random()`), which only makes its gradient noisier."""
     indices = sample_window(num_frames, config.n_frames, config.stride, rng)
-    return Draws(indices, bool(rng.random() < 0.5), int(rng.integers(0, config.n_frames)),
+    return Draws(indices, bool(rng.random() < 0.5) and config.flip, int(rng.integers(0, config.n_frames)),
                  bool(rng.random() < config.caption_dropout), bool(rng.random() >= config.condition_dropout))
 
 

@@ -33,6 +33,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     condition_dropout: float = 0.2  # drawn per clip (the reference draws one per batch)
     sim_range: tuple[float, ...] = (0.2, 1.0)  # affinity coefficient range (train.yaml mask_sim_range)
+    flip: bool = True  # random horizontal flips (the reference's); off where captions name directions
     workers: int = 8
 
 
@@ -83,6 +84,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: str = "pia"  # pia | vae | t2i: the objective and trained part (pia_jax/training/tasks.py)
     workdir: str = "runs/pia"  # checkpoints/, tensorboard/, validation/, model/ (the export); local or gs://
     steps: int = 31_250  # optimizer steps (the reference's 500k micro-steps / 16)
     seed: int = 0
@@ -98,6 +100,8 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
+        if self.task not in ("pia", "vae", "t2i"):
+            raise ValueError(f"task must be 'pia', 'vae' or 't2i', got {self.task!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 

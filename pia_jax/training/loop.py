@@ -71,7 +71,7 @@ def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
         raise ValueError("training on a dataset needs the model directory's tokenizer")
     config = data.DataConfig(n_frames=d.n_frames, stride=d.stride, resolution=d.resolution,
                              caption_dropout=d.caption_dropout, condition_dropout=d.condition_dropout,
-                             sim_range=d.sim_range)
+                             sim_range=d.sim_range, flip=d.flip)
     return data.Loader(data.open_dataset(d.path), tokenizer, config, num_workers=d.workers, **common)
 
 
