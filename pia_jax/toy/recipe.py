@@ -23,9 +23,10 @@ STAGES = ("world", "data", "init", "vae", "t2i", "pia", "eval")
 CLIPS = 3000
 
 
-def write_init(path, seed: int = 0) -> Path:
-    """A model directory of the TOY architecture with freshly initialised weights (zero motion-module outputs, as
-    AnimateDiff starts) and a tokenizer whose vocabulary holds every caption word as one token.
+def write_init(path, seed: int = 0, model_config=None) -> Path:
+    """A model directory of the TOY architecture (or `model_config`) with freshly initialised weights (zero
+    motion-module outputs, as AnimateDiff starts) and a tokenizer whose vocabulary holds every caption word as one
+    token.
 
     The text encoder stays random and frozen in every stage, as CLIP is frozen in SD and PIA: its residual stream
     keeps each word's random embedding distinguishable, and the UNet's cross-attention learns to read it; training
@@ -40,7 +41,7 @@ def write_init(path, seed: int = 0) -> Path:
     from pia_jax.unet import UNetMotionModel
     from pia_jax.vae import AutoencoderKL
 
-    cfg, rngs = config.TOY, nnx.Rngs(seed)
+    cfg, rngs = model_config or config.TOY, nnx.Rngs(seed)
     models = {"unet": UNetMotionModel(cfg.unet, rngs=rngs), "vae": AutoencoderKL(cfg.vae, rngs=rngs),
               "text_encoder": CLIPTextModel(cfg.text, rngs=rngs)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -165,8 +165,8 @@ class Trainer:
         key = _shape_key(batch)
         if key not in self.flops:
             graphs = make_graphs(abstract_models(self.setup.config, self.setup.model, attention="xla", remat=False))
-            self.flops[key] = count_flops(functools.partial(train_step, graphs, *self._step_args, loss_fn=self._loss_fn),
-                                          self.abstract_state(), self.frozen, batch)
+            step = functools.partial(train_step, graphs, *self._step_args, loss_fn=self._loss_fn)
+            self.flops[key] = count_flops(step, self.abstract_state(), self.frozen, batch)
         return self.flops[key]
 
 
