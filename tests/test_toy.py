@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pia_jax import config as model_config
+from pia_jax.model_dir import load_model_dir
 from pia_jax.sharding import make_mesh
 from pia_jax.tokenizer import load_tokenizer
 from pia_jax.toy import evaluate, vocab, world
@@ -143,27 +144,29 @@ def test_pia_loss_falls_on_a_micro_toy_model_from_scratch(micro, tmp_path):
     assert np.mean(losses[-10:]) < LOSS_RATIO * np.mean(losses[:10]), losses
 
 
-@pytest.mark.parametrize("task", ["vae", "t2i"])
-def test_base_tasks_resume_exactly_and_export(micro, tmp_path, task):
+# The vae task here; the t2i task's step compiles a UNet backward pass (~3x this test's time), so CI leaves it to
+# the recipe run (python -m pia_jax.toy train), which resumes it the same way through loop.run.
+def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
     init, data = micro
-    start = init  # t2i from the untrained VAE (latent scale 1): the resume logic is what is tested
-    cfg = lambda workdir, steps: toy_config(task, workdir, start, data, steps=steps)  # noqa: E731
+    cfg = lambda workdir, steps: toy_config("vae", workdir, init, data, steps=steps)  # noqa: E731
     trainer = tasks.make_trainer(cfg(tmp_path / "a", 4), make_mesh())
+    assert set(trainer.setup.trainable) == set(tasks.build(cfg(tmp_path / "a", 4)).trainable)
     make_loader = lambda c: loop.make_loader(c, trainer.setup.tokenizer, MICRO.text.vocab_size)  # noqa: E731
     once = loop.run(cfg(tmp_path / "a", 4), trainer, make_loader(cfg(tmp_path / "a", 4)))
     loop.run(cfg(tmp_path / "b", 2), trainer, make_loader(cfg(tmp_path / "b", 2)))  # stopped after step 2
     resumed = loop.run(cfg(tmp_path / "b", 4), trainer, make_loader(cfg(tmp_path / "b", 4)))
-    for k, v in jax.device_get(once.state.params).items():
-        np.testing.assert_array_equal(np.asarray(jax.device_get(resumed.state.params)[k]), v, err_msg=k)
-    part = tasks.PART[task]
-    assert trainer.setup.trainable and all(k in trainer.setup.frozen[part] or k in trainer.setup.trainable
-                                           for k in trainer.setup.trainable)
-    if task == "t2i":
-        assert not any("motion_modules" in k for k in trainer.setup.trainable)
-    else:  # the export sets the latent scale from the data: unit-std latent means
-        out = tasks.export(tmp_path / "model", trainer, once.state.params, cfg(tmp_path / "a", 4))
-        scale = model_config.from_dict(__import__("json").loads((out / "config.json").read_text())["model"]).vae
-        assert np.isfinite(scale.scaling_factor) and scale.scaling_factor > 0
+    expected, got = jax.device_get(once.state.params), jax.device_get(resumed.state.params)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+    # the export sets scaling_factor = 1 / std of the posterior means of the data
+    loader = make_loader(cfg(tmp_path / "a", 4))
+    batches = [next(loader) for _ in range(tasks.SCALE_BATCHES)]
+    out = tasks.export(tmp_path / "model", trainer, once.state.params, cfg(tmp_path / "a", 4), iter(batches))
+    vae = load_model_dir(out, parts=("vae",), tokenizer=False)
+    pixels = np.concatenate([b["pixel_values"].reshape((-1,) + b["pixel_values"].shape[2:]) for b in batches])
+    mean = np.asarray(jax.jit(lambda x: vae.vae.encode(x)[0])(pixels))  # one compile, not one per eager op
+    # fp32 export: the same encoder on the same batches; 1e-4 covers the summation order of the std
+    np.testing.assert_allclose(np.std(mean) * vae.config.vae.scaling_factor, 1.0, rtol=1e-4)
 
 
 # -- the shipped model -----------------------------------------------------------------------------------------
