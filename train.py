@@ -121,9 +121,8 @@ def main(argv=None) -> int:
         return 2
 
     from pia_jax.sharding import make_mesh
-    from pia_jax.training import loop, state as state_lib
+    from pia_jax.training import loop, tasks
     from pia_jax.training.checkpoint import Checkpointer, CheckpointError
-    from pia_jax.training.step import Trainer
 
     if cfg.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache)
@@ -133,8 +132,7 @@ def main(argv=None) -> int:
     print(f"building the model from {cfg.model.model_dir or 'random weights: ' + cfg.model.init} on "
           f"{jax.device_count()} {jax.devices()[0].platform} devices (the first step then compiles, minutes for "
           "SD1.5)...", flush=True)
-    setup = state_lib.build(cfg.model, cfg.seed)
-    trainer = Trainer(setup, state_lib.make_optimizer(cfg.optim), make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+    trainer = tasks.make_trainer(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
 
     if args.export:
         ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep)
@@ -148,13 +146,15 @@ def main(argv=None) -> int:
         if step is None:
             print(f"error: no checkpoint in {ckpt.directory}", file=sys.stderr)
             return 2
-        loop.export(args.export, trainer, restored[0].params, dtype=cfg.export_dtype)
+        tasks.export(args.export, trainer, restored[0].params, cfg)
         print(f"exported step {step} to {args.export}")
         return 0
 
-    loader = loop.make_loader(cfg, setup.tokenizer, setup.config.text.vocab_size)
+    loader = loop.make_loader(cfg, trainer.setup.tokenizer, trainer.setup.config.text.vocab_size)
     try:
         result = loop.run(cfg, trainer, loader)
+        if result.status != "preempted":  # the VAE task's export measures its latent scale on the loader's clips
+            tasks.export(workdir / "model", trainer, result.state.params, cfg, loader)
     except (loop.NonFiniteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -162,7 +162,6 @@ def main(argv=None) -> int:
         getattr(loader, "close", lambda: None)()
     if result.status == "preempted":
         return cfg.sigterm_exit_code
-    loop.export(workdir / "model", trainer, result.state.params, dtype=cfg.export_dtype)
     if jax.process_index() == 0:
         print(f"done: {cfg.steps} steps; model exported to {workdir / 'model'}")
     return 0

@@ -114,7 +114,26 @@ TINY = PIAConfig(
                     num_attention_heads=4),
 )
 
-MODELS = {"sd15": SD15_PIA, "tiny": TINY}  # by name, for random-weight runs
+
+# The toy world's model (pia_jax/toy): 32x32 frames, VAE factor 4 (8x8x4 latents), a 4-channel base UNet (PIA
+# training widens conv_in) at 8, 4 and 2 latent pixels, a 2-layer text tower over the grammar's ~600 BPE tokens.
+TOY = PIAConfig(
+    unet=UNetConfig(
+        in_channels=4,
+        block_out_channels=(64, 96, 128),
+        down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),
+        layers_per_block=1,
+        num_attention_heads=4,
+        cross_attention_dim=64,
+        norm_num_groups=16,
+        motion_num_attention_heads=4,
+    ),
+    vae=VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, scaling_factor=1.0),
+    text=TextConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4),
+)
+MODELS = {"sd15": SD15_PIA, "tiny": TINY, "toy": TOY}  # by name, for random-weight runs
 
 
 def to_dict(config) -> dict:

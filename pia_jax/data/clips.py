@@ -29,6 +29,8 @@ class DataConfig:
                                         "reference draws one per batch)")
     max_length: int = opt(77, "CLIP token ids per caption")
     sim_range: tuple[float, float] = opt((0.2, 1.0), "range of the affinity coefficients (mask_sim_range)")
+    flip: bool = opt(True, "random horizontal flips, as the reference; false where captions name directions "
+                           "(the flip is drawn either way, so the other draws do not shift)")
     workers: int = opt(8, "threads decoding videos")
 
 
@@ -102,7 +104,7 @@ def draw(num_frames: int, config: DataConfig, rng: np.random.Generator) -> Draws
     them). Condition dropout is drawn per sample; the reference draws it once per batch (train.py
     `is_cond = random.random()`), which only makes its gradient noisier."""
     indices = sample_window(num_frames, config.n_frames, config.stride, rng)
-    return Draws(indices, bool(rng.random() < 0.5), int(rng.integers(0, config.n_frames)),
+    return Draws(indices, bool(rng.random() < 0.5) and config.flip, int(rng.integers(0, config.n_frames)),
                  bool(rng.random() < config.caption_dropout), bool(rng.random() >= config.condition_dropout))
 
 

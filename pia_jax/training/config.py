@@ -86,6 +86,8 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: str = opt("pia", "the objective and trained part (pia_jax/training/tasks.py): PIA's recipe, or a "
+                           "base-model stage of the toy world (vae, t2i)", ("pia", "vae", "t2i"))
     workdir: str = opt("runs/pia", "checkpoints/, tensorboard/, validation/, model/ (the export), config.json; "
                                    "local or gs://")
     steps: int = opt(31_250, "optimizer steps (the reference's 500k micro-steps / 16)")
@@ -163,7 +165,7 @@ def flatten(cfg: TrainConfig) -> dict:
 # the checkpoint's trainable weights depend on them.
 FREE_ON_RESUME = ("workdir", "steps", "on_nonfinite", "on_change", "sigterm_exit_code", "export_dtype",
                   "compilation_cache", "data.workers", "mesh.", "checkpoint.", "log.", "validation.")
-FIXED_ON_RESUME = ("model.model_dir", "model.init", "model.trainable")
+FIXED_ON_RESUME = ("task", "model.model_dir", "model.init", "model.trainable")
 
 
 def changes(stored: dict, cfg: TrainConfig) -> tuple[list, list]:

@@ -1,0 +1,45 @@
+"""The toy world's commands.
+
+    python -m pia_jax.toy train --out runs/toy          # world -> data -> vae -> t2i -> pia -> eval, resumable
+    python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pia_jax.toy", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run every stage of the toy recipe not yet done under --out")
+    t.add_argument("--out", required=True, help="folder of the run (stages resume from what is there)")
+    t.add_argument("--clips", type=int, default=None, help="training clips in the world (default 3000)")
+    t.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="a train.py override for one stage, e.g. pia:steps=100 (repeatable)")
+    e = sub.add_parser("evaluate", help="measure a model on the held-out combinations")
+    from pia_jax.toy import evaluate
+    evaluate.add_arguments(e)
+    args = p.parse_args(argv)
+
+    if args.command == "evaluate":
+        return evaluate.main(args)
+    from pia_jax.toy import recipe
+    overrides = {}
+    for item in args.set:
+        stage, sep, kv = item.partition(":")
+        if not sep or stage not in ("vae", "t2i", "pia") or "=" not in kv:
+            p.error(f"--set takes STAGE:KEY=VALUE with STAGE vae, t2i or pia; got {item!r}")
+        overrides.setdefault(stage, []).append(kv)
+    if args.clips is not None and args.clips < 64:
+        p.error(f"--clips must be at least 64 (one batch), got {args.clips}")
+    try:
+        timings = recipe.train(args.out, clips=args.clips or recipe.CLIPS, overrides=overrides)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done in {sum(timings.values()):.0f} s: {args.out}/pia/model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

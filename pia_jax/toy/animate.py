@@ -1,0 +1,35 @@
+"""The toy package's one door to the sampler (`pia_jax.sampling.Animator`), so a new sampler API changes
+only this file."""
+
+import functools
+
+import numpy as np
+
+from pia_jax import affinity
+
+
+@functools.lru_cache(maxsize=2)
+def _animator(model_dir: str):
+    from pia_jax.sampling import Animator
+    return Animator.load(model_dir)
+
+
+def animate(model_dir, images, prompts, motions, *, frames: int = 8, steps: int = 25, guidance: float = 4.0,
+            seed: int = 0, batch: int = 16) -> np.ndarray:
+    """Videos (B, frames, H, W, 3) float32 in [0, 1] from uint8 images (B, H, W, 3), one prompt and one affinity
+    preset name per image; video i uses seed + i. The negative prompt is "" (the caption-dropout condition the
+    toy model was trained with). Runs in fixed batches of `batch` (the last one padded), so it compiles once."""
+    from pia_jax.sampling import SampleOptions
+
+    animator = _animator(str(model_dir))
+    images = np.asarray(images)
+    n = len(images)
+    mask = np.stack([affinity.preset_coefficients(m, frames) for m in motions])
+    options = SampleOptions(steps=steps, guidance_scale=guidance)
+    out = []
+    for start in range(0, n, batch):
+        idx = [min(i, n - 1) for i in range(start, start + batch)]  # pad with the last video
+        result = animator(images[idx], [prompts[i] for i in idx], [""] * batch, mask[idx], options,
+                          seeds=[seed + i for i in range(start, start + batch)], float_frames=True)
+        out.append(result.videos[:min(batch, n - start)])
+    return np.concatenate(out)

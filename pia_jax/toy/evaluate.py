@@ -1,0 +1,181 @@
+"""Toy-world evaluation: animate the first frames of held-out clips and measure what moved, by tracking the object.
+
+    python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval
+
+Cases: every held-out (shape, colour, background) combination (never trained on; each word was) x each of the four
+directions, prompted without a speed word, animated with each of the presets small / moderate / large; and each
+combination prompted "stays still" (moderate preset). The object is tracked by colour: each pixel's coverage is
+its colour projected onto the background -> object colour segment (exactly how the renderer blends them), the
+centroid and area are the coverage-weighted mean position and sum. Pixels are those of the 32x32 frames.
+
+Metrics (goals from issue 11):
+  direction accuracy  moderate preset: the last frame's centroid has moved > 1 px along the prompt's direction and
+                      more along it than across it                                                   goal >= 90 %
+  preset ordering     mean displacement from frame 0 over the frames: small < moderate < large       goal >= 90 %
+  condition PSNR      frame 0 against the input image, all cases                                    goal >= 25 dB
+  still motion        "stays still": mean centroid step between consecutive frames                   goal < 1 px/frame
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pia_jax.toy import world
+
+PRESETS = ("small", "moderate", "large")
+MIN_SHIFT = 1.0  # px: less than this is no movement
+
+
+def first_frame(clip: world.Clip) -> np.ndarray:
+    """uint8 (S, S, 3) at TRAIN_SIZE: frame 0 rendered and resized as the training data loader resizes frames."""
+    from pia_jax.data.clips import transform_clip
+
+    frame = transform_clip(world.render(clip, frames=1), flip=False, resolution=world.TRAIN_SIZE)[0]
+    return np.round((frame + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def cases(seed: int = 0) -> list[dict]:
+    """The evaluation cases: {kind, clip, prompt, preset}; kind is 'direction' or 'still'."""
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for combo in world.held_out_combinations():
+        for direction in world.DIRECTIONS:
+            clip = world.sample_clip(rng, combo, direction, speed="")
+            out += [{"kind": "direction", "clip": clip, "prompt": clip.caption, "preset": p} for p in PRESETS]
+        clip = world.sample_clip(rng, combo, "still")
+        out.append({"kind": "still", "clip": clip, "prompt": clip.caption, "preset": "moderate"})
+    return out
+
+
+def track(video: np.ndarray, colour: str, background: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (F, 2) as (x, y) in pixels and areas (F,) in pixels of the object in frames (F, H, W, 3) in
+    [0, 1]. Coverage = the pixel's colour projected on the background -> object colour segment, clipped to [0, 1]."""
+    fg, bg = (np.array(t, np.float64) / 255 for t in (world.COLOURS[colour], world.BACKGROUNDS[background]))
+    axis = fg - bg
+    cover = np.clip((np.asarray(video, np.float64) - bg) @ axis / (axis @ axis), 0, 1)  # (F, H, W)
+    area = cover.sum((1, 2))
+    ys, xs = np.mgrid[0:cover.shape[1], 0:cover.shape[2]] + 0.5
+    safe = np.maximum(area, 1e-9)
+    centroid = np.stack([(cover * xs).sum((1, 2)) / safe, (cover * ys).sum((1, 2)) / safe], -1)
+    return centroid, area
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """dB between two images in [0, 1]."""
+    mse = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def measure(case: dict, video: np.ndarray, image: np.ndarray) -> dict:
+    clip = case["clip"]
+    centroid, area = track(video, clip.colour, clip.background)
+    shift = centroid - centroid[0]
+    row = {"prompt": case["prompt"], "preset": case["preset"], "kind": case["kind"],
+           "psnr": psnr(video[0], image / 255), "area": area.tolist(), "centroid": centroid.tolist(),
+           "displacement": float(np.linalg.norm(shift, axis=1).mean()),
+           "step": float(np.linalg.norm(np.diff(centroid, axis=0), axis=1).mean())}
+    if case["kind"] == "direction":
+        want = np.array(world.DIRECTIONS[clip.motion], np.float64)
+        along, across = float(shift[-1] @ want), float(abs(shift[-1] @ want[::-1]))
+        row.update(along=along, across=across, correct=along > MIN_SHIFT and along > across)
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    direction = [r for r in rows if r["kind"] == "direction"]
+    moderate = [r for r in direction if r["preset"] == "moderate"]
+    by_prompt = {}
+    for r in direction:
+        by_prompt.setdefault(r["prompt"], {})[r["preset"]] = r["displacement"]
+    ordered = [d["small"] < d["moderate"] < d["large"] for d in by_prompt.values()]
+    pairs = [d[a] < d[b] for d in by_prompt.values() for a, b in (("small", "moderate"), ("moderate", "large"))]
+    still = [r["step"] for r in rows if r["kind"] == "still"]
+    return {
+        "direction_accuracy": float(np.mean([r["correct"] for r in moderate])),
+        "direction_accuracy_all_presets": float(np.mean([r["correct"] for r in direction])),
+        "preset_order": float(np.mean(ordered)), "preset_pairs_ordered": float(np.mean(pairs)),
+        "mean_displacement_px": {p: float(np.mean([r["displacement"] for r in direction if r["preset"] == p]))
+                                 for p in PRESETS},
+        "condition_psnr_db": float(np.mean([r["psnr"] for r in rows])),
+        "condition_psnr_min_db": float(np.min([r["psnr"] for r in rows])),
+        "still_px_per_frame": float(np.mean(still)),
+        "cases": {"direction": len(moderate), "ordering": len(by_prompt), "still": len(still), "videos": len(rows)},
+    }
+
+
+def contact_sheet(videos, images, scale: int = 3) -> np.ndarray:
+    """uint8 grid: one row per video, the input image then each frame, upscaled `scale`x (nearest)."""
+    pad = 2
+    rows = []
+    for video, image in zip(videos, images):
+        tiles = [image] + [np.round(f * 255).astype(np.uint8) for f in video]
+        tiles = [np.pad(t.repeat(scale, 0).repeat(scale, 1), ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+                 for t in tiles]
+        rows.append(np.concatenate(tiles, 1))
+    return np.concatenate(rows, 0)
+
+
+def gif_grid(videos, columns: int, scale: int = 3) -> np.ndarray:
+    """uint8 (F, H, W, 3): videos tiled `columns` wide, upscaled `scale`x, as one video."""
+    pad = 2
+    tiles = [np.pad((v * 255).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2),
+                    ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=255) for v in videos]
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % columns)
+    rows = [np.concatenate(tiles[i:i + columns], 2) for i in range(0, len(tiles), columns)]
+    return np.concatenate(rows, 1)
+
+
+def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None):
+    """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
+    sheet.png (moderate direction cases and still cases) and grid.gif; returns the summary."""
+    from PIL import Image
+
+    from pia_jax import media
+    from pia_jax.toy.animate import animate
+
+    todo = cases(seed)
+    if limit is not None:
+        keep = {c for c in world.held_out_combinations()[:limit]}
+        todo = [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]
+    images = np.stack([first_frame(c["clip"]) for c in todo])
+    videos = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
+                     frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed)
+    rows = [measure(c, v, im) for c, v, im in zip(todo, videos, images)]
+    summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate"]
+    Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
+    media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
+    (out / "cases.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="a toy model directory (e.g. models/toy)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, cases.json, sheet.png, grid.gif")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N held-out combinations (a quick check)")
+
+
+def main(args) -> int:
+    import sys
+
+    from pia_jax.model_dir import ModelDirError, read_config
+
+    try:
+        read_config(args.model)
+    except ModelDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or (args.limit is not None and args.limit < 1):
+        print("error: --steps and --limit must be at least 1", file=sys.stderr)
+        return 2
+    summary = evaluate(args.model, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                       limit=args.limit)
+    print(json.dumps(summary, indent=1))
+    return 0

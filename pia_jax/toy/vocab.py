@@ -1,0 +1,50 @@
+"""A CLIP-format BPE tokenizer learned from the toy world's words, so every caption word is one token.
+
+CLIP's vocabulary layout (as `pia_jax.demo`): the 256 byte characters, their end-of-word forms, one token per merge,
+then <|startoftext|> and <|endoftext|>. The merges are learned by plain BPE on the distinct words (the most
+frequent adjacent pair first, ties broken alphabetically), which encodes each of those words back to one token;
+any other text still tokenizes, character by character.
+"""
+
+import collections
+import json
+from pathlib import Path
+
+from pia_jax.demo import byte_chars
+
+
+def learn_merges(words) -> list[tuple[str, str]]:
+    """BPE merges until every word is a single symbol; words as CLIP splits them (last character + '</w>')."""
+    seqs = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words))]
+    merges = []
+    while any(len(s) > 1 for s in seqs):
+        pairs = collections.Counter(p for s in seqs for p in zip(s, s[1:]))
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = []
+        for s in seqs:
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            merged.append(tuple(out))
+        seqs = merged
+    return merges
+
+
+def write_tokenizer(folder, words) -> Path:
+    """vocab.json + merges.txt under `folder`; returns the folder."""
+    merges = learn_merges(words)
+    chars = byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    tokens += [a + b for a, b in merges if a + b not in tokens]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return folder

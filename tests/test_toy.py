@@ -1,0 +1,185 @@
+"""The toy world (pia_jax/toy): determinism, captions and tokens, rendering and tracking against hand-computed
+geometry, a micro model trained from scratch through the real data path, the base tasks' exact resume, and the
+shipped model animating held-out cases in the prompted direction."""
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pia_jax import config as model_config
+from pia_jax.model_dir import load_model_dir
+from pia_jax.sharding import make_mesh
+from pia_jax.tokenizer import load_tokenizer
+from pia_jax.toy import evaluate, vocab, world
+from pia_jax.training import config as config_lib, loop, tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "toy"
+
+# TOY cut to two UNet blocks and a two-level VAE (factor 2): 8x8 frames -> 4x4 latents, every kind of layer.
+MICRO = model_config.PIAConfig(
+    unet=dataclasses.replace(model_config.TOY.unet, block_out_channels=(16, 32), norm_num_groups=8,
+                             down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                             up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=32,
+                             num_attention_heads=2, motion_num_attention_heads=2),
+    vae=dataclasses.replace(model_config.TOY.vae, block_out_channels=(16, 16), norm_num_groups=8),
+    text=dataclasses.replace(model_config.TOY.text, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+
+
+# -- the world -------------------------------------------------------------------------------------------------
+
+def test_world_is_a_function_of_the_seed():
+    a, b = world.train_clips(40, seed=3), world.train_clips(40, seed=3)
+    assert a == b and a != world.train_clips(40, seed=4)
+    np.testing.assert_array_equal(world.render(a[5]), world.render(b[5]))
+    assert {c.motion for c in a} == set(world.MOTIONS)  # motions balanced: every one among 40 clips
+
+
+def test_captions_follow_the_grammar_and_each_word_is_one_token(tmp_path):
+    clip = world.Clip("circle", "red", "gray", "left", "slowly", 0.5, 0.5, 0.15, 0.0, 0.03)
+    assert clip.caption == "a red circle moves left slowly on a gray background"
+    still = dataclasses.replace(clip, motion="still", speed="")
+    assert still.caption == "a red circle stays still on a gray background"
+    tok = load_tokenizer(vocab.write_tokenizer(tmp_path, world.vocabulary()))
+    assert len(tok.get_vocab()) <= model_config.TOY.text.vocab_size
+    for word in world.vocabulary():
+        assert len(tok(word)["input_ids"]) == 3, word  # BOS, the word, EOS
+    ids = tok(clip.caption)["input_ids"]
+    assert len(ids) == 2 + len(clip.caption.split())
+
+
+def test_held_out_combinations_never_train_but_their_words_do():
+    held = set(world.held_out_combinations())
+    clips = world.train_clips(2000)
+    assert len(held) == world.HELD_OUT and not held & {(c.shape, c.colour, c.background) for c in clips}
+    words = {w for c in clips for w in c.caption.split()}
+    assert words == set(world.vocabulary())
+
+
+def test_rendering_is_anti_aliased_with_the_exact_area_and_centre():
+    # A circle of radius 0.15 canvas at 64 px covers pi (9.6 px)^2 = 289.5 px. Supersampling 4x4 errs by at most
+    # one sub-sample per edge sub-row: ~2 x 38 rows / 16 = 5 px, so 2 % is a safe bound; the centroid of the
+    # coverage is the circle's centre up to that error's asymmetry (< 0.05 px here).
+    clip = world.Clip("circle", "red", "gray", "right", "", 0.4, 0.55, 0.15, 0.0, 0.05)
+    video = world.render(clip, size=64, frames=3).astype(np.float64) / 255
+    centroid, area = evaluate.track(video, "red", "gray")
+    assert abs(area[0] - math.pi * (0.15 * 64) ** 2) < 0.02 * area[0]
+    for f in range(3):
+        x, y, _, _ = clip.state(f)
+        np.testing.assert_allclose(centroid[f], [x * 64, y * 64], atol=0.05)
+    blend = evaluate.track(video[:1], "red", "gray")  # partial pixels exist: edges are blended, not stepped
+    cover = np.clip((video[0] - 125 / 255) @ (np.array([100, -80, -80]) / 255), 0, None)
+    assert blend[1][0] > 0 and ((cover > 0.05) & (cover < 0.95 * cover.max())).sum() > 20
+
+
+def test_every_clip_stays_inside_the_canvas():
+    for clip in world.train_clips(400, seed=1):
+        for f in range(world.FRAMES):
+            x, y, r, _ = clip.state(f)
+            assert r < x < 1 - r and r < y < 1 - r, clip
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+@functools.cache
+def micro_data(root: str) -> tuple[Path, Path]:
+    """(model directory of MICRO with random weights, prepared dataset of 16 world clips) under root. The weights
+    are numpy draws (state.random_weights, motion-module outputs zeroed as AnimateDiff starts): flax's own
+    initialisers dispatch op by op and take ~45 s here."""
+    from pia_jax import schedulers
+    from pia_jax.data import builder, generic_rows
+    from pia_jax.model_dir import save_model_dir
+    from pia_jax.training import state as state_lib
+
+    root = Path(root)
+    csv = world.write_world(root / "world", 16, seed=0)
+    data, report = builder.prepare(generic_rows(csv), root / "data", min_frames=world.FRAMES, workers=2)
+    assert report["examples"] == 16
+    models = state_lib.abstract_models(MICRO, config_lib.ModelConfig(compute_dtype="fp32"))
+    flats = {part: state_lib.random_weights(models[part], i)
+             for i, part in enumerate(("unet", "vae", "text_encoder"))}
+    flats["unet"] = {k: v * 0 if ".motion_modules." in k and ".proj_out." in k else v
+                     for k, v in flats["unet"].items()}
+    init = save_model_dir(root / "init", MICRO, flats,
+                          tokenizer=vocab.write_tokenizer(root / "tokenizer", world.vocabulary()),
+                          scheduler=schedulers.to_dict(schedulers.PIA_DDIM))
+    return init, data
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return micro_data(str(tmp_path_factory.mktemp("micro")))
+
+
+def toy_config(task: str, workdir, model_dir, data, **overrides) -> config_lib.TrainConfig:
+    base = config_lib.load(ROOT / "configs" / "toy" / f"{task}.yaml", [
+        f"workdir={workdir}", f"model.model_dir={model_dir}", f"data.path={data}", "data.batch_size=8",
+        "data.resolution=8", "data.n_frames=4", "optim.warmup_steps=0", "checkpoint.every=2",
+        "checkpoint.async_save=false"])
+    return dataclasses.replace(base, **overrides)
+
+
+# Stated margin: after 60 steps (lr 1e-3, fixed seed) the mean loss of the last 10 steps is at least 10 % below the
+# first 10 steps'. The PIA objective on a random frozen base starts near 1.2 (the random UNet's output variance); the
+# trainable conv_in and motion modules cancel part of it, while the per-step t draws move a 10-step mean by ~3 %
+# (the spread of the first 10 losses / sqrt(10)). Measured: 0.81 (the same on 1 and 8 devices).
+LOSS_RATIO = 0.9
+
+
+def test_pia_loss_falls_on_a_micro_toy_model_from_scratch(micro, tmp_path):
+    init, data = micro
+    cfg = toy_config("pia", tmp_path, init, data, optim=config_lib.OptimConfig(lr=1e-3, weight_decay=0.0))
+    trainer = tasks.make_trainer(cfg, make_mesh())
+    loader = loop.make_loader(cfg, trainer.setup.tokenizer, MICRO.text.vocab_size)
+    state, losses = trainer.init_state(cfg.seed), []
+    for _ in range(60):
+        state, metrics = trainer.step(state, trainer.put_batch([next(loader)]))
+        losses.append(float(metrics["loss"]))
+    loader.close()
+    assert np.mean(losses[-10:]) < LOSS_RATIO * np.mean(losses[:10]), losses
+
+
+# The vae task here; the t2i task's step compiles a UNet backward pass (~3x this test's time), so CI leaves it to
+# the recipe run (python -m pia_jax.toy train), which resumes it the same way through loop.run.
+def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
+    init, data = micro
+    cfg = lambda workdir, steps: toy_config("vae", workdir, init, data, steps=steps)  # noqa: E731
+    trainer = tasks.make_trainer(cfg(tmp_path / "a", 4), make_mesh())
+    assert set(trainer.setup.trainable) == set(tasks.build(cfg(tmp_path / "a", 4)).trainable)
+    make_loader = lambda c: loop.make_loader(c, trainer.setup.tokenizer, MICRO.text.vocab_size)  # noqa: E731
+    once = loop.run(cfg(tmp_path / "a", 4), trainer, make_loader(cfg(tmp_path / "a", 4)))
+    loop.run(cfg(tmp_path / "b", 2), trainer, make_loader(cfg(tmp_path / "b", 2)))  # stopped after step 2
+    resumed = loop.run(cfg(tmp_path / "b", 4), trainer, make_loader(cfg(tmp_path / "b", 4)))
+    expected, got = jax.device_get(once.state.params), jax.device_get(resumed.state.params)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+    # the export sets scaling_factor = 1 / std of the posterior means of the data
+    loader = make_loader(cfg(tmp_path / "a", 4))
+    batches = [next(loader) for _ in range(tasks.SCALE_BATCHES)]
+    out = tasks.export(tmp_path / "model", trainer, once.state.params, cfg(tmp_path / "a", 4), iter(batches))
+    vae = load_model_dir(out, parts=("vae",), tokenizer=False)
+    pixels = np.concatenate([b["pixel_values"].reshape((-1,) + b["pixel_values"].shape[2:]) for b in batches])
+    mean = np.asarray(jax.jit(lambda x: vae.vae.encode(x)[0])(pixels))  # one compile, not one per eager op
+    # fp32 export: the same encoder on the same batches; 1e-4 covers the summation order of the std
+    np.testing.assert_allclose(np.std(mean) * vae.config.vae.scaling_factor, 1.0, rtol=1e-4)
+
+
+# -- the shipped model -----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
+@pytest.mark.xfail(strict=True, reason="the shipped toy model misses the direction goal (22 % of held-out cases, "
+                   "docs/toy/EVAL.md); strict, so a model that passes turns this into a failure to remove the mark")
+def test_shipped_model_moves_held_out_objects_as_prompted():
+    combo = world.held_out_combinations()[0]
+    todo = [c for c in evaluate.cases() if c["kind"] == "direction" and c["preset"] == "moderate"
+            and (c["clip"].shape, c["clip"].colour, c["clip"].background) == combo]
+    images = np.stack([evaluate.first_frame(c["clip"]) for c in todo])
+    from pia_jax.toy.animate import animate
+    videos = animate(SHIPPED, images, [c["prompt"] for c in todo], ["moderate"] * len(todo), steps=25, batch=8)
+    rows = [evaluate.measure(c, v, im) for c, v, im in zip(todo, videos, images)]
+    assert [r["correct"] for r in rows] == [True] * 4, [(r["prompt"], r["along"], r["across"]) for r in rows]
