@@ -33,7 +33,16 @@ def build_parser():
                         "style_moderate, style_large, or a PIA index (0..5, -1..-3)")
     p.add_argument("--affinity", help="custom per-frame affinities, e.g. '1,0.9,0.85,...' (one per frame)")
     p.add_argument("--cond-frame", type=int, help="the frame that shows the image (presets count from it; default 0)")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames per video (at most the motion modules' 32)")
+    p.add_argument("--frames", type=int, default=d.frames,
+                   help="frames per video; past the motion modules' 32, context windows of --context-length")
+    p.add_argument("--context-length", type=int,
+                   help="context window length (default: 16, windows only past the motion modules' positions)")
+    p.add_argument("--context-stride", type=int, default=d.context_stride, help="frames between window starts")
+    p.add_argument("--context-weighting", default=d.context_weighting,
+                   help="blend weights of overlapping windows: pyramid, flat, delayed_reverse_sawtooth")
+    p.add_argument("--window-batch", type=int, default=d.window_batch, help="windows per UNet call")
+    p.add_argument("--free-noise", default=d.free_noise,
+                   help="FreeNoise noise rescheduling: none, shuffle_context, repeat_context, random")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--scheduler", choices=KINDS, default=d.scheduler)
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
@@ -71,7 +80,8 @@ def plan(a) -> tuple:
         negative_prompt=a.negative_prompt, motion=a.motion, affinity=a.affinity, cond_frame=a.cond_frame,
         frames=a.frames, steps=a.steps, scheduler=a.scheduler, karras=a.karras, guidance=a.guidance,
         strength=a.strength, eta=a.eta, clip_skip=a.clip_skip, size=a.size, height=a.height, width=a.width,
-        decode_chunk=a.decode_chunk)
+        decode_chunk=a.decode_chunk, context_length=a.context_length, context_stride=a.context_stride,
+        context_weighting=a.context_weighting, window_batch=a.window_batch, free_noise=a.free_noise)
     if a.batch_size is not None and a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:

@@ -33,7 +33,8 @@ from pia_jax.config import PIAConfig, VAEConfig
 from pia_jax.sampling import compile_cache, memory, noise as noise_lib
 from pia_jax.sampling.decode import decode
 from pia_jax.sampling.encode import encode
-from pia_jax.sampling.loop import denoise, guided_eps, start
+from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
+from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
 from pia_jax.sampling.options import Result, SampleOptions
 from pia_jax.tokenizer import tokenize
 
@@ -149,17 +150,24 @@ class Animator:
         return (text, cond) + start(schedule, noise, cond, from_image)
 
     def _denoise_fn(self, unet_state, latents, solver_state, schedule, text, mask, cond, guidance, step_keys, begin,
-                    end, cfg):
+                    end, static):
         """-> (latents, solver state, whether each video's latents are finite): the flags are ready when the
-        latents are, and unlike the latents (donated to the next piece on accelerators) they can be waited for."""
+        latents are, and unlike the latents (donated to the next piece on accelerators) they can be waited for.
+        `static` = (cfg, window schedule or None, window batch)."""
+        cfg, window, window_batch = static
+        denoiser = self.denoiser if window is None else windowed(self.denoiser, window, window_batch)
         latents, solver_state = denoise(nnx.merge(self._unet_def, unet_state), schedule, latents, solver_state, text,
-                                        mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=self.denoiser)
+                                        mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=denoiser)
         return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
 
     def _decode_fn(self, vae_state, latents, chunk, as_uint8):
         return decode(nnx.merge(self._vae_def, vae_state), self.config.vae.scaling_factor, latents, chunk, as_uint8)
 
     # ---- host side ----
+
+    def _static(self, options: SampleOptions, frames: int) -> tuple:
+        """What of the options the denoise program is compiled for."""
+        return options.cfg, options.window(frames, self.config.unet.motion_max_seq_length), options.window_batch
 
     def _schedule(self, options: SampleOptions):
         config = self.scheduler_config
@@ -183,7 +191,7 @@ class Animator:
         text, cond, latents, state = _shapes(encode_exe.out_info, self._by_video)
         denoise_exe = self._denoise.get(self._unet, latents, state, schedule, text, videos((b, f)), cond,
                                         scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32),
-                                        scalar(jnp.int32), options.cfg)
+                                        scalar(jnp.int32), self._static(options, frames))
         decode_exe = self._decode.get(self._vae, latents, max(1, min(options.decode_chunk, frames)),
                                       not float_frames)
         return ((encode_exe, memory.tree_bytes((self._text, self._vae))),
@@ -240,9 +248,8 @@ class Animator:
             raise ValueError(f"{b} images need {b} prompts, negative prompts and affinity rows")
         if height % self.latent_factor or width % self.latent_factor:
             raise ValueError(f"image size {height}x{width} must be a multiple of {self.latent_factor}")
-        if f > self.config.unet.motion_max_seq_length:
-            raise ValueError(f"{f} frames exceed the motion modules' {self.config.unet.motion_max_seq_length}")
         options.check(self.config, self.scheduler_config)
+        options.check_frames(f, self.config)
         if seeds is not None and len(seeds) != b:
             raise ValueError(f"{b} videos need {b} seeds, got {len(seeds)}")
         if seeds is None and (noise is None or posterior_noise is None or options.eta > 0):
@@ -255,6 +262,12 @@ class Animator:
         keys = np.zeros((b, 2), np.uint32)  # DDIM step noise is multiplied by 0 when eta = 0: any key will do
         if seeds is not None:
             drawn_noise, drawn_post, keys = noise_lib.draw(seeds, shape)
+            if noise is None and options.free_noise != "none":  # FreeNoise: the windows repeat the first's noise
+                window = options.window(f, self.config.unet.motion_max_seq_length)
+                drawn_noise = np.stack([np.asarray(freenoise_noise(
+                    drawn_noise[i:i + 1], window, options.free_noise, shuffle_permutations(
+                        jax.random.fold_in(jax.random.wrap_key_data(keys[i]), 1), f, window.length, window.stride)))[0]
+                    for i in range(b)])
             noise = drawn_noise if noise is None else noise
             posterior_noise = drawn_post if posterior_noise is None else posterior_noise
         noise, posterior_noise = np.asarray(noise, np.float32), np.asarray(posterior_noise, np.float32)
@@ -291,7 +304,7 @@ class Animator:
             # the whole loop in one call, or (progress) in one-step pieces all queued before the first is waited for;
             # the executable is looked up once, not per piece (that lookup checks every weight's signature)
             run = self._denoise.get(self._unet, latents, state, schedule, text, *args, put(np.int32(0)),
-                                    put(np.int32(count)), options.cfg)
+                                    put(np.int32(count)), self._static(options, f))
             bounds = [(0, count)] if progress is None else [(i, i + 1) for i in range(count)]
             pieces = []
             for begin, end in bounds:

@@ -23,6 +23,7 @@ import yaml
 
 from pia_jax import affinity, media, model_dir, schedulers
 from pia_jax.config import PIAConfig
+from pia_jax.sampling import keyframes
 from pia_jax.sampling.animator import latent_factor, latent_shape
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
 
@@ -50,11 +51,19 @@ class Settings:
     height: int | None = None
     width: int | None = None
     decode_chunk: int = 4
+    context_length: int | None = None  # long videos: SampleOptions' window fields
+    context_stride: int = 4
+    context_weighting: str = "pyramid"
+    window_batch: int = 1
+    free_noise: str = "none"
 
     def options(self) -> SampleOptions:
         return SampleOptions(steps=self.steps, scheduler=self.scheduler, karras=self.karras,
                              guidance_scale=float(self.guidance), strength=float(self.strength), eta=float(self.eta),
-                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk)
+                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk,
+                             context_length=self.context_length, context_stride=self.context_stride,
+                             context_weighting=self.context_weighting, window_batch=self.window_batch,
+                             free_noise=self.free_noise)
 
 
 @dataclass
@@ -122,8 +131,12 @@ def coefficients(s: Settings) -> np.ndarray:
                 values = [float(v) for v in values.replace(",", " ").split()]
             except ValueError:
                 raise ValueError(f"affinity must be numbers separated by commas, got {s.affinity!r}") from None
+        if s.frames > affinity.MAX_FRAMES:
+            return keyframes.custom_affinity(values, s.frames)
         return affinity.custom_coefficients(values, s.frames)
     preset = int(s.motion) if str(s.motion).lstrip("-").isdigit() else s.motion
+    if s.frames > affinity.MAX_FRAMES:  # long videos: the presets extended by keyframes.preset_values' rule
+        return keyframes.preset_affinity(preset, s.frames, [s.cond_frame or 0])
     return affinity.preset_coefficients(preset, s.frames, s.cond_frame or 0)
 
 
@@ -156,7 +169,11 @@ _TYPES = {  # key: (check, what it must be)
     "height": (lambda v: v is None or _is_int(v), "an integer or null"),
     "width": (lambda v: v is None or _is_int(v), "an integer or null"),
     "cond_frame": (lambda v: v is None or _is_int(v), "an integer or null"),
-    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk")},
+    "context_length": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "context_weighting": (lambda v: isinstance(v, str), "a string (flat, pyramid, delayed_reverse_sawtooth)"),
+    "free_noise": (lambda v: isinstance(v, str), "a string (none, shuffle_context, repeat_context, random)"),
+    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk", "context_stride",
+                                            "window_batch")},
     **{k: (_is_number, "a number") for k in ("guidance", "strength", "eta")},
 }
 CASE_KEYS = set(_TYPES)
@@ -272,17 +289,15 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     if twice:
         raise ValueError(f"two videos would get the same output name ({', '.join(twice[:3])}); give the cases "
                          "distinct names, prompts or seeds")
-    max_frames = config.unet.motion_max_seq_length
     groups, images = {}, {}
     for v in videos:
         s = v.settings
-        if not 1 <= s.frames <= max_frames:
-            raise ValueError(f"{v.name}: {s.frames} frames: this model's motion modules take 1..{max_frames}")
         if (s.height is None) != (s.width is None):
             raise ValueError(f"{v.name}: give both height and width, or neither")
         options = s.options()
         try:
             options.check(config, scheduler)
+            options.check_frames(s.frames, config)
         except ValueError as e:
             raise ValueError(f"{v.name}: {e}") from None
         key = (v.image, s.size, s.height, s.width)

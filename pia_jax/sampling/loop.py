@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from pia_jax import schedulers
 from pia_jax.sampling.noise import step_noise
+from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 
 def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool):
@@ -26,6 +27,21 @@ def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc,
     cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)[:, None]
     eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
     return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
+
+
+def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
+    """`denoiser` run on the context windows of `window` (`window_batch` at a time), the predictions blended
+    (windows.windowed_eps); the same signature as `denoiser`. Per-video inputs are repeated for each window of a
+    call, the mask (B, F) is cut to the windows' frames."""
+    k = max(1, min(window_batch, len(window.frames)))
+
+    def eps(unet, latents, t, text, mask, cond, guidance, cfg):
+        def fn(x, frames_KxL):
+            return denoiser(unet, x, t, jnp.repeat(text, k, axis=0), take_windows(mask, frames_KxL),
+                            jnp.repeat(cond, k, axis=0), guidance, cfg)
+        return windowed_eps(fn, latents, window, k)
+
+    return eps
 
 
 def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_image):
