@@ -36,6 +36,7 @@ from pia_jax.sampling.encode import encode
 from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
 from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
 from pia_jax.sampling.options import Result, SampleOptions
+from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
 from pia_jax.tokenizer import tokenize
 
 
@@ -144,9 +145,10 @@ class Animator:
 
     # ---- the phases as pure functions of weights and arrays ----
 
-    def _encode_fn(self, text_state, vae_state, ids, pixels, post_noise, noise, schedule, from_image, clip_skip):
+    def _encode_fn(self, text_state, vae_state, ids, pixels, post_noise, noise, schedule, from_image, clip_skip,
+                   travel=None):
         text, cond = encode(nnx.merge(self._text_def, text_state), nnx.merge(self._vae_def, vae_state),
-                            self.config.vae.scaling_factor, ids, pixels, post_noise, clip_skip)
+                            self.config.vae.scaling_factor, ids, pixels, post_noise, clip_skip, travel)
         return (text, cond) + start(schedule, noise, cond, from_image)
 
     def _denoise_fn(self, unet_state, latents, solver_state, schedule, text, mask, cond, guidance, step_keys, begin,
@@ -177,17 +179,20 @@ class Animator:
                                             length=config.num_train_timesteps)
         return jax.device_put(schedule, self._replicated)
 
-    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False):
+    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0):
         """The three programs for a batch of b videos, compiled from shapes alone, each with the bytes of the
-        weights it takes: [(encode, bytes), (denoise, bytes), (decode, bytes)]."""
+        weights it takes: [(encode, bytes), (denoise, bytes), (decode, bytes)]. `text_keys`: the most keys of a
+        prompt map (prompt travel), 0 for plain prompts."""
         f, h, w, c = latent_shape(self.config.vae, height, width, frames)
         videos = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._by_video)  # noqa
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=self._replicated)  # noqa: E731
         schedule = _shapes(self._schedule(options), self._replicated)
-        encode_exe = self._encode.get(
-            self._text, self._vae, videos((b, 2, self.config.text.max_position_embeddings), jnp.int32),
-            videos((b, height, width, 3)), videos((b, h, w, c)), videos((b, f, h, w, c)), schedule,
-            scalar(jnp.bool_), options.clip_skip)
+        tokens = self.config.text.max_position_embeddings
+        ids = videos((b, 2, text_keys, tokens) if text_keys else (b, 2, tokens), jnp.int32)
+        travel = (videos((b, 2, f), jnp.int32), videos((b, 2, f), jnp.int32), videos((b, 2, f))) if text_keys \
+            else None
+        encode_exe = self._encode.get(self._text, self._vae, ids, videos((b, height, width, 3)), videos((b, h, w, c)),
+                                      videos((b, f, h, w, c)), schedule, scalar(jnp.bool_), options.clip_skip, travel)
         text, cond, latents, state = _shapes(encode_exe.out_info, self._by_video)
         denoise_exe = self._denoise.get(self._unet, latents, state, schedule, text, videos((b, f)), cond,
                                         scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32),
@@ -197,14 +202,14 @@ class Animator:
         return ((encode_exe, memory.tree_bytes((self._text, self._vae))),
                 (denoise_exe, memory.tree_bytes(self._unet)), (decode_exe, memory.tree_bytes(self._vae)))
 
-    def batch_bytes(self, per_device: int, height, width, frames, options, float_frames=False) -> int:
+    def batch_bytes(self, per_device: int, height, width, frames, options, float_frames=False, text_keys=0) -> int:
         """Device memory a batch of `per_device` videos per device needs beyond the weights (compiles the phases
         for that batch size; they are then ready to run)."""
-        exes = self._executables(per_device * self.devices, height, width, frames, options, float_frames)
+        exes = self._executables(per_device * self.devices, height, width, frames, options, float_frames, text_keys)
         return max(memory.program_bytes(exe, resident) for exe, resident in exes)
 
     def plan_batch_size(self, videos: int, height: int, width: int, frames: int, options: SampleOptions,
-                        batch_size: int | None = None, float_frames=False) -> int:
+                        batch_size: int | None = None, float_frames=False, text_keys=0) -> int:
         """Videos per device per batch, at most what `videos` need. An explicit `batch_size` is checked against the
         free device memory (ValueError when it cannot fit); the default is as many as fit."""
         free = memory.free_bytes(self.mesh.devices.flat)
@@ -214,20 +219,20 @@ class Animator:
             if batch_size < 1:
                 raise ValueError(f"batch size must be >= 1 video per device, got {batch_size}")
             batch_size = min(batch_size, wanted)
-            need = self.batch_bytes(batch_size, *shape, float_frames)
+            need = self.batch_bytes(batch_size, *shape, float_frames, text_keys)
             if need > free:
-                one = self.batch_bytes(1, *shape, float_frames)
+                one = self.batch_bytes(1, *shape, float_frames, text_keys)
                 raise ValueError(f"batch size {batch_size} needs {memory.gib(need)} per device, {memory.gib(free)} "
                                  f"are free; use a batch size of at most {max(1, free // one)}")
             return batch_size
-        if self.batch_bytes(wanted, *shape, float_frames) <= free:  # the usual case: one batch, compiled once
+        if self.batch_bytes(wanted, *shape, float_frames, text_keys) <= free:  # the usual case: one batch, compiled once
             return wanted
-        one = self.batch_bytes(1, *shape, float_frames)
+        one = self.batch_bytes(1, *shape, float_frames, text_keys)
         if one > free:
             raise ValueError(f"one {frames}-frame {width}x{height} video needs {memory.gib(one)} per device, "
                              f"{memory.gib(free)} are free; use fewer frames or a smaller size")
         n = min(wanted - 1, free // one)  # memory grows at most linearly from one video: n fits, unless that is wrong
-        while n > 1 and self.batch_bytes(n, *shape, float_frames) > free:
+        while n > 1 and self.batch_bytes(n, *shape, float_frames, text_keys) > free:
             n -= 1
         return int(n)
 
@@ -235,7 +240,7 @@ class Animator:
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None,
                  batch_size: int | None = None, float_frames: bool = False) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
-        negative prompt per video, `mask_coef` (B, F) per-frame affinities. Noise comes from `seeds` (one int per
+        negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef` (B, F) per-frame affinities. Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
         done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
         measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`."""
@@ -275,10 +280,10 @@ class Animator:
             raise ValueError(f"noise must be {(b,) + shape} and posterior noise {(b,) + shape[1:]}, got "
                              f"{noise.shape} and {posterior_noise.shape}")
 
-        per_device = self.plan_batch_size(b, height, width, f, options, batch_size, float_frames)
+        ids, travel = self._text_inputs(prompts, negative_prompts, f)
+        text_keys = ids.shape[2] if travel else 0
+        per_device = self.plan_batch_size(b, height, width, f, options, batch_size, float_frames, text_keys)
         n = per_device * self.devices
-        ids = np.stack([tokenize(self.tokenizer, list(negative_prompts)), tokenize(self.tokenizer, list(prompts))],
-                       axis=1)  # (B, 2, 77)
         pixels = images.astype(np.float32) / 255 * 2 - 1
         schedule = self._schedule(options)
         put = lambda x: jax.device_put(np.asarray(x), self._replicated)  # noqa: E731
@@ -296,7 +301,8 @@ class Animator:
             report("encode", 0, 1)
             text, cond, latents, state = self._encode(self._text, self._vae, batch(ids), batch(pixels),
                                                       batch(posterior_noise), batch(noise), schedule, from_image,
-                                                      options.clip_skip)
+                                                      options.clip_skip,
+                                                      None if travel is None else tuple(map(batch, travel)))
             jax.block_until_ready(latents)
             report("encode", 1, 1)
             tick = self._lap(seconds, "encode", tick)
@@ -329,6 +335,27 @@ class Animator:
         cache_after = compile_cache.counts()
         cache = {k: cache_after[k] - cache_before[k] for k in cache_after}
         return Result(np.concatenate(videos), noise, posterior_noise, seconds, per_device, cache)
+
+    def _text_inputs(self, prompts, negative_prompts, frames: int):
+        """-> (token ids (B, 2, 77), None) for plain prompts; for prompt maps (prompt travel), (ids (B, 2, K, 77) of
+        every map's key prompts, padded with its last, (lo, hi, t) each (B, 2, F): prompt_travel.interpolation)."""
+        pairs = [(neg, pos) for neg, pos in zip(negative_prompts, prompts)]
+        if not any(isinstance(p, dict) for pair in pairs for p in pair):
+            return np.stack([tokenize(self.tokenizer, list(negative_prompts)),
+                             tokenize(self.tokenizer, list(prompts))], axis=1), None
+        maps = [[parse_prompt_map(p) if isinstance(p, dict) else {0: p} for p in pair] for pair in pairs]
+        most = max(len(m) for pair in maps for m in pair)
+        ids, lo, hi, t = [], [], [], []
+        for pair in maps:
+            for m in pair:
+                keys = sorted(m)
+                texts = [m[k] for k in keys]
+                ids.append(tokenize(self.tokenizer, texts + texts[-1:] * (most - len(texts))))
+                for out, arr in zip((lo, hi, t), interpolation(keys, frames)):
+                    out.append(arr)
+        b = len(pairs)
+        return (np.stack(ids).reshape((b, 2) + ids[0].shape),
+                tuple(np.stack(x).reshape(b, 2, frames) for x in (lo, hi, t)))
 
     @property
     def compile_seconds(self) -> float:

@@ -18,7 +18,8 @@ from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool):
     """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
-    next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only."""
+    next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only.
+    Text may be per frame, (B, 2, F, L, D) (prompt travel)."""
     b = latents_BxFxhxwxc.shape[0]
     n = 2 if cfg else 1
     x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
@@ -37,7 +38,12 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
 
     def eps(unet, latents, t, text, mask, cond, guidance, cfg):
         def fn(x, frames_KxL):
-            return denoiser(unet, x, t, jnp.repeat(text, k, axis=0), take_windows(mask, frames_KxL),
+            if text.ndim == 5:  # per-frame text (B, 2, F, L, D) (prompt travel) -> (B·k, 2, window, L, D)
+                text_w = jnp.moveaxis(jnp.take(text, frames_KxL, axis=2), 2, 1)
+                text_w = text_w.reshape((-1,) + text_w.shape[2:])
+            else:
+                text_w = jnp.repeat(text, k, axis=0)
+            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL),
                             jnp.repeat(cond, k, axis=0), guidance, cfg)
         return windowed_eps(fn, latents, window, k)
 
