@@ -17,6 +17,7 @@ import numpy as np
 
 from pia_jax import media
 from pia_jax.sampling import cases
+from pia_jax.sampling.prompt_travel import parse_prompt_map
 from pia_jax.schedulers import KINDS
 
 
@@ -26,6 +27,8 @@ def build_parser():
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
+    p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
+                   help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")
     p.add_argument("--negative-prompt", help="default: the reference's negative prompt; '' for none")
     p.add_argument("--config", type=Path, help="YAML batch file of cases (instead of --image/--prompt)")
     p.add_argument("--motion", default=d.motion,
@@ -85,13 +88,15 @@ def plan(a) -> tuple:
     if a.batch_size is not None and a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:
-        if a.image is not None or a.prompt is not None or a.num_videos is not None:
-            raise ValueError("use either --config or --image/--prompt/--num-videos")
+        if a.image is not None or a.prompt is not None or a.prompt_map or a.num_videos is not None:
+            raise ValueError("use either --config or --image/--prompt/--prompt-map/--num-videos")
         videos = cases.read_batch_file(a.config, settings, a.seed[0])
     else:
-        if a.image is None or not a.prompt:
-            raise ValueError("--image and --prompt are required (or --config with a batch file)")
-        videos = cases.videos_from_values(a.image, a.prompt, a.seed, settings, a.num_videos)
+        if bool(a.prompt) == bool(a.prompt_map):
+            raise ValueError("give --prompt or --prompt-map (and --image for a PIA model), or --config with a batch "
+                             "file")
+        prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
+        videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
     return (p, *cases.load_noise(p, a.noise, a.posterior_noise))
 
@@ -112,8 +117,8 @@ def main(argv=None) -> int:
     animator = Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
     seconds = {"load": time.perf_counter() - start}
     try:  # compile (or load from the cache) and size every batch before the first video is made
-        sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size)
-                 for g in p.groups]
+        sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size,
+                                          text_keys=cases.text_keys(g.videos)) for g in p.groups]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -104,6 +104,9 @@ class Animator:
             nnx.split(unet), nnx.split(vae), nnx.split(text_encoder))
         self._unet, self._vae, self._text = jax.device_put((unet, vae, text), self._replicated)
         self.latent_factor = latent_factor(config.vae)
+        # a 4-channel UNet (AnimateDiff motion modules without PIA's condition branch) makes text-to-video: the
+        # image only gives the size (encoded, but unused) and the affinity is ignored
+        self.text_to_video = config.unet.in_channels == 4
         # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
         self._encode = _Compiled(self._encode_fn, static_argnums=(8,), out_shardings=self._by_video)
         donate = (1, 2) if jax.default_backend() != "cpu" else ()  # the CPU backend cannot reuse donated buffers
@@ -157,6 +160,8 @@ class Animator:
         latents are, and unlike the latents (donated to the next piece on accelerators) they can be waited for.
         `static` = (cfg, window schedule or None, window batch)."""
         cfg, window, window_batch = static
+        if self.text_to_video:
+            mask = cond = None
         denoiser = self.denoiser if window is None else windowed(self.denoiser, window, window_batch)
         latents, solver_state = denoise(nnx.merge(self._unet_def, unet_state), schedule, latents, solver_state, text,
                                         mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=denoiser)
@@ -243,7 +248,11 @@ class Animator:
         negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef` (B, F) per-frame affinities. Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
         done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
-        measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`."""
+        measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`.
+        Text-to-video (a 4-channel model): `images` may be a size (height, width) instead, `mask_coef` (B, F) only
+        gives the frame count (e.g. np.ones((B, F)))."""
+        if self.text_to_video and len(np.shape(images)) == 1:
+            images = np.zeros((len(prompts),) + tuple(images) + (3,), np.uint8)
         images = np.asarray(images)
         mask_coef = np.asarray(mask_coef, np.float32)
         b, height, width = images.shape[:3]

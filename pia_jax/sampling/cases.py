@@ -26,6 +26,7 @@ from pia_jax.config import PIAConfig
 from pia_jax.sampling import keyframes
 from pia_jax.sampling.animator import latent_factor, latent_shape
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
+from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
 
 FORMATS = ("gif", "mp4", "png")
 MAX_FPS = {"gif": 50, "mp4": 240, "png": math.inf}  # what media.write_gif / write_mp4 accept
@@ -70,8 +71,8 @@ class Settings:
 class Video:
     """One video to make."""
     name: str
-    image: Path
-    prompt: str
+    image: Path | None  # None: text-to-video (a 4-channel model)
+    prompt: str | dict  # or a prompt map {frame: prompt} (prompt travel)
     negative_prompt: str
     affinity: np.ndarray  # (F,)
     seed: int
@@ -101,8 +102,10 @@ class Plan:
         return [v for g in self.groups for v in g.videos]
 
 
-def slug(prompt: str, most: int = 40) -> str:
-    """'A cat, wind blowing!' -> 'a-cat-wind-blowing'."""
+def slug(prompt: str | dict, most: int = 40) -> str:
+    """'A cat, wind blowing!' -> 'a-cat-wind-blowing'; a prompt map's slug is its frame-0 prompt's + '-travel'."""
+    if isinstance(prompt, dict):
+        return slug(prompt[min(prompt)], most) + "-travel"
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:most].strip("-") or "prompt"
 
 
@@ -154,6 +157,8 @@ _TYPES = {  # key: (check, what it must be)
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "image": (lambda v: isinstance(v, str) and v != "", "a path (a string)"),
     "prompt": (lambda v: isinstance(v, str), "a string (several prompts go in a list under 'prompts:')"),
+    "prompt_map": (lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
+                   "a mapping {frame: prompt} (prompt travel)"),
     "prompts": (lambda v: isinstance(v, list) and v and all(isinstance(p, str) for p in v),
                 "a non-empty list of strings"),
     "negative_prompt": (lambda v: isinstance(v, str), "a string ('' for none)"),
@@ -213,20 +218,25 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
                                else "")
         where = f"{path}: {label}"
         case = {**defaults, **_typed(where, raw)}
-        if "image" not in case or not ({"prompt", "prompts"} & set(case)):
-            raise ValueError(f"{where}: needs 'image' and 'prompt' (or 'prompts')")
-        if "prompt" in case and "prompts" in case:
-            raise ValueError(f"{where}: give 'prompt' or 'prompts', not both")
+        if not ({"prompt", "prompts", "prompt_map"} & set(case)):
+            raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image'")
+        if len({"prompt", "prompts", "prompt_map"} & set(case)) > 1:
+            raise ValueError(f"{where}: give one of 'prompt', 'prompts' and 'prompt_map'")
+        if "prompt_map" in case:
+            try:
+                case["prompts"] = [parse_prompt_map(case["prompt_map"])]
+            except ValueError as e:
+                raise ValueError(f"{where}: key 'prompt_map': {e}") from None
         if "seed" in case and "seeds" in case:
             raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
-        image = Path(case["image"])
-        image = image if image.is_absolute() else path.parent / image
+        image = Path(case["image"]) if "image" in case else None
+        image = image if image is None or image.is_absolute() else path.parent / image
         prompts = case.get("prompts") or [case["prompt"]]
         motions = case.get("motion", base.motion)
         motions = motions if isinstance(motions, list) else [motions]
         seeds = case.get("seeds") or [case.get("seed", default_seed)]
         fields = {k: case[k] for k in case if k in {f.name for f in dataclasses.fields(Settings)}}
-        name = case.get("name", image.stem)
+        name = case.get("name", image.stem if image else "t2v")
         for prompt in prompts:
             for motion in motions:
                 s = dataclasses.replace(base, **{**fields, "motion": motion})
@@ -245,7 +255,7 @@ def _video(name, image, prompt, coef, seed, s: Settings, where="") -> Video:
     if not 0 <= seed < 2 ** 64:
         raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
     negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
-    return Video(name, Path(image), prompt, negative, coef, int(seed), s)
+    return Video(name, image and Path(image), prompt, negative, coef, int(seed), s)
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
@@ -260,7 +270,8 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
             raise ValueError("give one seed with a number of videos (they get seed, seed+1, ...)")
         seeds = [seeds[0] + i for i in range(num_videos)]
     coef = coefficients(settings)
-    return [_video(f"{Path(image).stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+    stem = Path(image).stem if image else "t2v"
+    return [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
 
 
 # ---- the plan: every check that needs no model weights ----
@@ -270,9 +281,9 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
     compiled. Raises ValueError (or OSError) with a message for the user."""
     config, scheduler_dict = model_dir.check_model_dir(model)
-    if config.unet.in_channels != 9:
-        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet (motion modules without PIA's "
-                         "condition branch); convert it with pia.ckpt or the PIA condition adapter")
+    text_to_video = config.unet.in_channels == 4  # AnimateDiff motion modules without PIA's condition branch
+    if config.unet.in_channels not in (4, 9):
+        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet; PIA has 9, AnimateDiff 4")
     scheduler = schedulers.from_dict(scheduler_dict) if scheduler_dict else schedulers.PIA_DDIM
     out = Path(out)
     formats = list(formats) if formats else ([out.suffix[1:]] if out.suffix else ["gif"])
@@ -294,6 +305,17 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
         s = v.settings
         if (s.height is None) != (s.width is None):
             raise ValueError(f"{v.name}: give both height and width, or neither")
+        if text_to_video != (v.image is None):
+            raise ValueError(f"{v.name}: {model} holds a 4-channel (text-to-video) UNet: give no image" if text_to_video
+                             else f"{v.name}: needs an image ({model} is a PIA model; text-to-video needs a 4-channel "
+                                  "AnimateDiff model directory)")
+        if text_to_video and s.strength < 1:
+            raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
+        if isinstance(v.prompt, dict):
+            try:
+                interpolation(sorted(v.prompt), s.frames)
+            except ValueError as e:
+                raise ValueError(f"{v.name}: {e}") from None
         options = s.options()
         try:
             options.check(config, scheduler)
@@ -301,6 +323,8 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
         except ValueError as e:
             raise ValueError(f"{v.name}: {e}") from None
         key = (v.image, s.size, s.height, s.width)
+        if key not in images and text_to_video:  # a blank image: only its size is used
+            images[key] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
         if key not in images:
             images[key] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
         image = images[key]
@@ -315,6 +339,11 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
         for path in output_paths(out, v.name, len(videos) == 1, formats).values():
             media.check_writable(path, directory=path.suffix == "")
     return Plan(list(groups.values()), formats, config, scheduler)
+
+
+def text_keys(videos) -> int:
+    """The most keys of the videos' prompt maps (0 without prompt travel): the Animator's text input shape."""
+    return max([len(v.prompt) for v in videos if isinstance(v.prompt, dict)], default=0)
 
 
 def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -24,6 +24,9 @@ def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc,
     n = 2 if cfg else 1
     x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
     text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
+    if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
+        eps = unet(x, t, text).reshape((b, n) + x.shape[1:])
+        return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
     mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
     cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)[:, None]
     eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
@@ -43,8 +46,10 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
                 text_w = text_w.reshape((-1,) + text_w.shape[2:])
             else:
                 text_w = jnp.repeat(text, k, axis=0)
-            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL),
-                            jnp.repeat(cond, k, axis=0), guidance, cfg)
+            if mask is None:  # text-to-video
+                return denoiser(unet, x, t, text_w, None, None, guidance, cfg)
+            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), jnp.repeat(cond, k, axis=0),
+                            guidance, cfg)
         return windowed_eps(fn, latents, window, k)
 
     return eps
