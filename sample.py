@@ -92,9 +92,11 @@ def plan(a) -> tuple:
             raise ValueError("use either --config or --image/--prompt/--prompt-map/--num-videos")
         videos = cases.read_batch_file(a.config, settings, a.seed[0])
     else:
-        if bool(a.prompt) == bool(a.prompt_map):
-            raise ValueError("give --prompt or --prompt-map (and --image for a PIA model), or --config with a batch "
-                             "file")
+        if not a.prompt and not a.prompt_map:
+            raise ValueError("--image and --prompt are required (--prompt-map instead for prompt travel; no --image "
+                             "for a text-to-video model), or --config with a batch file")
+        if a.prompt and a.prompt_map:
+            raise ValueError("give --prompt or --prompt-map, not both")
         prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
         videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)

@@ -134,6 +134,13 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--free-noise", "shuffle"], "free noise must be one of"),
     (["--image", "{img}", "--prompt", "x", "--free-noise", "shuffle_context"], "give a context length"),
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--cond-frame", "48"], "outside the video"),
+    # prompt travel
+    (["--image", "{img}", "--prompt-map", "0:a cat", "x:a dog"], "key 'x' is not an integer frame index"),
+    (["--image", "{img}", "--prompt-map", "0:a cat", "0:a dog"], "has frame 0 twice"),
+    (["--image", "{img}", "--prompt-map", "0:a cat", "16:a dog"], "outside the video: frames are 0..15"),
+    (["--image", "{img}", "--prompt-map", "4:a cat"], "needs a prompt at frame 0"),
+    (["--image", "{img}", "--prompt", "x", "--prompt-map", "0:a cat"], "give --prompt or --prompt-map"),
+    (["--prompt", "x"], "needs an image"),
     *[(["--config", "{%s}" % k], message) for k, (_, message) in YAML_CASES.items()],
 ])
 def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, args, message):
