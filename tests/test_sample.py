@@ -210,6 +210,13 @@ def test_one_window_equals_plain_sampler(model):
     np.testing.assert_allclose(run_({0: "a cat"}, context_length=4, context_stride=2), windows, atol=1e-5)
     travel = run_({0: "a cat", 5: "a red dog running"}, context_length=4, context_stride=2)
     assert np.abs(travel[:, -1] - windows[:, -1]).max() > 1e-3
+    # keyframes at 0 and the last frame, through the windows: the same image at both is the one-image video (every
+    # frame's condition latent is that image's); another image at the last frame changes it
+    keyed = lambda last: animator(np.stack([img, last], axis=1), ["a cat"], ["dog"], coef,  # noqa: E731
+                                  SampleOptions(steps=2, context_length=4, context_stride=2), seeds=[3],
+                                  float_frames=True, keyframes=[0, 5]).videos
+    np.testing.assert_allclose(keyed(img), windows, atol=1e-5)
+    assert np.abs(keyed(255 - img)[:, -1] - windows[:, -1]).max() > 1e-2
 
 
 def test_long_video_windows_cli(model, tmp_path, capsys):

@@ -33,6 +33,7 @@ from pia_jax.config import PIAConfig, VAEConfig
 from pia_jax.sampling import compile_cache, memory, noise as noise_lib
 from pia_jax.sampling.decode import decode
 from pia_jax.sampling.encode import encode
+from pia_jax.sampling.keyframes import nearest_keyframe
 from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
 from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
 from pia_jax.sampling.options import Result, SampleOptions
@@ -149,9 +150,9 @@ class Animator:
     # ---- the phases as pure functions of weights and arrays ----
 
     def _encode_fn(self, text_state, vae_state, ids, pixels, post_noise, noise, schedule, from_image, clip_skip,
-                   travel=None):
+                   travel=None, nearest=None):
         text, cond = encode(nnx.merge(self._text_def, text_state), nnx.merge(self._vae_def, vae_state),
-                            self.config.vae.scaling_factor, ids, pixels, post_noise, clip_skip, travel)
+                            self.config.vae.scaling_factor, ids, pixels, post_noise, clip_skip, travel, nearest)
         return (text, cond) + start(schedule, noise, cond, from_image)
 
     def _denoise_fn(self, unet_state, latents, solver_state, schedule, text, mask, cond, guidance, step_keys, begin,
@@ -184,10 +185,11 @@ class Animator:
                                             length=config.num_train_timesteps)
         return jax.device_put(schedule, self._replicated)
 
-    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0):
+    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0,
+                     keyframes=0):
         """The three programs for a batch of b videos, compiled from shapes alone, each with the bytes of the
         weights it takes: [(encode, bytes), (denoise, bytes), (decode, bytes)]. `text_keys`: the most keys of a
-        prompt map (prompt travel), 0 for plain prompts."""
+        prompt map (prompt travel), 0 for plain prompts; `keyframes`: condition images per video (0: one image)."""
         f, h, w, c = latent_shape(self.config.vae, height, width, frames)
         videos = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._by_video)  # noqa
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=self._replicated)  # noqa: E731
@@ -196,8 +198,11 @@ class Animator:
         ids = videos((b, 2, text_keys, tokens) if text_keys else (b, 2, tokens), jnp.int32)
         travel = (videos((b, 2, f), jnp.int32), videos((b, 2, f), jnp.int32), videos((b, 2, f))) if text_keys \
             else None
-        encode_exe = self._encode.get(self._text, self._vae, ids, videos((b, height, width, 3)), videos((b, h, w, c)),
-                                      videos((b, f, h, w, c)), schedule, scalar(jnp.bool_), options.clip_skip, travel)
+        pixels = videos((b, keyframes, height, width, 3) if keyframes else (b, height, width, 3))
+        nearest = jax.ShapeDtypeStruct((f,), jnp.int32, sharding=self._replicated) if keyframes else None
+        encode_exe = self._encode.get(self._text, self._vae, ids, pixels, videos((b, h, w, c)),
+                                      videos((b, f, h, w, c)), schedule, scalar(jnp.bool_), options.clip_skip, travel,
+                                      nearest)
         text, cond, latents, state = _shapes(encode_exe.out_info, self._by_video)
         denoise_exe = self._denoise.get(self._unet, latents, state, schedule, text, videos((b, f)), cond,
                                         scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32),
@@ -207,14 +212,16 @@ class Animator:
         return ((encode_exe, memory.tree_bytes((self._text, self._vae))),
                 (denoise_exe, memory.tree_bytes(self._unet)), (decode_exe, memory.tree_bytes(self._vae)))
 
-    def batch_bytes(self, per_device: int, height, width, frames, options, float_frames=False, text_keys=0) -> int:
+    def batch_bytes(self, per_device: int, height, width, frames, options, float_frames=False, text_keys=0,
+                    keyframes=0) -> int:
         """Device memory a batch of `per_device` videos per device needs beyond the weights (compiles the phases
         for that batch size; they are then ready to run)."""
-        exes = self._executables(per_device * self.devices, height, width, frames, options, float_frames, text_keys)
+        exes = self._executables(per_device * self.devices, height, width, frames, options, float_frames, text_keys,
+                                 keyframes)
         return max(memory.program_bytes(exe, resident) for exe, resident in exes)
 
     def plan_batch_size(self, videos: int, height: int, width: int, frames: int, options: SampleOptions,
-                        batch_size: int | None = None, float_frames=False, text_keys=0) -> int:
+                        batch_size: int | None = None, float_frames=False, text_keys=0, keyframes=0) -> int:
         """Videos per device per batch, at most what `videos` need. An explicit `batch_size` is checked against the
         free device memory (ValueError when it cannot fit); the default is as many as fit."""
         free = memory.free_bytes(self.mesh.devices.flat)
@@ -224,39 +231,48 @@ class Animator:
             if batch_size < 1:
                 raise ValueError(f"batch size must be >= 1 video per device, got {batch_size}")
             batch_size = min(batch_size, wanted)
-            need = self.batch_bytes(batch_size, *shape, float_frames, text_keys)
+            need = self.batch_bytes(batch_size, *shape, float_frames, text_keys, keyframes)
             if need > free:
-                one = self.batch_bytes(1, *shape, float_frames, text_keys)
+                one = self.batch_bytes(1, *shape, float_frames, text_keys, keyframes)
                 raise ValueError(f"batch size {batch_size} needs {memory.gib(need)} per device, {memory.gib(free)} "
                                  f"are free; use a batch size of at most {max(1, free // one)}")
             return batch_size
-        if self.batch_bytes(wanted, *shape, float_frames, text_keys) <= free:  # the usual case: one batch, compiled once
+        if self.batch_bytes(wanted, *shape, float_frames, text_keys, keyframes) <= free:  # the usual case: one batch, compiled once
             return wanted
-        one = self.batch_bytes(1, *shape, float_frames, text_keys)
+        one = self.batch_bytes(1, *shape, float_frames, text_keys, keyframes)
         if one > free:
             raise ValueError(f"one {frames}-frame {width}x{height} video needs {memory.gib(one)} per device, "
                              f"{memory.gib(free)} are free; use fewer frames or a smaller size")
         n = min(wanted - 1, free // one)  # memory grows at most linearly from one video: n fits, unless that is wrong
-        while n > 1 and self.batch_bytes(n, *shape, float_frames, text_keys) > free:
+        while n > 1 and self.batch_bytes(n, *shape, float_frames, text_keys, keyframes) > free:
             n -= 1
         return int(n)
 
     def __call__(self, images, prompts, negative_prompts, mask_coef, options: SampleOptions = SampleOptions(), *,
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None,
-                 batch_size: int | None = None, float_frames: bool = False) -> Result:
+                 batch_size: int | None = None, float_frames: bool = False, keyframes=None) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
         negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef` (B, F) per-frame affinities. Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
         done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
         measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`.
         Text-to-video (a 4-channel model): `images` may be a size (height, width) instead, `mask_coef` (B, F) only
-        gives the frame count (e.g. np.ones((B, F)))."""
+        gives the frame count (e.g. np.ones((B, F))).
+        Keyframes: `keyframes` = the K frames the images show (e.g. [0, 15]) and `images` (B, K, H, W, 3); every frame
+        is conditioned on its nearest keyframe's latent (keyframes.py; give the affinity from
+        keyframes.preset_affinity)."""
         if self.text_to_video and len(np.shape(images)) == 1:
             images = np.zeros((len(prompts),) + tuple(images) + (3,), np.uint8)
         images = np.asarray(images)
         mask_coef = np.asarray(mask_coef, np.float32)
-        b, height, width = images.shape[:3]
         f = mask_coef.shape[1]
+        nearest = None
+        if keyframes is not None:
+            nearest = nearest_keyframe(f, keyframes)
+            if images.ndim != 5 or images.shape[1] != len(keyframes):
+                raise ValueError(f"{len(keyframes)} keyframes need images (B, {len(keyframes)}, H, W, 3), got "
+                                 f"{images.shape}")
+        b, height, width = images.shape[0], images.shape[-3], images.shape[-2]
         shape = latent_shape(self.config.vae, height, width, f)
         if len(prompts) != b or len(negative_prompts) != b or mask_coef.shape[0] != b:
             raise ValueError(f"{b} images need {b} prompts, negative prompts and affinity rows")
@@ -291,7 +307,8 @@ class Animator:
 
         ids, travel = self._text_inputs(prompts, negative_prompts, f)
         text_keys = ids.shape[2] if travel else 0
-        per_device = self.plan_batch_size(b, height, width, f, options, batch_size, float_frames, text_keys)
+        per_device = self.plan_batch_size(b, height, width, f, options, batch_size, float_frames, text_keys,
+                                          0 if keyframes is None else len(keyframes))
         n = per_device * self.devices
         pixels = images.astype(np.float32) / 255 * 2 - 1
         schedule = self._schedule(options)
@@ -311,7 +328,8 @@ class Animator:
             text, cond, latents, state = self._encode(self._text, self._vae, batch(ids), batch(pixels),
                                                       batch(posterior_noise), batch(noise), schedule, from_image,
                                                       options.clip_skip,
-                                                      None if travel is None else tuple(map(batch, travel)))
+                                                      None if travel is None else tuple(map(batch, travel)),
+                                                      None if nearest is None else put(nearest))
             jax.block_until_ready(latents)
             report("encode", 1, 1)
             tick = self._lap(seconds, "encode", tick)

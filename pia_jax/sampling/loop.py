@@ -28,7 +28,8 @@ def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc,
         eps = unet(x, t, text).reshape((b, n) + x.shape[1:])
         return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
     mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
-    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)[:, None]
+    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)
+    cond = cond if cond.ndim == 5 else cond[:, None]  # per frame (keyframes) or per video
     eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
     return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
 
@@ -48,8 +49,8 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
                 text_w = jnp.repeat(text, k, axis=0)
             if mask is None:  # text-to-video
                 return denoiser(unet, x, t, text_w, None, None, guidance, cfg)
-            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), jnp.repeat(cond, k, axis=0),
-                            guidance, cfg)
+            cond_w = take_windows(cond, frames_KxL) if cond.ndim == 5 else jnp.repeat(cond, k, axis=0)
+            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), cond_w, guidance, cfg)
         return windowed_eps(fn, latents, window, k)
 
     return eps
@@ -58,7 +59,8 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
 def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_image):
     """The first latents and the solver state: the noise itself, or (`from_image`, for strength < 1) the condition
     latent on every frame noised to the first step taken. `from_image` is data: both come from one program."""
-    noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond_Bxhxwxc[:, None], noise_BxFxhxwxc.shape),
+    cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame (keyframes) or video
+    noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond, noise_BxFxhxwxc.shape),
                                         noise_BxFxhxwxc)
     latents = jnp.where(from_image, noised, noise_BxFxhxwxc)
     return latents, schedulers.init_state(schedule, latents)
