@@ -17,6 +17,7 @@ import numpy as np
 
 from pia_jax import media
 from pia_jax.sampling import cases
+from pia_jax.sampling.keyframes import parse_keyed
 from pia_jax.sampling.prompt_travel import parse_prompt_map
 from pia_jax.schedulers import KINDS
 
@@ -26,6 +27,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
+    p.add_argument("--keyframe", action="append", metavar="FRAME:IMAGE",
+                   help="a condition image at a frame, instead of --image; repeat: --keyframe 0:a.png --keyframe 15:b.png")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
     p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
                    help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")
@@ -97,8 +100,11 @@ def plan(a) -> tuple:
                              "for a text-to-video model), or --config with a batch file")
         if a.prompt and a.prompt_map:
             raise ValueError("give --prompt or --prompt-map, not both")
+        if a.keyframe and (a.image or a.cond_frame is not None):
+            raise ValueError("--keyframe replaces --image and --cond-frame")
         prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
-        videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos)
+        keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
+        videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
     return (p, *cases.load_noise(p, a.noise, a.posterior_noise))
 
@@ -120,7 +126,8 @@ def main(argv=None) -> int:
     seconds = {"load": time.perf_counter() - start}
     try:  # compile (or load from the cache) and size every batch before the first video is made
         sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size,
-                                          text_keys=cases.text_keys(g.videos)) for g in p.groups]
+                                          text_keys=cases.text_keys(g.videos),
+                                          keyframes=len(g.keyframes or ())) for g in p.groups]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,7 +137,8 @@ def main(argv=None) -> int:
         try:
             result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
                               np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
-                              noise=noise, posterior_noise=post, progress=progress, batch_size=size)
+                              noise=noise, posterior_noise=post, progress=progress, batch_size=size,
+                              keyframes=g.keyframes)
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

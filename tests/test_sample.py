@@ -134,6 +134,11 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--free-noise", "shuffle"], "free noise must be one of"),
     (["--image", "{img}", "--prompt", "x", "--free-noise", "shuffle_context"], "give a context length"),
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--cond-frame", "48"], "outside the video"),
+    # keyframes
+    (["--keyframe", "0:{img}", "--keyframe", "16:{img}", "--prompt", "x"], "outside the video: frames are 0..15"),
+    (["--keyframe", "0:{img}", "--keyframe", "0:{img}", "--prompt", "x"], "has frame 0 twice"),
+    (["--keyframe", "a:{img}", "--prompt", "x"], "key 'a' is not an integer frame index"),
+    (["--image", "{img}", "--keyframe", "0:{img}", "--prompt", "x"], "--keyframe replaces --image"),
     # prompt travel
     (["--image", "{img}", "--prompt-map", "0:a cat", "x:a dog"], "key 'x' is not an integer frame index"),
     (["--image", "{img}", "--prompt-map", "0:a cat", "0:a dog"], "has frame 0 twice"),
@@ -224,9 +229,9 @@ def test_long_video_windows_cli(model, tmp_path, capsys):
     long as the video equals the plain sampler."""
     path, img = model
     out = tmp_path / "long.gif"
-    code, io = run(capsys, "--model", path, "--image", img, "--prompt", "a cat", "--frames", 48, "--steps", 1,
+    code, io = run(capsys, "--model", path, "--prompt", "a cat", "--frames", 48, "--steps", 1,
                    "--size", 16, "--context-stride", 8, "--free-noise", "shuffle_context", "--window-batch", 2,
-                   "--out", out, "--no-progress")
+                   "--out", out, "--no-progress", "--keyframe", f"0:{img}", "--keyframe", f"47:{img}")
     assert code == 0, io.err
-    with Image.open(out) as gif:
+    with Image.open(out) as gif:  # keyframes at 0 and the last frame
         assert gif.n_frames == 48

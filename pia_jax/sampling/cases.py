@@ -23,7 +23,8 @@ import yaml
 
 from pia_jax import affinity, media, model_dir, schedulers
 from pia_jax.config import PIAConfig
-from pia_jax.sampling import keyframes
+from pia_jax.sampling import keyframes as keyframes_lib
+from pia_jax.sampling.keyframes import validate_keys
 from pia_jax.sampling.animator import latent_factor, latent_shape
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
@@ -77,6 +78,7 @@ class Video:
     affinity: np.ndarray  # (F,)
     seed: int
     settings: Settings
+    keyframes: dict | None = None  # {frame: image path}: several condition images (then `image` is the first)
 
 
 @dataclass
@@ -87,7 +89,8 @@ class Group:
     frames: int
     options: SampleOptions
     videos: list  # [Video]
-    images: list  # [(H, W, 3) uint8], one per video
+    images: list  # [(H, W, 3) uint8], one per video ((K, H, W, 3) with keyframes)
+    keyframes: list | None = None  # the keyframes' frames, shared by the group's videos
 
 
 @dataclass
@@ -122,24 +125,33 @@ def noise_paths(paths: dict) -> tuple[Path, Path]:
     return stem.with_name(stem.name + "_noise.npy"), stem.with_name(stem.name + "_posterior_noise.npy")
 
 
+def _numbers(values):
+    """Custom affinities from a list or a string '1, 0.9, ...'."""
+    if not isinstance(values, str):
+        return values
+    try:
+        return [float(v) for v in values.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"affinity must be numbers separated by commas, got {values!r}") from None
+
+
+def _preset(motion):
+    return int(motion) if str(motion).lstrip("-").isdigit() else motion
+
+
 def coefficients(s: Settings) -> np.ndarray:
     """The (F,) affinities of a video: custom values, or a preset counted from the condition frame."""
     if s.affinity is not None:
         if s.cond_frame is not None:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
                              "themselves (put 1.0 where the image should be): drop one of the two")
-        values = s.affinity
-        if isinstance(values, str):
-            try:
-                values = [float(v) for v in values.replace(",", " ").split()]
-            except ValueError:
-                raise ValueError(f"affinity must be numbers separated by commas, got {s.affinity!r}") from None
+        values = _numbers(s.affinity)
         if s.frames > affinity.MAX_FRAMES:
-            return keyframes.custom_affinity(values, s.frames)
+            return keyframes_lib.custom_affinity(values, s.frames)
         return affinity.custom_coefficients(values, s.frames)
-    preset = int(s.motion) if str(s.motion).lstrip("-").isdigit() else s.motion
+    preset = _preset(s.motion)
     if s.frames > affinity.MAX_FRAMES:  # long videos: the presets extended by keyframes.preset_values' rule
-        return keyframes.preset_affinity(preset, s.frames, [s.cond_frame or 0])
+        return keyframes_lib.preset_affinity(preset, s.frames, [s.cond_frame or 0])
     return affinity.preset_coefficients(preset, s.frames, s.cond_frame or 0)
 
 
@@ -259,8 +271,9 @@ def _video(name, image, prompt, coef, seed, s: Settings, where="") -> Video:
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
-                       num_videos: int | None = None) -> list[Video]:
-    """The videos of one image: one per prompt x seed (`num_videos`: seeds seeds[0], seeds[0]+1, ...)."""
+                       num_videos: int | None = None, keyframes: dict | None = None) -> list[Video]:
+    """The videos of one image (or of `keyframes` {frame: image path}): one per prompt x seed (`num_videos`: seeds
+    seeds[0], seeds[0]+1, ...)."""
     if not prompts:
         raise ValueError("give at least one prompt")
     if num_videos is not None:
@@ -269,9 +282,20 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
         if len(seeds) != 1:
             raise ValueError("give one seed with a number of videos (they get seed, seed+1, ...)")
         seeds = [seeds[0] + i for i in range(num_videos)]
-    coef = coefficients(settings)
+    if keyframes:
+        keys = sorted(keyframes)
+        validate_keys(keys, settings.frames)
+        image = Path(keyframes[keys[0]])
+        coef = (keyframes_lib.custom_affinity(_numbers(settings.affinity), settings.frames)
+                if settings.affinity is not None else keyframes_lib.preset_affinity(_preset(settings.motion),
+                                                                                     settings.frames, keys))
+    else:
+        coef = coefficients(settings)
     stem = Path(image).stem if image else "t2v"
-    return [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+    videos = [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+    for v in videos:
+        v.keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
+    return videos
 
 
 # ---- the plan: every check that needs no model weights ----
@@ -322,17 +346,26 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
             options.check_frames(s.frames, config)
         except ValueError as e:
             raise ValueError(f"{v.name}: {e}") from None
-        key = (v.image, s.size, s.height, s.width)
+        key = (v.image, s.size, s.height, s.width, tuple(sorted(v.keyframes.items())) if v.keyframes else None)
+        if key not in images and v.keyframes:
+            loaded = [media.preprocess_image(media.load_image(v.keyframes[k]), s.size, s.height, s.width)
+                      for k in sorted(v.keyframes)]
+            if len({x.shape for x in loaded}) > 1:
+                raise ValueError(f"{v.name}: the keyframe images must have one size after preprocessing, got "
+                                 f"{sorted({x.shape[:2] for x in loaded})}; give --height/--width")
+            images[key] = np.stack(loaded)
         if key not in images and text_to_video:  # a blank image: only its size is used
             images[key] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
         if key not in images:
             images[key] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
         image = images[key]
-        if image.shape[0] % latent_factor(config.vae) or image.shape[1] % latent_factor(config.vae):
-            raise ValueError(f"{v.name}: image size {image.shape[1]}x{image.shape[0]} is not a multiple of "
+        height, width = image.shape[-3:-1]
+        if height % latent_factor(config.vae) or width % latent_factor(config.vae):
+            raise ValueError(f"{v.name}: image size {width}x{height} is not a multiple of "
                              f"{latent_factor(config.vae)}")
-        group = groups.setdefault((image.shape, s.frames, options),
-                                  Group(image.shape[0], image.shape[1], s.frames, options, [], []))
+        frames = sorted(v.keyframes) if v.keyframes else None
+        group = groups.setdefault((image.shape, s.frames, options, tuple(frames or ())),
+                                  Group(height, width, s.frames, options, [], [], frames))
         group.videos.append(v)
         group.images.append(image)
     for v in videos:
