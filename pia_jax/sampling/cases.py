@@ -10,6 +10,8 @@ Output names: `<image stem>-<prompt slug>-<seed>` from the command line, `<case 
 a-z and 0-9 made one '-', cut to 40 characters. `--out x.gif` with one video writes x.gif; with several,
 x-<name>.gif beside it; `--out folder` writes folder/<name>.gif. PNG frames go to a folder `<that stem>_frames/`
 (0000.png, ...); saved noise to `<that stem>_noise.npy` and `<that stem>_posterior_noise.npy`.
+A prompt map (prompt travel) names a video by its frame-0 prompt's slug + '-travel'; keyframes by the first
+keyframe's image stem; text-to-video (a 4-channel model, no image) uses the stem 't2v'.
 """
 
 import dataclasses
