@@ -28,7 +28,8 @@ def build_parser():
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
     p.add_argument("--keyframe", action="append", metavar="FRAME:IMAGE",
-                   help="a condition image at a frame, instead of --image; repeat: --keyframe 0:a.png --keyframe 15:b.png")
+                   help="a condition image at a frame, instead of --image (repeat: --keyframe 0:a.png "
+                        "--keyframe 15:b.png)")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
     p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
                    help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")

@@ -237,7 +237,7 @@ class Animator:
                 raise ValueError(f"batch size {batch_size} needs {memory.gib(need)} per device, {memory.gib(free)} "
                                  f"are free; use a batch size of at most {max(1, free // one)}")
             return batch_size
-        if self.batch_bytes(wanted, *shape, float_frames, text_keys, keyframes) <= free:  # the usual case: one batch, compiled once
+        if self.batch_bytes(wanted, *shape, float_frames, text_keys, keyframes) <= free:  # usual: one batch, one compile
             return wanted
         one = self.batch_bytes(1, *shape, float_frames, text_keys, keyframes)
         if one > free:
@@ -252,7 +252,8 @@ class Animator:
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None,
                  batch_size: int | None = None, float_frames: bool = False, keyframes=None) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
-        negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef` (B, F) per-frame affinities. Noise comes from `seeds` (one int per
+        negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef`
+        (B, F) per-frame affinities. Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
         done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
         measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`.
