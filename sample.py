@@ -17,6 +17,8 @@ import numpy as np
 
 from pia_jax import media
 from pia_jax.sampling import cases
+from pia_jax.sampling.keyframes import parse_keyed
+from pia_jax.sampling.prompt_travel import parse_prompt_map
 from pia_jax.schedulers import KINDS
 
 
@@ -25,7 +27,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
+    p.add_argument("--keyframe", action="append", metavar="FRAME:IMAGE",
+                   help="a condition image at a frame, instead of --image (repeat: --keyframe 0:a.png "
+                        "--keyframe 15:b.png)")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
+    p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
+                   help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")
     p.add_argument("--negative-prompt", help="default: the reference's negative prompt; '' for none")
     p.add_argument("--config", type=Path, help="YAML batch file of cases (instead of --image/--prompt)")
     p.add_argument("--motion", default=d.motion,
@@ -33,7 +40,16 @@ def build_parser():
                         "style_moderate, style_large, or a PIA index (0..5, -1..-3)")
     p.add_argument("--affinity", help="custom per-frame affinities, e.g. '1,0.9,0.85,...' (one per frame)")
     p.add_argument("--cond-frame", type=int, help="the frame that shows the image (presets count from it; default 0)")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames per video (at most the motion modules' 32)")
+    p.add_argument("--frames", type=int, default=d.frames,
+                   help="frames per video; past the motion modules' 32, context windows of --context-length")
+    p.add_argument("--context-length", type=int,
+                   help="context window length (default: 16, windows only past the motion modules' positions)")
+    p.add_argument("--context-stride", type=int, default=d.context_stride, help="frames between window starts")
+    p.add_argument("--context-weighting", default=d.context_weighting,
+                   help="blend weights of overlapping windows: pyramid, flat, delayed_reverse_sawtooth")
+    p.add_argument("--window-batch", type=int, default=d.window_batch, help="windows per UNet call")
+    p.add_argument("--free-noise", default=d.free_noise,
+                   help="FreeNoise noise rescheduling: none, shuffle_context, repeat_context, random")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--scheduler", choices=KINDS, default=d.scheduler)
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
@@ -71,17 +87,25 @@ def plan(a) -> tuple:
         negative_prompt=a.negative_prompt, motion=a.motion, affinity=a.affinity, cond_frame=a.cond_frame,
         frames=a.frames, steps=a.steps, scheduler=a.scheduler, karras=a.karras, guidance=a.guidance,
         strength=a.strength, eta=a.eta, clip_skip=a.clip_skip, size=a.size, height=a.height, width=a.width,
-        decode_chunk=a.decode_chunk)
+        decode_chunk=a.decode_chunk, context_length=a.context_length, context_stride=a.context_stride,
+        context_weighting=a.context_weighting, window_batch=a.window_batch, free_noise=a.free_noise)
     if a.batch_size is not None and a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:
-        if a.image is not None or a.prompt is not None or a.num_videos is not None:
-            raise ValueError("use either --config or --image/--prompt/--num-videos")
+        if a.image is not None or a.prompt is not None or a.prompt_map or a.num_videos is not None:
+            raise ValueError("use either --config or --image/--prompt/--prompt-map/--num-videos")
         videos = cases.read_batch_file(a.config, settings, a.seed[0])
     else:
-        if a.image is None or not a.prompt:
-            raise ValueError("--image and --prompt are required (or --config with a batch file)")
-        videos = cases.videos_from_values(a.image, a.prompt, a.seed, settings, a.num_videos)
+        if not a.prompt and not a.prompt_map:
+            raise ValueError("--image and --prompt are required (--prompt-map instead for prompt travel; no --image "
+                             "for a text-to-video model), or --config with a batch file")
+        if a.prompt and a.prompt_map:
+            raise ValueError("give --prompt or --prompt-map, not both")
+        if a.keyframe and (a.image or a.cond_frame is not None):
+            raise ValueError("--keyframe replaces --image and --cond-frame")
+        prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
+        keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
+        videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
     return (p, *cases.load_noise(p, a.noise, a.posterior_noise))
 
@@ -102,8 +126,9 @@ def main(argv=None) -> int:
     animator = Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
     seconds = {"load": time.perf_counter() - start}
     try:  # compile (or load from the cache) and size every batch before the first video is made
-        sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size)
-                 for g in p.groups]
+        sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size,
+                                          text_keys=cases.text_keys(g.videos),
+                                          keyframes=len(g.keyframes or ())) for g in p.groups]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -113,7 +138,8 @@ def main(argv=None) -> int:
         try:
             result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
                               np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
-                              noise=noise, posterior_noise=post, progress=progress, batch_size=size)
+                              noise=noise, posterior_noise=post, progress=progress, batch_size=size,
+                              keyframes=g.keyframes)
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -172,3 +172,44 @@ def test_per_frame_context_must_match_the_frames(models):
     x = np.zeros((1, 4, 8, 8, 4), np.float32)
     with pytest.raises(ValueError, match=r"per-frame text states must be \(b, f, T, D\) = \(1, 4, ...\)"):
         models["ours_unet"](x, 1, np.zeros((1, 3, 77, 32), np.float32))
+
+
+def test_text_to_video_cli_matches_diffusers_animatediff(models, tmp_path, capsys):
+    """sample.py on a 4-channel model directory: text-to-video without --image, a prompt map (travel), the injected
+    noise, against AnimateDiffPipeline with the same prompt dict (free noise on, one window of all frames, so nothing
+    is rescheduled). Frames are written as 8-bit PNGs: the float frames agree to ~1e-5 (the module's TOL covers the
+    latents), so the written values differ by at most one level where the rounding falls between them."""
+    import sample
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    frames = 8
+    vae = tm.vae(CFG.vae, seed=2)
+    path = tm.write_model_dir(tmp_path / "t2v", CFG, models["unet"], vae, models["text"], models["tok_dir"])
+    noise = torch.randn((1, 4, frames, H // 2, W // 2), generator=torch.Generator().manual_seed(3))
+    pipe = AnimateDiffPipeline(vae=vae, text_encoder=models["text"],
+                               tokenizer=CLIPTokenizer.from_pretrained(str(models["tok_dir"])),
+                               unet=tm.unet_motion(UNET, seed=1), motion_adapter=tm.motion_adapter(UNET),
+                               scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                                       steps_offset=1, clip_sample=False, set_alpha_to_one=True))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_free_noise(context_length=frames, context_stride=STRIDE)
+    with torch.no_grad():
+        expected = pipe(prompt={0: "hello cat", 5: "a dog"}, negative_prompt=NEGATIVE, num_frames=frames, height=H,
+                        width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise,
+                        output_type="np").frames[0]
+    np.save(tmp_path / "noise.npy", noise.numpy().transpose(0, 2, 3, 4, 1))
+    np.save(tmp_path / "post.npy", np.zeros((1, H // 2, W // 2, 4), np.float32))
+    code = sample.main([str(a) for a in (
+        "--model", path, "--prompt-map", "0:hello cat", "5:a dog", "--negative-prompt", NEGATIVE, "--frames", frames,
+        "--steps", STEPS, "--guidance", GUIDANCE, "--height", H, "--width", W, "--noise", tmp_path / "noise.npy",
+        "--posterior-noise", tmp_path / "post.npy", "--format", "png", "--out", tmp_path / "out", "--no-progress",
+        "--compile-cache", "off")])
+    io = capsys.readouterr()
+    assert code == 0, io.err
+    written = sorted((tmp_path / "out" / "t2v-hello-cat-travel-42_frames").glob("*.png"))
+    got = np.stack([np.asarray(Image.open(f)) for f in written]).astype(np.int32)
+    assert got.shape == (frames, H, W, 3)
+    want = np.round(np.clip(expected, 0, 1) * 255).astype(np.int32)
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()

@@ -102,7 +102,7 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
 @pytest.mark.parametrize("args, message", [
     (["--image", "{missing}", "--prompt", "x"], "image not found"),
     (["--image", "{img}", "--prompt", "x", "--motion", "huge"], "unknown"),
-    (["--image", "{img}", "--prompt", "x", "--frames", "33"], "1..32"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "0"], "1..32"),
     (["--image", "{img}", "--prompt", "x", "--affinity", "1,0.5"], "frame"),
     (["--image", "{img}", "--prompt", "x", "--height", "100", "--width", "64"], "multiple of 8"),
     (["--image", "{img}", "--prompt", "x", "--height", "64"], "both height and width"),
@@ -125,6 +125,27 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
      "the condition frame places a motion preset"),
     (["--image", "{img}", "--prompt", "x", "--karras"], "Karras sigmas apply to the dpmpp_2m scheduler"),
     (["--image", "{img}", "--prompt", "a cat", "a cat!"], "the same output name (img-a-cat-42)"),
+    # long videos: the window must fit the motion modules' 32 positions and cover the video
+    (["--image", "{img}", "--prompt", "x", "--frames", "48", "--context-length", "40"],
+     "context window of 40 frames is longer than the motion modules' 32 positions"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "48", "--context-stride", "20"], "context stride must be in"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "48", "--context-weighting", "steep"],
+     "weighting must be one of"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "48", "--free-noise", "shuffle"], "free noise must be one of"),
+    (["--image", "{img}", "--prompt", "x", "--free-noise", "shuffle_context"], "give a context length"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "48", "--cond-frame", "48"], "outside the video"),
+    # keyframes
+    (["--keyframe", "0:{img}", "--keyframe", "16:{img}", "--prompt", "x"], "outside the video: frames are 0..15"),
+    (["--keyframe", "0:{img}", "--keyframe", "0:{img}", "--prompt", "x"], "has frame 0 twice"),
+    (["--keyframe", "a:{img}", "--prompt", "x"], "key 'a' is not an integer frame index"),
+    (["--image", "{img}", "--keyframe", "0:{img}", "--prompt", "x"], "--keyframe replaces --image"),
+    # prompt travel
+    (["--image", "{img}", "--prompt-map", "0:a cat", "x:a dog"], "key 'x' is not an integer frame index"),
+    (["--image", "{img}", "--prompt-map", "0:a cat", "0:a dog"], "has frame 0 twice"),
+    (["--image", "{img}", "--prompt-map", "0:a cat", "16:a dog"], "outside the video: frames are 0..15"),
+    (["--image", "{img}", "--prompt-map", "4:a cat"], "needs a prompt at frame 0"),
+    (["--image", "{img}", "--prompt", "x", "--prompt-map", "0:a cat"], "give --prompt or --prompt-map"),
+    (["--prompt", "x"], "needs an image"),
     *[(["--config", "{%s}" % k], message) for k, (_, message) in YAML_CASES.items()],
 ])
 def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, args, message):
@@ -171,3 +192,46 @@ def test_bad_model_directory(tmp_path, capsys):
     (tmp_path / "half" / "config.json").write_text('{"format": "pia-jax-model", "version": 1, "parts": ["unet"]}')
     code, io = run(capsys, "--model", tmp_path / "half", "--image", "x.png", "--prompt", "x")
     assert code == 2 and "incomplete" in io.err
+
+
+def test_one_window_equals_plain_sampler(model):
+    """A context window as long as the video is the plain sampler: one window, weight w/w = 1 on every frame. The two
+    programs differ only in the scan around the UNet call and the division by the weight sum, so in fp32 they agree
+    to rounding (1e-5 of the [0, 1] frame range; a wrong frame order or weighting changes frames by > 1e-2)."""
+    from pia_jax.sampling import Animator, SampleOptions
+    path, _ = model
+    animator = Animator.load(path, compile_cache_dir=None)
+    img = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)[None]
+    coef = np.asarray([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
+    run_ = lambda prompt="a cat", **kw: animator(img, [prompt], ["dog"], coef, SampleOptions(steps=2, **kw),  # noqa
+                                                 seeds=[3], float_frames=True).videos
+    plain = run_()
+    np.testing.assert_allclose(run_(context_length=6), plain, atol=1e-5)
+    # two overlapping windows do change the video (the windows are really used)
+    windows = run_(context_length=4, context_stride=2)
+    assert np.abs(windows - plain).max() > 1e-3
+    # prompt travel through the windows: a one-key map is the plain prompt on every frame (per-frame cross-attention
+    # instead of the per-video fast path: the same sums, rounding only); a second key changes the later frames
+    np.testing.assert_allclose(run_({0: "a cat"}, context_length=4, context_stride=2), windows, atol=1e-5)
+    travel = run_({0: "a cat", 5: "a red dog running"}, context_length=4, context_stride=2)
+    assert np.abs(travel[:, -1] - windows[:, -1]).max() > 1e-3
+    # keyframes at 0 and the last frame, through the windows: the same image at both is the one-image video (every
+    # frame's condition latent is that image's); another image at the last frame changes it
+    keyed = lambda last: animator(np.stack([img, last], axis=1), ["a cat"], ["dog"], coef,  # noqa: E731
+                                  SampleOptions(steps=2, context_length=4, context_stride=2), seeds=[3],
+                                  float_frames=True, keyframes=[0, 5]).videos
+    np.testing.assert_allclose(keyed(img), windows, atol=1e-5)
+    assert np.abs(keyed(255 - img)[:, -1] - windows[:, -1]).max() > 1e-2
+
+
+def test_long_video_windows_cli(model, tmp_path, capsys):
+    """48 frames (past the motion modules' 32 positions) through context windows and FreeNoise; and a window as
+    long as the video equals the plain sampler."""
+    path, img = model
+    out = tmp_path / "long.gif"
+    code, io = run(capsys, "--model", path, "--prompt", "a cat", "--frames", 48, "--steps", 1,
+                   "--size", 16, "--context-stride", 8, "--free-noise", "shuffle_context", "--window-batch", 2,
+                   "--out", out, "--no-progress", "--keyframe", f"0:{img}", "--keyframe", f"47:{img}")
+    assert code == 0, io.err
+    with Image.open(out) as gif:  # keyframes at 0 and the last frame
+        assert gif.n_frames == 48

@@ -10,6 +10,8 @@ Output names: `<image stem>-<prompt slug>-<seed>` from the command line, `<case 
 a-z and 0-9 made one '-', cut to 40 characters. `--out x.gif` with one video writes x.gif; with several,
 x-<name>.gif beside it; `--out folder` writes folder/<name>.gif. PNG frames go to a folder `<that stem>_frames/`
 (0000.png, ...); saved noise to `<that stem>_noise.npy` and `<that stem>_posterior_noise.npy`.
+A prompt map (prompt travel) names a video by its frame-0 prompt's slug + '-travel'; keyframes by the first
+keyframe's image stem; text-to-video (a 4-channel model, no image) uses the stem 't2v'.
 """
 
 import dataclasses
@@ -23,8 +25,11 @@ import yaml
 
 from pia_jax import affinity, media, model_dir, schedulers
 from pia_jax.config import PIAConfig
+from pia_jax.sampling import keyframes as keyframes_lib
+from pia_jax.sampling.keyframes import validate_keys
 from pia_jax.sampling.animator import latent_factor, latent_shape
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
+from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
 
 FORMATS = ("gif", "mp4", "png")
 MAX_FPS = {"gif": 50, "mp4": 240, "png": math.inf}  # what media.write_gif / write_mp4 accept
@@ -50,23 +55,32 @@ class Settings:
     height: int | None = None
     width: int | None = None
     decode_chunk: int = 4
+    context_length: int | None = None  # long videos: SampleOptions' window fields
+    context_stride: int = 4
+    context_weighting: str = "pyramid"
+    window_batch: int = 1
+    free_noise: str = "none"
 
     def options(self) -> SampleOptions:
         return SampleOptions(steps=self.steps, scheduler=self.scheduler, karras=self.karras,
                              guidance_scale=float(self.guidance), strength=float(self.strength), eta=float(self.eta),
-                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk)
+                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk,
+                             context_length=self.context_length, context_stride=self.context_stride,
+                             context_weighting=self.context_weighting, window_batch=self.window_batch,
+                             free_noise=self.free_noise)
 
 
 @dataclass
 class Video:
     """One video to make."""
     name: str
-    image: Path
-    prompt: str
+    image: Path | None  # None: text-to-video (a 4-channel model)
+    prompt: str | dict  # or a prompt map {frame: prompt} (prompt travel)
     negative_prompt: str
     affinity: np.ndarray  # (F,)
     seed: int
     settings: Settings
+    keyframes: dict | None = None  # {frame: image path}: several condition images (then `image` is the first)
 
 
 @dataclass
@@ -77,7 +91,8 @@ class Group:
     frames: int
     options: SampleOptions
     videos: list  # [Video]
-    images: list  # [(H, W, 3) uint8], one per video
+    images: list  # [(H, W, 3) uint8], one per video ((K, H, W, 3) with keyframes)
+    keyframes: list | None = None  # the keyframes' frames, shared by the group's videos
 
 
 @dataclass
@@ -92,8 +107,10 @@ class Plan:
         return [v for g in self.groups for v in g.videos]
 
 
-def slug(prompt: str, most: int = 40) -> str:
-    """'A cat, wind blowing!' -> 'a-cat-wind-blowing'."""
+def slug(prompt: str | dict, most: int = 40) -> str:
+    """'A cat, wind blowing!' -> 'a-cat-wind-blowing'; a prompt map's slug is its frame-0 prompt's + '-travel'."""
+    if isinstance(prompt, dict):
+        return slug(prompt[min(prompt)], most) + "-travel"
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:most].strip("-") or "prompt"
 
 
@@ -110,20 +127,33 @@ def noise_paths(paths: dict) -> tuple[Path, Path]:
     return stem.with_name(stem.name + "_noise.npy"), stem.with_name(stem.name + "_posterior_noise.npy")
 
 
+def _numbers(values):
+    """Custom affinities from a list or a string '1, 0.9, ...'."""
+    if not isinstance(values, str):
+        return values
+    try:
+        return [float(v) for v in values.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"affinity must be numbers separated by commas, got {values!r}") from None
+
+
+def _preset(motion):
+    return int(motion) if str(motion).lstrip("-").isdigit() else motion
+
+
 def coefficients(s: Settings) -> np.ndarray:
     """The (F,) affinities of a video: custom values, or a preset counted from the condition frame."""
     if s.affinity is not None:
         if s.cond_frame is not None:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
                              "themselves (put 1.0 where the image should be): drop one of the two")
-        values = s.affinity
-        if isinstance(values, str):
-            try:
-                values = [float(v) for v in values.replace(",", " ").split()]
-            except ValueError:
-                raise ValueError(f"affinity must be numbers separated by commas, got {s.affinity!r}") from None
+        values = _numbers(s.affinity)
+        if s.frames > affinity.MAX_FRAMES:
+            return keyframes_lib.custom_affinity(values, s.frames)
         return affinity.custom_coefficients(values, s.frames)
-    preset = int(s.motion) if str(s.motion).lstrip("-").isdigit() else s.motion
+    preset = _preset(s.motion)
+    if s.frames > affinity.MAX_FRAMES:  # long videos: the presets extended by keyframes.preset_values' rule
+        return keyframes_lib.preset_affinity(preset, s.frames, [s.cond_frame or 0])
     return affinity.preset_coefficients(preset, s.frames, s.cond_frame or 0)
 
 
@@ -141,6 +171,8 @@ _TYPES = {  # key: (check, what it must be)
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "image": (lambda v: isinstance(v, str) and v != "", "a path (a string)"),
     "prompt": (lambda v: isinstance(v, str), "a string (several prompts go in a list under 'prompts:')"),
+    "prompt_map": (lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
+                   "a mapping {frame: prompt} (prompt travel)"),
     "prompts": (lambda v: isinstance(v, list) and v and all(isinstance(p, str) for p in v),
                 "a non-empty list of strings"),
     "negative_prompt": (lambda v: isinstance(v, str), "a string ('' for none)"),
@@ -156,7 +188,11 @@ _TYPES = {  # key: (check, what it must be)
     "height": (lambda v: v is None or _is_int(v), "an integer or null"),
     "width": (lambda v: v is None or _is_int(v), "an integer or null"),
     "cond_frame": (lambda v: v is None or _is_int(v), "an integer or null"),
-    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk")},
+    "context_length": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "context_weighting": (lambda v: isinstance(v, str), "a string (flat, pyramid, delayed_reverse_sawtooth)"),
+    "free_noise": (lambda v: isinstance(v, str), "a string (none, shuffle_context, repeat_context, random)"),
+    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk", "context_stride",
+                                            "window_batch")},
     **{k: (_is_number, "a number") for k in ("guidance", "strength", "eta")},
 }
 CASE_KEYS = set(_TYPES)
@@ -196,20 +232,25 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
                                else "")
         where = f"{path}: {label}"
         case = {**defaults, **_typed(where, raw)}
-        if "image" not in case or not ({"prompt", "prompts"} & set(case)):
-            raise ValueError(f"{where}: needs 'image' and 'prompt' (or 'prompts')")
-        if "prompt" in case and "prompts" in case:
-            raise ValueError(f"{where}: give 'prompt' or 'prompts', not both")
+        if not ({"prompt", "prompts", "prompt_map"} & set(case)):
+            raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image'")
+        if len({"prompt", "prompts", "prompt_map"} & set(case)) > 1:
+            raise ValueError(f"{where}: give one of 'prompt', 'prompts' and 'prompt_map'")
+        if "prompt_map" in case:
+            try:
+                case["prompts"] = [parse_prompt_map(case["prompt_map"])]
+            except ValueError as e:
+                raise ValueError(f"{where}: key 'prompt_map': {e}") from None
         if "seed" in case and "seeds" in case:
             raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
-        image = Path(case["image"])
-        image = image if image.is_absolute() else path.parent / image
+        image = Path(case["image"]) if "image" in case else None
+        image = image if image is None or image.is_absolute() else path.parent / image
         prompts = case.get("prompts") or [case["prompt"]]
         motions = case.get("motion", base.motion)
         motions = motions if isinstance(motions, list) else [motions]
         seeds = case.get("seeds") or [case.get("seed", default_seed)]
         fields = {k: case[k] for k in case if k in {f.name for f in dataclasses.fields(Settings)}}
-        name = case.get("name", image.stem)
+        name = case.get("name", image.stem if image else "t2v")
         for prompt in prompts:
             for motion in motions:
                 s = dataclasses.replace(base, **{**fields, "motion": motion})
@@ -228,12 +269,13 @@ def _video(name, image, prompt, coef, seed, s: Settings, where="") -> Video:
     if not 0 <= seed < 2 ** 64:
         raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
     negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
-    return Video(name, Path(image), prompt, negative, coef, int(seed), s)
+    return Video(name, image and Path(image), prompt, negative, coef, int(seed), s)
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
-                       num_videos: int | None = None) -> list[Video]:
-    """The videos of one image: one per prompt x seed (`num_videos`: seeds seeds[0], seeds[0]+1, ...)."""
+                       num_videos: int | None = None, keyframes: dict | None = None) -> list[Video]:
+    """The videos of one image (or of `keyframes` {frame: image path}): one per prompt x seed (`num_videos`: seeds
+    seeds[0], seeds[0]+1, ...)."""
     if not prompts:
         raise ValueError("give at least one prompt")
     if num_videos is not None:
@@ -242,8 +284,20 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
         if len(seeds) != 1:
             raise ValueError("give one seed with a number of videos (they get seed, seed+1, ...)")
         seeds = [seeds[0] + i for i in range(num_videos)]
-    coef = coefficients(settings)
-    return [_video(f"{Path(image).stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+    if keyframes:
+        keys = sorted(keyframes)
+        validate_keys(keys, settings.frames)
+        image = Path(keyframes[keys[0]])
+        coef = (keyframes_lib.custom_affinity(_numbers(settings.affinity), settings.frames)
+                if settings.affinity is not None else keyframes_lib.preset_affinity(_preset(settings.motion),
+                                                                                     settings.frames, keys))
+    else:
+        coef = coefficients(settings)
+    stem = Path(image).stem if image else "t2v"
+    videos = [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
+    for v in videos:
+        v.keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
+    return videos
 
 
 # ---- the plan: every check that needs no model weights ----
@@ -253,9 +307,9 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
     compiled. Raises ValueError (or OSError) with a message for the user."""
     config, scheduler_dict = model_dir.check_model_dir(model)
-    if config.unet.in_channels != 9:
-        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet (motion modules without PIA's "
-                         "condition branch); convert it with pia.ckpt or the PIA condition adapter")
+    text_to_video = config.unet.in_channels == 4  # AnimateDiff motion modules without PIA's condition branch
+    if config.unet.in_channels not in (4, 9):
+        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet; PIA has 9, AnimateDiff 4")
     scheduler = schedulers.from_dict(scheduler_dict) if scheduler_dict else schedulers.PIA_DDIM
     out = Path(out)
     formats = list(formats) if formats else ([out.suffix[1:]] if out.suffix else ["gif"])
@@ -272,34 +326,59 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     if twice:
         raise ValueError(f"two videos would get the same output name ({', '.join(twice[:3])}); give the cases "
                          "distinct names, prompts or seeds")
-    max_frames = config.unet.motion_max_seq_length
     groups, images = {}, {}
     for v in videos:
         s = v.settings
-        if not 1 <= s.frames <= max_frames:
-            raise ValueError(f"{v.name}: {s.frames} frames: this model's motion modules take 1..{max_frames}")
         if (s.height is None) != (s.width is None):
             raise ValueError(f"{v.name}: give both height and width, or neither")
+        if text_to_video != (v.image is None):
+            raise ValueError(f"{v.name}: {model} holds a 4-channel (text-to-video) UNet: give no image" if text_to_video
+                             else f"{v.name}: needs an image ({model} is a PIA model; text-to-video needs a 4-channel "
+                                  "AnimateDiff model directory)")
+        if text_to_video and s.strength < 1:
+            raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
+        if isinstance(v.prompt, dict):
+            try:
+                interpolation(sorted(v.prompt), s.frames)
+            except ValueError as e:
+                raise ValueError(f"{v.name}: {e}") from None
         options = s.options()
         try:
             options.check(config, scheduler)
+            options.check_frames(s.frames, config)
         except ValueError as e:
             raise ValueError(f"{v.name}: {e}") from None
-        key = (v.image, s.size, s.height, s.width)
+        key = (v.image, s.size, s.height, s.width, tuple(sorted(v.keyframes.items())) if v.keyframes else None)
+        if key not in images and v.keyframes:
+            loaded = [media.preprocess_image(media.load_image(v.keyframes[k]), s.size, s.height, s.width)
+                      for k in sorted(v.keyframes)]
+            if len({x.shape for x in loaded}) > 1:
+                raise ValueError(f"{v.name}: the keyframe images must have one size after preprocessing, got "
+                                 f"{sorted({x.shape[:2] for x in loaded})}; give --height/--width")
+            images[key] = np.stack(loaded)
+        if key not in images and text_to_video:  # a blank image: only its size is used
+            images[key] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
         if key not in images:
             images[key] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
         image = images[key]
-        if image.shape[0] % latent_factor(config.vae) or image.shape[1] % latent_factor(config.vae):
-            raise ValueError(f"{v.name}: image size {image.shape[1]}x{image.shape[0]} is not a multiple of "
+        height, width = image.shape[-3:-1]
+        if height % latent_factor(config.vae) or width % latent_factor(config.vae):
+            raise ValueError(f"{v.name}: image size {width}x{height} is not a multiple of "
                              f"{latent_factor(config.vae)}")
-        group = groups.setdefault((image.shape, s.frames, options),
-                                  Group(image.shape[0], image.shape[1], s.frames, options, [], []))
+        frames = sorted(v.keyframes) if v.keyframes else None
+        group = groups.setdefault((image.shape, s.frames, options, tuple(frames or ())),
+                                  Group(height, width, s.frames, options, [], [], frames))
         group.videos.append(v)
         group.images.append(image)
     for v in videos:
         for path in output_paths(out, v.name, len(videos) == 1, formats).values():
             media.check_writable(path, directory=path.suffix == "")
     return Plan(list(groups.values()), formats, config, scheduler)
+
+
+def text_keys(videos) -> int:
+    """The most keys of the videos' prompt maps (0 without prompt travel): the Animator's text input shape."""
+    return max([len(v.prompt) for v in videos if isinstance(v.prompt, dict)], default=0)
 
 
 def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -4,16 +4,31 @@ As the reference (PIA `i2v_pipeline.py`): the text states of [negative prompt, p
 what it needs), and the VAE posterior *sample* of the image times the scaling factor, the same on every frame.
 """
 
+import jax
 import jax.numpy as jnp
+
+from pia_jax.sampling.prompt_travel import interpolate
 
 from pia_jax.vae import sample_posterior
 
 
 def encode(text_encoder, vae, scaling_factor: float, ids_Bx2xL, pixels_BxHxWx3, post_noise_Bxhxwx4,
-           clip_skip: int | None):
-    """-> (text states (B, 2, L, D), condition latent (B, h, w, c) float32). `pixels` in [-1, 1]."""
-    b, n, length = ids_Bx2xL.shape
-    states = text_encoder(ids_Bx2xL.reshape(b * n, length), clip_skip=clip_skip)
-    mean, logvar = vae.encode(pixels_BxHxWx3)
-    latent = sample_posterior(mean.astype(jnp.float32), logvar.astype(jnp.float32), post_noise_Bxhxwx4)
-    return states.reshape(b, n, length, -1), latent * scaling_factor
+           clip_skip: int | None, travel=None, nearest_F=None):
+    """-> (text states (B, 2, L, D), condition latent (B, h, w, c) float32). `pixels` in [-1, 1].
+
+    Prompt travel: ids (B, 2, K, L) hold the K key prompts of each [negative, prompt] map and `travel` = (lo, hi, t),
+    each (B, 2, F), interpolates them per frame (prompt_travel.py) -> text states (B, 2, F, L, D).
+    Keyframes: pixels (B, K, H, W, 3), one image per keyframe (the same posterior noise for each) and `nearest_F`
+    (F,) each frame's nearest keyframe (keyframes.nearest_keyframe) -> per-frame condition latents (B, F, h, w, c)."""
+    length = ids_Bx2xL.shape[-1]
+    states = text_encoder(ids_Bx2xL.reshape(-1, length), clip_skip=clip_skip)
+    states = states.reshape(ids_Bx2xL.shape + states.shape[-1:])
+    if travel is not None:
+        states = jax.vmap(jax.vmap(interpolate))(states, *travel)
+    pixels = pixels_BxHxWx3.reshape((-1,) + pixels_BxHxWx3.shape[-3:])  # (B·K, H, W, 3) with keyframes
+    mean, logvar = vae.encode(pixels)
+    noise = jnp.repeat(post_noise_Bxhxwx4, pixels.shape[0] // post_noise_Bxhxwx4.shape[0], axis=0)
+    latent = sample_posterior(mean.astype(jnp.float32), logvar.astype(jnp.float32), noise) * scaling_factor
+    if nearest_F is not None:
+        latent = latent.reshape(pixels_BxHxWx3.shape[:2] + latent.shape[1:])[:, nearest_F]  # (B, F, h, w, c)
+    return states, latent

@@ -13,25 +13,54 @@ import jax.numpy as jnp
 
 from pia_jax import schedulers
 from pia_jax.sampling.noise import step_noise
+from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 
 def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool):
     """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
-    next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only."""
+    next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only.
+    Text may be per frame, (B, 2, F, L, D) (prompt travel)."""
     b = latents_BxFxhxwxc.shape[0]
     n = 2 if cfg else 1
     x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
     text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
+    if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
+        eps = unet(x, t, text).reshape((b, n) + x.shape[1:])
+        return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
     mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
-    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)[:, None]
+    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)
+    cond = cond if cond.ndim == 5 else cond[:, None]  # per frame (keyframes) or per video
     eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
     return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
+
+
+def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
+    """`denoiser` run on the context windows of `window` (`window_batch` at a time), the predictions blended
+    (windows.windowed_eps); the same signature as `denoiser`. Per-video inputs are repeated for each window of a
+    call, the mask (B, F) is cut to the windows' frames."""
+    k = max(1, min(window_batch, len(window.frames)))
+
+    def eps(unet, latents, t, text, mask, cond, guidance, cfg):
+        def fn(x, frames_KxL):
+            if text.ndim == 5:  # per-frame text (B, 2, F, L, D) (prompt travel) -> (B·k, 2, window, L, D)
+                text_w = jnp.moveaxis(jnp.take(text, frames_KxL, axis=2), 2, 1)
+                text_w = text_w.reshape((-1,) + text_w.shape[2:])
+            else:
+                text_w = jnp.repeat(text, k, axis=0)
+            if mask is None:  # text-to-video
+                return denoiser(unet, x, t, text_w, None, None, guidance, cfg)
+            cond_w = take_windows(cond, frames_KxL) if cond.ndim == 5 else jnp.repeat(cond, k, axis=0)
+            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), cond_w, guidance, cfg)
+        return windowed_eps(fn, latents, window, k)
+
+    return eps
 
 
 def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_image):
     """The first latents and the solver state: the noise itself, or (`from_image`, for strength < 1) the condition
     latent on every frame noised to the first step taken. `from_image` is data: both come from one program."""
-    noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond_Bxhxwxc[:, None], noise_BxFxhxwxc.shape),
+    cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame (keyframes) or video
+    noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond, noise_BxFxhxwxc.shape),
                                         noise_BxFxhxwxc)
     latents = jnp.where(from_image, noised, noise_BxFxhxwxc)
     return latents, schedulers.init_state(schedule, latents)

@@ -10,6 +10,9 @@ import numpy as np
 
 from pia_jax import schedulers
 from pia_jax.config import PIAConfig
+from pia_jax.sampling.windows import NOISE_TYPES, WindowSchedule, check_window
+
+DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
 
 # The reference's negative prompt when a config gives none (PIA i2v_pipeline.py DEFAULT_N_PROMPT).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -31,10 +34,37 @@ class SampleOptions:
     eta: float = 0.0  # DDIM stochasticity
     clip_skip: int | None = None
     decode_chunk: int = 4  # frames per video decoded at once
+    # Long videos (pia_jax.sampling.windows): the UNet runs on context windows of `context_length` frames every
+    # `context_stride` frames and the overlapping noise predictions are blended with `context_weighting`. None: windows
+    # of 16 only when the video is longer than the motion modules' positions; a length (even one >= the frames) always
+    # windows. `window_batch` windows run per UNet call (memory grows with it, not with the frames).
+    context_length: int | None = None
+    context_stride: int = 4
+    context_weighting: str = "pyramid"
+    window_batch: int = 1
+    free_noise: str = "none"  # none | shuffle_context | repeat_context | random: FreeNoise rescheduling of seeded noise
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1
+
+    def window(self, num_frames: int, max_positions: int) -> WindowSchedule | None:
+        """The context-window schedule for a video of `num_frames` frames, or None (the UNet sees every frame)."""
+        if self.context_length is None and num_frames <= max_positions:
+            return None
+        length = DEFAULT_CONTEXT_LENGTH if self.context_length is None else self.context_length
+        check_window(num_frames, length, self.context_stride, max_positions)
+        return WindowSchedule(num_frames, length, self.context_stride, self.context_weighting)
+
+    def check_frames(self, num_frames: int, config: PIAConfig):
+        """ValueError when this model cannot make `num_frames` frames with these window options."""
+        if self.free_noise not in ("none",) + NOISE_TYPES:
+            raise ValueError(f"free noise must be one of {('none',) + NOISE_TYPES}, got {self.free_noise!r}")
+        if self.window_batch < 1:
+            raise ValueError(f"window batch must be >= 1, got {self.window_batch}")
+        window = self.window(num_frames, config.unet.motion_max_seq_length)
+        if self.free_noise != "none" and window is None:
+            raise ValueError("free noise reschedules the noise by context windows: give a context length")
 
     def check(self, config: PIAConfig, scheduler: schedulers.SchedulerConfig):
         """Raises ValueError naming the option when this model cannot sample with these options."""
