@@ -33,7 +33,7 @@ def good(tmp_path):
 
 
 BAD = [  # (overrides, what the error line must say)
-    (["optimm.lr=1"], "unknown key(s) optimm; the keys of the config are: workdir, steps,"),
+    (["optimm.lr=1"], "unknown key(s) optimm; the keys of the config are: task, workdir, steps,"),
     (["optim.lrr=1"], "unknown key(s) optim.lrr; the keys of optim are: lr, b1, b2,"),
     (["optim.lr=fast"], "optim.lr must be float, got 'fast'"),
     (["steps=1.5"], "steps must be int, got 1.5"),
