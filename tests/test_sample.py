@@ -159,9 +159,10 @@ def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, ar
     for key, (case, _) in YAML_CASES.items():
         (tmp_path / f"{key}.yaml").write_text(f"cases: [{case.format(img=img)}]")
         fill[key] = tmp_path / f"{key}.yaml"
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     code, io = run(capsys, "--model", path, *[a.format(**fill) for a in args])
     assert code == 2 and message in io.err and io.err.startswith("error: "), io.err
-    assert not list(tmp_path.glob("*.gif*")) or (tmp_path / "dir.gif").is_dir()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "a failed run wrote files"
 
 
 @pytest.mark.parametrize("damage, message", [
