@@ -168,8 +168,8 @@ def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):
 
 
 def test_validation_writes_videos(tmp_path):
-    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.sampling, and
-    a later validation reuses the compiled sampler with the new weights."""
+    """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.sampling, logs
+    their scores, and a later validation reuses the compiled sampler with the new weights."""
     from PIL import Image
     from pia_jax.training.metrics import Writer
     from pia_jax.training.validation import _ANIMATORS, validate
@@ -178,8 +178,15 @@ def test_validation_writes_videos(tmp_path):
                                     "validation.prompts": "[a cat]", "validation.steps": 2})
     tr = trainer(1, 1)
     writer = Writer(tmp_path, 1, 1, 0, tensorboard=False, progress_bar=False)
+    logged = []
+    writer.scalars = lambda step, values, force=False: logged.append((step, values))
     validate(cfg, tr, tr.init_state(0), 7, writer)
     assert (tmp_path / "validation" / "step_0000007" / "0.gif").stat().st_size > 0
+    # evaluate.py's motion and fidelity scores of the video, logged at the validation step
+    (step, scores), = logged
+    assert step == 7 and {"validation/flow_mean", "validation/dynamic", "validation/psnr",
+                          "validation/ssim"} <= set(scores), scores
+    assert all(np.isfinite(v) for v in scores.values()) and 0 < scores["validation/psnr"] <= 100
     compiled = _ANIMATORS[tr].compilations
     validate(cfg, tr, tr.init_state(1), 8, writer)
     assert (tmp_path / "validation" / "step_0000008" / "0.gif").stat().st_size > 0

@@ -82,6 +82,8 @@ class ValidationConfig:
     steps: int = opt(25, "DDIM steps")
     guidance_scale: float = opt(7.5, "classifier-free guidance scale")
     seed: int = opt(0, "seed of the first video (then seed + 1, ...)")
+    clip: str | None = opt(None, "a CLIP model directory (evaluate.py convert-clip): adds the CLIP image/text "
+                                 "alignment scores to the motion and fidelity scores logged for each validation")
 
 
 @dataclass(frozen=True)

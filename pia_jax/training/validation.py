@@ -1,5 +1,6 @@
 """Periodic validation videos: fixed (image, prompt) pairs animated with the weights being trained, through
-`pia_jax.sampling.Animator` built from the trainer's models, written as GIFs to `{workdir}/validation/step_NNNNNNN/`.
+`pia_jax.sampling.Animator` built from the trainer's models, written as GIFs to `{workdir}/validation/step_NNNNNNN/`,
+and scored as evaluate.py scores videos (means logged to TensorBoard under `validation/`).
 
 Every process samples on its own devices (weights gathered to each host; validation is rare and small) and
 process 0 writes. One `Animator` per trainer is kept and given the new UNet weights each time, so its phases
@@ -17,6 +18,7 @@ from pia_jax import affinity, media
 from pia_jax.training.state import merge
 
 _ANIMATORS = weakref.WeakKeyDictionary()  # trainer -> its Animator
+_SCORERS = {}  # CLIP model directory -> its scorer, loaded once
 
 
 def validate(cfg, trainer, state, step: int, writer) -> None:
@@ -48,3 +50,18 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
         for i, video in enumerate(result.videos):  # uint8 frames
             media.write_gif(out / f"{i}.gif", video)
         writer.log(f"validation: {n} videos in {out}")
+        writer.scalars(step, scores(v, result.videos, images), force=True)
+
+
+def scores(v, videos, images) -> dict:
+    """Mean over the validation videos of evaluate.py's per-video scores (pia_jax.eval.scores.score_video): flow,
+    dynamic degree, condition-frame PSNR/SSIM against the exact input pixels, and with `validation.clip` the CLIP
+    alignment scores. An infinite PSNR (a frame equal to the image) is logged as 100 dB, as evaluate.py does."""
+    from pia_jax.eval.scores import CLIPScorer, score_video
+    if v.clip and v.clip not in _SCORERS:
+        _SCORERS[v.clip] = CLIPScorer.load(v.clip)
+    scorer = _SCORERS.get(v.clip)
+    rows = [score_video(scorer, video, image, prompt, condition=image)
+            for video, image, prompt in zip(videos, images, v.prompts)]
+    return {f"validation/{k}": float(np.mean([min(r[k], 100.0) if k == "psnr" else r[k] for r in rows]))
+            for k in rows[0] if isinstance(rows[0][k], (int, float))}
