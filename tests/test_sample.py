@@ -86,6 +86,40 @@ cases:
                      "img-hello-style_large-7.gif", "second-dog-custom-42.gif"]
 
 
+def test_yaml_keyframes_plan_as_cli(model, tmp_path, monkeypatch):
+    """A batch file's `keyframes:` (both spellings, paths relative to the file) plans the video of the same
+    --keyframe flags: the same images in keyframe order, keyframe frames, affinity, prompt, seed and options; only
+    the name differs (a batch file's names carry the motion). Planning only: nothing loads or samples."""
+    path, img = model
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    shutil.copy(img, tmp_path / "first.png")
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(tmp_path / "last.png")
+    plan = lambda *args: sample.plan(sample.build_parser().parse_args(  # noqa: E731
+        ["--model", str(path), "--out", str(tmp_path / "out"), *map(str, args)]))[0]
+    cli = plan("--keyframe", f"0:{tmp_path / 'first.png'}", "--keyframe", f"23:{tmp_path / 'last.png'}", "--prompt",
+               "a cat", "--motion", "moderate", "--seed", 5, "--frames", 24, "--steps", 1, "--size", 32,
+               "--context-length", 16)
+    (group,) = cli.groups
+    (video,) = group.videos
+    assert group.keyframes == [0, 23] and video.name == "first-a-cat-5"
+    assert not np.array_equal(group.images[0][0], group.images[0][1])  # so a swapped keyframe order would show
+    np.testing.assert_array_equal(video.affinity, video.affinity[::-1])  # keys at both ends: symmetric distances
+    for spelling in ("{0: first.png, 23: last.png}", "['23:last.png', '0:first.png']"):
+        (tmp_path / "cases.yaml").write_text(f"""
+defaults: {{frames: 24, steps: 1, size: 32, context_length: 16}}
+cases: [{{keyframes: {spelling}, prompt: a cat, motion: moderate, seed: 5}}]
+""")
+        (g,) = plan("--config", tmp_path / "cases.yaml").groups
+        (v,) = g.videos
+        assert v.name == "first-a-cat-moderate-5"
+        assert (g.keyframes, g.height, g.width, g.frames, g.options) == (group.keyframes, group.height, group.width,
+                                                                          group.frames, group.options)
+        np.testing.assert_array_equal(np.stack(g.images), np.stack(group.images))
+        for field in ("image", "keyframes", "prompt", "negative_prompt", "seed", "settings"):
+            assert getattr(v, field) == getattr(video, field), field
+        np.testing.assert_array_equal(v.affinity, video.affinity)
+
+
 YAML_CASES = {  # a batch file's case -> (what the error names)
     "bad_scheduler": ("{{image: {img}, prompt: x, scheduler: euler}}", "case 0: key 'scheduler' must be one of"),
     "prompt_list": ("{{image: {img}, prompt: [a, b]}}", "key 'prompt' must be a string (several prompts go in a "
@@ -96,6 +130,24 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     "cond_and_affinity": ("{{image: {img}, prompt: x, frames: 2, affinity: [1, 0.5], cond_frame: 1}}",
                           "key 'affinity': the condition frame places a motion preset"),
     "typo": ("{{image: {img}, prompt: x, sed: 1}}", "unknown keys ['sed']"),
+    # keyframes: a mapping {frame: path} or a list of 'frame:path' strings, instead of 'image' and 'cond_frame'
+    "keyframes_string": ("{{keyframes: '0:{img}', prompt: x}}",
+                         "case 0: key 'keyframes' must be a mapping {frame: image path} or a list of 'frame:path'"),
+    "keyframes_and_image": ("{{image: {img}, keyframes: {{0: {img}}}, prompt: x}}",
+                            "case 0: key 'keyframes' replaces 'image' and 'cond_frame'"),
+    "keyframes_and_cond_frame": ("{{keyframes: {{0: {img}}}, cond_frame: 0, prompt: x}}",
+                                 "case 0: key 'keyframes' replaces 'image' and 'cond_frame'"),
+    "keyframe_outside": ("{{name: kf, keyframes: {{0: {img}, 16: {img}}}, prompt: x}}",
+                         "case 0 (kf): key 'keyframes': keyframe frame(s) [16] outside the video: frames are 0..15"),
+    "keyframe_overlap": ("{{keyframes: ['0:{img}', '0:{img}'], prompt: x}}",
+                         "case 0: key 'keyframes': keyframe has frame 0 twice"),
+    "keyframe_not_int": ("{{keyframes: ['a:{img}'], prompt: x}}",
+                         "case 0: key 'keyframes': keyframe key 'a' is not an integer frame index"),
+    "keyframes_loop": ("{{keyframes: {{0: {img}, 15: {img}}}, motion: loop_small, prompt: x}}",
+                       "case 0: key 'motion': loop presets return to a single image"),
+    "keyframe_missing": ("{{keyframes: {{0: {img}, 15: nope.png}}, prompt: x}}",
+                         "case 0: key 'keyframes': image not found: "),  # then the path beside the batch file
+    "image_missing": ("{{image: nope.png, prompt: x}}", "case 0: key 'image': image not found: "),
 }
 
 

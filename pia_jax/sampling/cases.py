@@ -2,8 +2,11 @@
 weight is read or anything compiled; and where each video goes.
 
 A batch file has optional `defaults:` and a list `cases:`; every key is one of `Settings`' fields or `name`,
-`image`, `prompt`/`prompts`, `seeds`, typed strictly (a list where a string belongs, or "no" where a boolean
-belongs, is an error naming the case and the key). Each case makes one video per prompt x motion x seed.
+`image`, `keyframes`, `prompt`/`prompts`/`prompt_map`, `seed`/`seeds`, typed strictly (a list where a string
+belongs, or "no" where a boolean belongs, is an error naming the case and the key). Each case makes one video per
+prompt x motion x seed.
+`keyframes:` (instead of `image:` and `cond_frame:`) is a mapping {frame: image path} or a list of 'frame:path'
+strings, as `--keyframe`; image paths are relative to the batch file.
 
 Output names: `<image stem>-<prompt slug>-<seed>` from the command line, `<case name or image stem>-<prompt slug>-
 <motion or 'custom'>-<seed>` from a batch file; the slug is the prompt lower-cased, runs of other characters than
@@ -26,7 +29,7 @@ import yaml
 from pia_jax import affinity, media, model_dir, schedulers
 from pia_jax.config import PIAConfig
 from pia_jax.sampling import keyframes as keyframes_lib
-from pia_jax.sampling.keyframes import validate_keys
+from pia_jax.sampling.keyframes import parse_keyed, validate_keys
 from pia_jax.sampling.animator import latent_factor, latent_shape
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
@@ -141,8 +144,13 @@ def _preset(motion):
     return int(motion) if str(motion).lstrip("-").isdigit() else motion
 
 
-def coefficients(s: Settings) -> np.ndarray:
-    """The (F,) affinities of a video: custom values, or a preset counted from the condition frame."""
+def coefficients(s: Settings, keyframes=None) -> np.ndarray:
+    """The (F,) affinities of a video: custom values, or a preset counted from the condition frame (or from the
+    nearest of the `keyframes`' frames)."""
+    if keyframes:
+        if s.affinity is not None:
+            return keyframes_lib.custom_affinity(_numbers(s.affinity), s.frames)
+        return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes)
     if s.affinity is not None:
         if s.cond_frame is not None:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
@@ -170,6 +178,9 @@ def _is_number(v):
 _TYPES = {  # key: (check, what it must be)
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "image": (lambda v: isinstance(v, str) and v != "", "a path (a string)"),
+    "keyframes": (lambda v: isinstance(v, dict) and v and all(isinstance(p, str) for p in v.values())
+                  or isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                  "a mapping {frame: image path} or a list of 'frame:path' strings"),
     "prompt": (lambda v: isinstance(v, str), "a string (several prompts go in a list under 'prompts:')"),
     "prompt_map": (lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
                    "a mapping {frame: prompt} (prompt travel)"),
@@ -233,7 +244,8 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
         where = f"{path}: {label}"
         case = {**defaults, **_typed(where, raw)}
         if not ({"prompt", "prompts", "prompt_map"} & set(case)):
-            raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image'")
+            raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image' "
+                             "(or 'keyframes')")
         if len({"prompt", "prompts", "prompt_map"} & set(case)) > 1:
             raise ValueError(f"{where}: give one of 'prompt', 'prompts' and 'prompt_map'")
         if "prompt_map" in case:
@@ -243,8 +255,18 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
                 raise ValueError(f"{where}: key 'prompt_map': {e}") from None
         if "seed" in case and "seeds" in case:
             raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
-        image = Path(case["image"]) if "image" in case else None
-        image = image if image is None or image.is_absolute() else path.parent / image
+        image = _image_path(path, where, "image", case["image"]) if "image" in case else None
+        keyframes = None
+        if "keyframes" in case:
+            if image is not None or case.get("cond_frame") is not None:
+                raise ValueError(f"{where}: key 'keyframes' replaces 'image' and 'cond_frame': give one of them")
+            try:
+                keyframes = parse_keyed(case["keyframes"], "keyframe")
+                validate_keys(keyframes, case.get("frames", base.frames))
+            except ValueError as e:
+                raise ValueError(f"{where}: key 'keyframes': {e}") from None
+            keyframes = {k: _image_path(path, where, "keyframes", p) for k, p in keyframes.items()}
+            image = keyframes[min(keyframes)]
         prompts = case.get("prompts") or [case["prompt"]]
         motions = case.get("motion", base.motion)
         motions = motions if isinstance(motions, list) else [motions]
@@ -255,21 +277,31 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
             for motion in motions:
                 s = dataclasses.replace(base, **{**fields, "motion": motion})
                 try:
-                    coef = coefficients(s)
+                    coef = coefficients(s, sorted(keyframes or ()))
                 except ValueError as e:
                     raise ValueError(f"{where}: key '{'affinity' if s.affinity is not None else 'motion'}': {e}") \
                         from None
                 tag = "custom" if s.affinity is not None else str(motion)
                 for seed in seeds:
-                    videos.append(_video(f"{name}-{slug(prompt)}-{tag}-{seed}", image, prompt, coef, seed, s, where))
+                    videos.append(_video(f"{name}-{slug(prompt)}-{tag}-{seed}", image, prompt, coef, seed, s, where,
+                                         keyframes))
     return videos
 
 
-def _video(name, image, prompt, coef, seed, s: Settings, where="") -> Video:
+def _image_path(batch_file: Path, where: str, key: str, image: str) -> Path:
+    """An image path of a case, relative to the batch file; it must exist (the plan reads it)."""
+    image = Path(image) if Path(image).is_absolute() else batch_file.parent / image
+    if not image.exists():
+        raise ValueError(f"{where}: key '{key}': image not found: {image}")
+    return image
+
+
+def _video(name, image, prompt, coef, seed, s: Settings, where="", keyframes=None) -> Video:
     if not 0 <= seed < 2 ** 64:
         raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
     negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
-    return Video(name, image and Path(image), prompt, negative, coef, int(seed), s)
+    keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
+    return Video(name, image and Path(image), prompt, negative, coef, int(seed), s, keyframes)
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
@@ -285,19 +317,12 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
             raise ValueError("give one seed with a number of videos (they get seed, seed+1, ...)")
         seeds = [seeds[0] + i for i in range(num_videos)]
     if keyframes:
-        keys = sorted(keyframes)
-        validate_keys(keys, settings.frames)
-        image = Path(keyframes[keys[0]])
-        coef = (keyframes_lib.custom_affinity(_numbers(settings.affinity), settings.frames)
-                if settings.affinity is not None else keyframes_lib.preset_affinity(_preset(settings.motion),
-                                                                                     settings.frames, keys))
-    else:
-        coef = coefficients(settings)
+        validate_keys(keyframes, settings.frames)
+        image = keyframes[min(keyframes)]
+    coef = coefficients(settings, sorted(keyframes or ()))
     stem = Path(image).stem if image else "t2v"
-    videos = [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings) for p in prompts for s in seeds]
-    for v in videos:
-        v.keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
-    return videos
+    return [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings, keyframes=keyframes)
+            for p in prompts for s in seeds]
 
 
 # ---- the plan: every check that needs no model weights ----

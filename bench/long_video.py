@@ -1,0 +1,105 @@
+"""Long videos: time per frame and compiled memory of the windowed sampler at 16, 64 and 128 frames.
+
+    python -m bench.long_video --config tiny --size 64 --steps 4                  # CPU: small (say so in the table)
+    python -m bench.long_video --config sd15 --size 512 --steps 25                # GPU: the issue's 512² question
+    python -m bench.long_video --model models/pia-sd15 --frames 16 64 128 --window-batch 2
+
+Random weights unless --model (time and memory do not depend on their values). Every size runs through the public
+`Animator` call with context windows (default: 16 frames every 4, pyramid blend, one window per UNet call), once
+to compile and then --repeats timed calls, of which the fastest counts. One JSON line per size:
+  ms_per_frame        (encode + denoise + decode) seconds of that call / frames, in ms
+  denoise_peak_bytes  the compiled denoise program's `memory_analysis()`: argument + output + temp bytes (weights
+                      included); `denoise_beyond_weights_bytes` is what memory.py plans batches with (without the
+                      weights, and donated buffers counted once)
+  device_peak_bytes   the device's peak in use since the process began (accelerators; null on CPU): the sizes run in
+                      the order given, so with ascending sizes it is the peak up to this size
+Windows keep the UNet's activations at one window batch, so temp bytes should barely grow with the frames; the
+arguments and outputs (latents, per-frame condition) grow linearly but are small.
+"""
+
+import argparse
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench.sample import DTYPES, FixedTokenizer
+from pia_jax import config
+from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype, keyframes, memory
+from pia_jax.text_encoder import CLIPTextModel
+from pia_jax.unet import UNetMotionModel
+from pia_jax.vae import AutoencoderKL
+
+PHASES = ("encode", "denoise", "decode")
+
+
+def make_animator(a) -> Animator:
+    dtype = DTYPES[a.dtype] if a.dtype != "auto" else accelerator_default_dtype()
+    if a.model:
+        return Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
+    cfg = config.MODELS[a.config]
+    make = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    return Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
+                    CLIPTextModel(cfg.text, **make), FixedTokenizer(cfg.text.vocab_size),
+                    compile_cache_dir=a.compile_cache)
+
+
+def bench_frames(animator: Animator, frames: int, a) -> dict:
+    options = SampleOptions(steps=a.steps, context_length=a.context_length, context_stride=a.context_stride,
+                            context_weighting=a.context_weighting, window_batch=a.window_batch,
+                            free_noise=a.free_noise)
+    images = np.random.default_rng(0).integers(0, 256, (1, a.size, a.size, 3), np.uint8)
+    mask = keyframes.preset_affinity("moderate", frames)[None]  # ignored by a text-to-video (4-channel) model
+    run = lambda: animator(images, ["a cat walking"], [""], mask, options, seeds=[0])  # noqa: E731
+    first = run()
+    best = min((run() for _ in range(a.repeats)), key=lambda r: sum(r.seconds[k] for k in PHASES))
+    # the denoise program the calls ran (compiled once, cached by shape): its memory as XLA planned it
+    compiled = animator.compilations
+    _, (denoise, weights), _ = animator._executables(animator.devices, a.size, a.size, frames, options)
+    assert animator.compilations == compiled, "not the program the calls ran: its shapes differ"
+    m = denoise.memory_analysis()
+    stats = jax.devices()[0].memory_stats() or {}
+    seconds = {k: round(best.seconds[k], 4) for k in PHASES}
+    return {
+        "frames": frames, "size": a.size, "steps": a.steps, "model": str(a.model or a.config),
+        "dtype": np.dtype(jax.tree.leaves(animator._unet)[0].dtype).name,
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "window": {"length": a.context_length, "stride": a.context_stride, "weighting": a.context_weighting,
+                   "batch": a.window_batch, "free_noise": a.free_noise},
+        "compile_s": round(first.seconds["compile"], 2), "seconds": seconds,
+        "ms_per_frame": round(1e3 * sum(seconds.values()) / frames, 2),
+        "denoise_ms_per_frame": round(1e3 * seconds["denoise"] / frames, 2),
+        "denoise_argument_bytes": m.argument_size_in_bytes, "denoise_output_bytes": m.output_size_in_bytes,
+        "denoise_temp_bytes": m.temp_size_in_bytes, "denoise_alias_bytes": m.alias_size_in_bytes,
+        "denoise_peak_bytes": m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes,
+        "denoise_beyond_weights_bytes": memory.program_bytes(denoise, weights), "unet_weight_bytes": weights,
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(config.MODELS), default="tiny", help="random-weight model")
+    p.add_argument("--model", help="a converted model directory instead of random weights")
+    p.add_argument("--frames", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--size", type=int, default=64, help="pixel size (square)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps")
+    p.add_argument("--context-length", type=int, default=16)
+    p.add_argument("--context-stride", type=int, default=4)
+    p.add_argument("--context-weighting", default="pyramid")
+    p.add_argument("--window-batch", type=int, default=1)
+    p.add_argument("--free-noise", default="none")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per size after the compiling one")
+    p.add_argument("--compile-cache", default="off", help="persistent compilation cache folder (default: off)")
+    a = p.parse_args()
+    if a.repeats < 1:
+        p.error("--repeats must be >= 1")
+    animator = make_animator(a)
+    for frames in a.frames:
+        print(json.dumps(bench_frames(animator, frames, a)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
