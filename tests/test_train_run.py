@@ -182,10 +182,10 @@ def test_validation_writes_videos(tmp_path):
     writer.scalars = lambda step, values, force=False: logged.append((step, values))
     validate(cfg, tr, tr.init_state(0), 7, writer)
     assert (tmp_path / "validation" / "step_0000007" / "0.gif").stat().st_size > 0
-    # evaluate.py's motion and fidelity scores of the video, logged at the validation step
+    # evaluate.py's motion and fidelity scores of the video, logged at the validation step (no SSIM: the test's
+    # frames are smaller than its 11-pixel window)
     (step, scores), = logged
-    assert step == 7 and {"validation/flow_mean", "validation/dynamic", "validation/psnr",
-                          "validation/ssim"} <= set(scores), scores
+    assert step == 7 and {"validation/flow_mean", "validation/dynamic", "validation/psnr"} <= set(scores), scores
     assert all(np.isfinite(v) for v in scores.values()) and 0 < scores["validation/psnr"] <= 100
     compiled = _ANIMATORS[tr].compilations
     validate(cfg, tr, tr.init_state(1), 8, writer)

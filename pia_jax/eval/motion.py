@@ -56,6 +56,9 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+SSIM_MIN_SIDE = 11  # the 11x11 Gaussian window (sigma 1.5) of Wang et al.'s SSIM
+
+
 def ssim(a, b) -> float:
     """Structural similarity of two uint8 RGB images with Wang et al.'s settings (Gaussian window, sigma 1.5,
     population covariance; per channel, averaged); 1 when they are equal. Images need sides of at least 11 px."""
@@ -83,7 +86,8 @@ def requested_motion(coefficients) -> float:
 
 
 def motion_scores(frames, image=None, cond_frame: int = 0, fps: float = 8.0) -> dict:
-    """Flow, dynamic degree and (with the input image, already at the frames' size) condition fidelity."""
+    """Flow, dynamic degree and (with the input image, already at the frames' size) condition fidelity; SSIM is
+    NaN for frames under SSIM_MIN_SIDE pixels (its Gaussian window does not fit)."""
     frames = _check_video(frames, 2)
     sampled = vbench_subsample(frames, fps)
     mean, top = flow_scores(optical_flow(sampled)) if len(sampled) > 1 else (np.zeros(1), np.zeros(1))
@@ -92,5 +96,7 @@ def motion_scores(frames, image=None, cond_frame: int = 0, fps: float = 8.0) -> 
     if image is not None:
         if np.shape(image) != frames.shape[1:]:
             raise ValueError(f"the image ({np.shape(image)}) must have the frames' size {frames.shape[1:]}")
-        out.update(psnr=psnr(frames[cond_frame], image), ssim=ssim(frames[cond_frame], image))
+        small = min(frames.shape[1:3]) < SSIM_MIN_SIDE
+        out.update(psnr=psnr(frames[cond_frame], image),
+                   ssim=float("nan") if small else ssim(frames[cond_frame], image))
     return out

@@ -63,5 +63,6 @@ def scores(v, videos, images) -> dict:
     scorer = _SCORERS.get(v.clip)
     rows = [score_video(scorer, video, image, prompt, condition=image)
             for video, image, prompt in zip(videos, images, v.prompts)]
-    return {f"validation/{k}": float(np.mean([min(r[k], 100.0) if k == "psnr" else r[k] for r in rows]))
-            for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    means = {f"validation/{k}": float(np.mean([min(r[k], 100.0) if k == "psnr" else r[k] for r in rows]))
+             for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    return {k: v for k, v in means.items() if np.isfinite(v)}  # SSIM is NaN on frames under 11 pixels
