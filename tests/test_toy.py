@@ -77,6 +77,23 @@ def test_rendering_is_anti_aliased_with_the_exact_area_and_centre():
     assert blend[1][0] > 0 and ((cover > 0.05) & (cover < 0.95 * cover.max())).sum() > 20
 
 
+def test_long_videos_judge_the_direction_at_the_horizon():
+    # A square moving right 0.03 canvas per frame for 20 frames at 32 px: at frame LONG_HORIZON it is 16 x 0.96 =
+    # 15.36 px right of frame 0, and it never moves up or down (the tracker's error is < 0.1 px at 32 px, above).
+    clip = world.Clip("square", "blue", "white", "right", "slowly", 0.2, 0.5, 0.12, 0.0, 0.03)
+    video = world.render(clip, size=world.TRAIN_SIZE, frames=20).astype(np.float64) / 255
+    image = (video[0] * 255).round().astype(np.uint8)
+    case = {"kind": "direction", "clip": clip, "prompt": clip.caption, "preset": "moderate"}
+    row = evaluate.measure(case, video, image, at=evaluate.LONG_HORIZON)
+    assert row["correct"] and abs(row["along"] - 15.36) < 0.1 and row["across"] < 0.1 and row["psnr"] > 40
+    still = dataclasses.replace(clip, motion="still", speed="", rate=0.0)
+    still_row = evaluate.measure({**case, "kind": "still", "clip": still}, world.render(
+        still, size=world.TRAIN_SIZE, frames=20) / 255, image, at=evaluate.LONG_HORIZON)
+    summary = evaluate.summarize_long([row, still_row])
+    assert summary["frames"] == 20 and summary["direction_accuracy"] == 1.0 and summary["still_px_per_frame"] == 0.0
+    assert summary["cases"] == {"direction": 1, "still": 1}
+
+
 def test_every_clip_stays_inside_the_canvas():
     for clip in world.train_clips(400, seed=1):
         for f in range(world.FRAMES):
@@ -167,6 +184,34 @@ def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
     mean = np.asarray(jax.jit(lambda x: vae.vae.encode(x)[0])(pixels))  # one compile, not one per eager op
     # fp32 export: the same encoder on the same batches; 1e-4 covers the summation order of the std
     np.testing.assert_allclose(np.std(mean) * vae.config.vae.scaling_factor, 1.0, rtol=1e-4)
+
+
+def test_the_recipe_runs_each_training_stage_from_the_one_before(tmp_path, monkeypatch):
+    from pia_jax.toy import recipe
+
+    started = []
+
+    def fake_stage(out, stage, start, overrides=()):
+        started.append((stage, Path(start).relative_to(out), tuple(overrides)))
+        (out / stage / "model").mkdir(parents=True)
+        (out / stage / "model" / "config.json").write_text("{}")
+
+    for stage in ("world", "init"):  # done already: the recipe must skip them
+        (tmp_path / stage).mkdir()
+    (tmp_path / "world" / "train.csv").write_text("")
+    (tmp_path / "init" / "config.json").write_text("{}")
+    (tmp_path / "data" / "pia_videos" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "data" / "pia_videos" / "1.0.0" / "dataset_info.json").write_text("{}")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text("{}")
+    monkeypatch.setattr(recipe, "train_stage", fake_stage)
+    timings = recipe.train(tmp_path, overrides={"pia": ["steps=3"]}, log=lambda *a: None)
+    assert started == [("vae", Path("init"), ()), ("t2i", Path("vae/model"), ()),
+                       ("motion", Path("t2i/model"), ()), ("pia", Path("motion/model"), ("steps=3",))]
+    assert set(timings) == {"vae", "t2i", "motion", "pia"}
+    started.clear()
+    recipe.train(tmp_path, log=lambda *a: None)  # everything done: nothing runs again
+    assert started == []
 
 
 # -- the shipped model -----------------------------------------------------------------------------------------

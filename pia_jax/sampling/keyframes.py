@@ -90,8 +90,9 @@ def preset_values(preset, length: int) -> np.ndarray:
 
 def preset_affinity(preset, num_frames: int, keyframes=(0,)) -> np.ndarray:
     """(num_frames,) float32: values[distance to the nearest keyframe]. For one keyframe and up to 32 frames this is
-    `affinity.preset_coefficients(preset, num_frames, keyframe)`. Loop presets take one keyframe (the loop itself
-    brings the video back to it)."""
+    `affinity.preset_coefficients(preset, num_frames, keyframe)`, except for loop presets past 16 frames (extended
+    by `preset_values`, not padded with 1.0). Loop presets take one keyframe (the loop itself brings the video back
+    to it)."""
     keyframes = list(keyframes)
     if affinity.get_preset(preset).name.startswith("loop_") and len(keyframes) > 1:
         raise ValueError(f"loop presets return to a single image; with {len(keyframes)} keyframes use a non-loop "

@@ -1,6 +1,6 @@
 """The toy world's commands.
 
-    python -m pia_jax.toy train --out runs/toy          # world -> data -> vae -> t2i -> pia -> eval, resumable
+    python -m pia_jax.toy train --out runs/toy          # world -> data -> vae -> t2i -> motion -> pia -> eval, resumable
     python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
 """
 
@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     overrides = {}
     for item in args.set:
         stage, sep, kv = item.partition(":")
-        if not sep or stage not in ("vae", "t2i", "pia") or "=" not in kv:
-            p.error(f"--set takes STAGE:KEY=VALUE with STAGE vae, t2i or pia; got {item!r}")
+        if not sep or stage not in recipe.TRAINED or "=" not in kv:
+            p.error(f"--set takes STAGE:KEY=VALUE with STAGE one of {', '.join(recipe.TRAINED)}; got {item!r}")
         overrides.setdefault(stage, []).append(kv)
     if args.clips is not None and args.clips < 64:
         p.error(f"--clips must be at least 64 (one batch), got {args.clips}")

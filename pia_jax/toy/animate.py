@@ -5,8 +5,6 @@ import functools
 
 import numpy as np
 
-from pia_jax import affinity
-
 
 @functools.lru_cache(maxsize=2)
 def _animator(model_dir: str):
@@ -15,17 +13,21 @@ def _animator(model_dir: str):
 
 
 def animate(model_dir, images, prompts, motions, *, frames: int = 8, steps: int = 25, guidance: float = 4.0,
-            seed: int = 0, batch: int = 16) -> np.ndarray:
+            seed: int = 0, batch: int = 16, context_length: int | None = None, context_stride: int = 4) -> np.ndarray:
     """Videos (B, frames, H, W, 3) float32 in [0, 1] from uint8 images (B, H, W, 3), one prompt and one affinity
     preset name per image; video i uses seed + i. The negative prompt is "" (the caption-dropout condition the
-    toy model was trained with). Runs in fixed batches of `batch` (the last one padded), so it compiles once."""
+    toy model was trained with). Runs in fixed batches of `batch` (the last one padded), so it compiles once.
+    Long videos: `context_length` frames per context window, a window every `context_stride` frames."""
     from pia_jax.sampling import SampleOptions
+    from pia_jax.sampling.keyframes import preset_affinity  # any length (affinity.preset_coefficients: <= 32)
 
     animator = _animator(str(model_dir))
     images = np.asarray(images)
     n = len(images)
-    mask = np.stack([affinity.preset_coefficients(m, frames) for m in motions])
-    options = SampleOptions(steps=steps, guidance_scale=guidance)
+    batch = min(batch, n)
+    mask = np.stack([preset_affinity(m, frames) for m in motions])
+    options = SampleOptions(steps=steps, guidance_scale=guidance, context_length=context_length,
+                            context_stride=context_stride)
     out = []
     for start in range(0, n, batch):
         idx = [min(i, n - 1) for i in range(start, start + batch)]  # pad with the last video

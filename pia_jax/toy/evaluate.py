@@ -14,6 +14,11 @@ Metrics (goals from issue 11):
   preset ordering     mean displacement from frame 0 over the frames: small < moderate < large       goal >= 90 %
   condition PSNR      frame 0 against the input image, all cases                                    goal >= 25 dB
   still motion        "stays still": mean centroid step between consecutive frames                   goal < 1 px/frame
+
+Long videos (`--long-frames`, default 48): each combination once with a direction (the four in turn, "slowly", so
+the object stays in view for longer) and once "stays still", moderate preset, sampled in context windows of the
+8 trained frames every 4 frames (pia_jax.sampling.windows). The same metrics, the direction judged at frame
+LONG_HORIZON (the third window; the object may reach the border later) and the still motion over all frames.
 """
 
 import json
@@ -25,6 +30,7 @@ from pia_jax.toy import world
 
 PRESETS = ("small", "moderate", "large")
 MIN_SHIFT = 1.0  # px: less than this is no movement
+LONG_FRAMES, LONG_HORIZON, CONTEXT_STRIDE = 48, 16, 4
 
 
 def first_frame(clip: world.Clip) -> np.ndarray:
@@ -48,6 +54,19 @@ def cases(seed: int = 0) -> list[dict]:
     return out
 
 
+def long_cases(seed: int = 0) -> list[dict]:
+    """The long-video cases: per held-out combination one direction (slowly; the directions in turn) and one
+    still clip, moderate preset."""
+    rng = np.random.default_rng([seed, 3])
+    out = []
+    for i, combo in enumerate(world.held_out_combinations()):
+        for motion in (list(world.DIRECTIONS)[i % len(world.DIRECTIONS)], "still"):
+            clip = world.sample_clip(rng, combo, motion, speed="slowly")
+            kind = "still" if motion == "still" else "direction"
+            out.append({"kind": kind, "clip": clip, "prompt": clip.caption, "preset": "moderate"})
+    return out
+
+
 def track(video: np.ndarray, colour: str, background: str) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (F, 2) as (x, y) in pixels and areas (F,) in pixels of the object in frames (F, H, W, 3) in
     [0, 1]. Coverage = the pixel's colour projected on the background -> object colour segment, clipped to [0, 1]."""
@@ -67,7 +86,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
-def measure(case: dict, video: np.ndarray, image: np.ndarray) -> dict:
+def measure(case: dict, video: np.ndarray, image: np.ndarray, at: int = -1) -> dict:
+    """The metrics of one video; a direction is judged by the shift from frame 0 to frame `at`."""
     clip = case["clip"]
     centroid, area = track(video, clip.colour, clip.background)
     shift = centroid - centroid[0]
@@ -77,7 +97,7 @@ def measure(case: dict, video: np.ndarray, image: np.ndarray) -> dict:
            "step": float(np.linalg.norm(np.diff(centroid, axis=0), axis=1).mean())}
     if case["kind"] == "direction":
         want = np.array(world.DIRECTIONS[clip.motion], np.float64)
-        along, across = float(shift[-1] @ want), float(abs(shift[-1] @ want[::-1]))
+        along, across = float(shift[at] @ want), float(abs(shift[at] @ want[::-1]))
         row.update(along=along, across=across, correct=along > MIN_SHIFT and along > across)
     return row
 
@@ -104,6 +124,15 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def summarize_long(rows: list[dict]) -> dict:
+    direction = [r for r in rows if r["kind"] == "direction"]
+    return {"frames": len(rows[0]["centroid"]), "direction_judged_at_frame": LONG_HORIZON,
+            "direction_accuracy": float(np.mean([r["correct"] for r in direction])),
+            "condition_psnr_db": float(np.mean([r["psnr"] for r in rows])),
+            "still_px_per_frame": float(np.mean([r["step"] for r in rows if r["kind"] == "still"])),
+            "cases": {"direction": len(direction), "still": len(rows) - len(direction)}}
+
+
 def contact_sheet(videos, images, scale: int = 3) -> np.ndarray:
     """uint8 grid: one row per video, the input image then each frame, upscaled `scale`x (nearest)."""
     pad = 2
@@ -126,18 +155,19 @@ def gif_grid(videos, columns: int, scale: int = 3) -> np.ndarray:
     return np.concatenate(rows, 1)
 
 
-def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None):
+def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
+             long_frames: int = LONG_FRAMES):
     """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
-    sheet.png (moderate direction cases and still cases) and grid.gif; returns the summary."""
+    sheet.png (moderate direction cases and still cases) and grid.gif, and for `long_frames` > 0 the long-video
+    cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the summary."""
     from PIL import Image
 
     from pia_jax import media
     from pia_jax.toy.animate import animate
 
-    todo = cases(seed)
-    if limit is not None:
-        keep = {c for c in world.held_out_combinations()[:limit]}
-        todo = [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]
+    keep = set(world.held_out_combinations()[:limit])
+    kept = lambda todo: [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]  # noqa
+    todo = kept(cases(seed))
     images = np.stack([first_frame(c["clip"]) for c in todo])
     videos = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
                      frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed)
@@ -148,6 +178,18 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate"]
     Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
     media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
+    if long_frames:
+        long = kept(long_cases(seed))
+        long_images = np.stack([first_frame(c["clip"]) for c in long])
+        long_videos = animate(model_dir, long_images, [c["prompt"] for c in long], [c["preset"] for c in long],
+                              frames=long_frames, steps=steps, guidance=guidance, seed=seed,
+                              context_length=world.FRAMES, context_stride=CONTEXT_STRIDE)
+        long_rows = [measure(c, v, im, at=min(LONG_HORIZON, long_frames - 1))
+                     for c, v, im in zip(long, long_videos, long_images)]
+        summary["long"] = summarize_long(long_rows)
+        Image.fromarray(contact_sheet(long_videos[:, ::4], long_images)).save(out / "sheet_long.png")
+        media.write_gif(out / "grid_long.gif", gif_grid(long_videos, columns=4), fps=8)
+        rows += long_rows
     (out / "cases.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -160,6 +202,8 @@ def add_arguments(p):
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N held-out combinations (a quick check)")
+    p.add_argument("--long-frames", type=int, default=LONG_FRAMES,
+                   help=f"frames of the long-video cases (0: none; at least {LONG_HORIZON + 1})")
 
 
 def main(args) -> int:
@@ -175,7 +219,10 @@ def main(args) -> int:
     if args.steps < 1 or (args.limit is not None and args.limit < 1):
         print("error: --steps and --limit must be at least 1", file=sys.stderr)
         return 2
+    if args.long_frames and args.long_frames <= LONG_HORIZON:
+        print(f"error: --long-frames must be 0 or more than {LONG_HORIZON}", file=sys.stderr)
+        return 2
     summary = evaluate(args.model, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                       limit=args.limit)
+                       limit=args.limit, long_frames=args.long_frames)
     print(json.dumps(summary, indent=1))
     return 0

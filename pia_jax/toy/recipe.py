@@ -5,8 +5,9 @@ exists, and the training stages resume from their checkpoints, so an interrupted
     data   prepare_dataset.py csv                        -> OUT/data
     init   random TOY weights + the grammar's tokenizer  -> OUT/init
     vae    train.py configs/toy/vae.yaml                 -> OUT/vae/model
-    t2i    train.py configs/toy/t2i.yaml                 -> OUT/t2i/model   (the frozen base of PIA)
-    pia    train.py configs/toy/pia.yaml                 -> OUT/pia/model   (the animator)
+    t2i    train.py configs/toy/t2i.yaml                 -> OUT/t2i/model     (the frozen base of PIA)
+    motion train.py configs/toy/motion.yaml              -> OUT/motion/model  (AnimateDiff's motion modules)
+    pia    train.py configs/toy/pia.yaml                 -> OUT/pia/model     (the animator)
     eval   python -m pia_jax.toy evaluate                -> OUT/eval
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from pia_jax.toy import world
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("world", "data", "init", "vae", "t2i", "pia", "eval")
+STAGES = ("world", "data", "init", "vae", "t2i", "motion", "pia", "eval")
+TRAINED = ("vae", "t2i", "motion", "pia")  # the train.py stages, each from the one before
 CLIPS = 3000
 
 
@@ -77,9 +79,7 @@ def train(out, *, clips: int = CLIPS, overrides: dict | None = None, evaluate_ar
         "world": lambda: (out / "world" / "train.csv").exists(),
         "data": lambda: any((out / "data").glob("pia_videos/*/dataset_info.json")),
         "init": lambda: (out / "init" / "config.json").exists(),
-        "vae": lambda: (out / "vae" / "model" / "config.json").exists(),
-        "t2i": lambda: (out / "t2i" / "model" / "config.json").exists(),
-        "pia": lambda: (out / "pia" / "model" / "config.json").exists(),
+        **{stage: (lambda stage=stage: (out / stage / "model" / "config.json").exists()) for stage in TRAINED},
         "eval": lambda: (out / "eval" / "metrics.json").exists(),
     }
     run = {
@@ -87,9 +87,8 @@ def train(out, *, clips: int = CLIPS, overrides: dict | None = None, evaluate_ar
         "data": lambda: _run([REPO / "prepare_dataset.py", "csv", "--csv", out / "world" / "train.csv", "--out",
                               out / "data", "--min-frames", world.FRAMES, "--workers", 2], out / "data.log"),
         "init": lambda: write_init(out / "init"),
-        "vae": lambda: train_stage(out, "vae", out / "init", overrides.get("vae", ())),
-        "t2i": lambda: train_stage(out, "t2i", out / "vae" / "model", overrides.get("t2i", ())),
-        "pia": lambda: train_stage(out, "pia", out / "t2i" / "model", overrides.get("pia", ())),
+        **{stage: (lambda stage=stage, start=start: train_stage(out, stage, start, overrides.get(stage, ())))
+           for stage, start in zip(TRAINED, (out / "init", *(out / s / "model" for s in TRAINED[:-1])))},
         "eval": lambda: _run(["-m", "pia_jax.toy", "evaluate", "--model", out / "pia" / "model", "--out",
                               out / "eval", *evaluate_args], out / "eval.log"),
     }
