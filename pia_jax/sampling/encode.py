@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from pia_jax.sampling.prompt_travel import interpolate
-
 from pia_jax.vae import sample_posterior
 
 

@@ -25,12 +25,13 @@ def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc,
     x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
     text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
     if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
-        eps = unet(x, t, text).reshape((b, n) + x.shape[1:])
-        return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
-    mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
-    cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)
-    cond = cond if cond.ndim == 5 else cond[:, None]  # per frame (keyframes) or per video
-    eps = unet(x, t, text, mask=mask, condition=cond).reshape((b, n) + x.shape[1:])
+        eps = unet(x, t, text)
+    else:
+        mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
+        cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)
+        cond = cond if cond.ndim == 5 else cond[:, None]  # per frame (keyframes) or per video
+        eps = unet(x, t, text, mask=mask, condition=cond)
+    eps = eps.reshape((b, n) + x.shape[1:])
     return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
 
 

@@ -13,11 +13,13 @@ def _animator(model_dir: str):
 
 
 def animate(model_dir, images, prompts, motions, *, frames: int = 8, steps: int = 25, guidance: float = 4.0,
-            seed: int = 0, batch: int = 16, context_length: int | None = None, context_stride: int = 4) -> np.ndarray:
+            seed: int = 0, batch: int = 16, context_length: int | None = None, context_stride: int = 4,
+            strength: float = 1.0) -> np.ndarray:
     """Videos (B, frames, H, W, 3) float32 in [0, 1] from uint8 images (B, H, W, 3), one prompt and one affinity
     preset name per image; video i uses seed + i. The negative prompt is "" (the caption-dropout condition the
     toy model was trained with). Runs in fixed batches of `batch` (the last one padded), so it compiles once.
-    Long videos: `context_length` frames per context window, a window every `context_stride` frames."""
+    Long videos: `context_length` frames per context window, a window every `context_stride` frames. `strength`
+    < 1 starts from the image noised part way (the reference's "noise from image" option)."""
     from pia_jax.sampling import SampleOptions
     from pia_jax.sampling.keyframes import preset_affinity  # any length (affinity.preset_coefficients: <= 32)
 
@@ -26,7 +28,7 @@ def animate(model_dir, images, prompts, motions, *, frames: int = 8, steps: int 
     n = len(images)
     batch = min(batch, n)
     mask = np.stack([preset_affinity(m, frames) for m in motions])
-    options = SampleOptions(steps=steps, guidance_scale=guidance, context_length=context_length,
+    options = SampleOptions(steps=steps, guidance_scale=guidance, strength=strength, context_length=context_length,
                             context_stride=context_stride)
     out = []
     for start in range(0, n, batch):

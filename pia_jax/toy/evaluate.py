@@ -156,7 +156,7 @@ def gif_grid(videos, columns: int, scale: int = 3) -> np.ndarray:
 
 
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
-             long_frames: int = LONG_FRAMES):
+             long_frames: int = LONG_FRAMES, strength: float = 1.0):
     """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
     sheet.png (moderate direction cases and still cases) and grid.gif, and for `long_frames` > 0 the long-video
     cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the summary."""
@@ -170,9 +170,10 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     todo = kept(cases(seed))
     images = np.stack([first_frame(c["clip"]) for c in todo])
     videos = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
-                     frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed)
+                     frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed, strength=strength)
     rows = [measure(c, v, im) for c, v, im in zip(todo, videos, images)]
-    summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed}
+    summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
+                                 "strength": strength}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate"]
@@ -183,7 +184,7 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
         long_images = np.stack([first_frame(c["clip"]) for c in long])
         long_videos = animate(model_dir, long_images, [c["prompt"] for c in long], [c["preset"] for c in long],
                               frames=long_frames, steps=steps, guidance=guidance, seed=seed,
-                              context_length=world.FRAMES, context_stride=CONTEXT_STRIDE)
+                              context_length=world.FRAMES, context_stride=CONTEXT_STRIDE, strength=strength)
         long_rows = [measure(c, v, im, at=min(LONG_HORIZON, long_frames - 1))
                      for c, v, im in zip(long, long_videos, long_images)]
         summary["long"] = summarize_long(long_rows)
@@ -201,6 +202,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="< 1: start from the image noised part way (the reference's 'noise from image' option)")
     p.add_argument("--limit", type=int, help="only the first N held-out combinations (a quick check)")
     p.add_argument("--long-frames", type=int, default=LONG_FRAMES,
                    help=f"frames of the long-video cases (0: none; at least {LONG_HORIZON + 1})")
@@ -223,6 +226,6 @@ def main(args) -> int:
         print(f"error: --long-frames must be 0 or more than {LONG_HORIZON}", file=sys.stderr)
         return 2
     summary = evaluate(args.model, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                       limit=args.limit, long_frames=args.long_frames)
+                       limit=args.limit, long_frames=args.long_frames, strength=args.strength)
     print(json.dumps(summary, indent=1))
     return 0
