@@ -94,6 +94,19 @@ def test_long_videos_judge_the_direction_at_the_horizon():
     assert summary["cases"] == {"direction": 1, "still": 1}
 
 
+@pytest.mark.parametrize("flags, message", [(["--strength", "1.5"], "--strength must be in (0, 1]"),
+                                           (["--long-frames", "10"], "--long-frames must be 0 or more than 16"),
+                                           (["--steps", "0"], "--steps and --limit must be at least 1")])
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
+def test_evaluate_refuses_bad_options_before_loading_weights(tmp_path, capsys, flags, message):
+    from pia_jax.toy.__main__ import main
+
+    # the shipped model's files, linked: the options are checked after the config, before anything is loaded
+    (tmp_path / "model").symlink_to(SHIPPED, target_is_directory=True)
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_every_clip_stays_inside_the_canvas():
     for clip in world.train_clips(400, seed=1):
         for f in range(world.FRAMES):

@@ -155,6 +155,12 @@ def gif_grid(videos, columns: int, scale: int = 3) -> np.ndarray:
     return np.concatenate(rows, 1)
 
 
+def _of_combinations(todo: list[dict], limit: int | None) -> list[dict]:
+    """The cases of the first `limit` held-out combinations (all for None)."""
+    keep = set(world.held_out_combinations()[:limit])
+    return [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]
+
+
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
              long_frames: int = LONG_FRAMES, strength: float = 1.0):
     """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
@@ -165,9 +171,7 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     from pia_jax import media
     from pia_jax.toy.animate import animate
 
-    keep = set(world.held_out_combinations()[:limit])
-    kept = lambda todo: [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]  # noqa
-    todo = kept(cases(seed))
+    todo = _of_combinations(cases(seed), limit)
     images = np.stack([first_frame(c["clip"]) for c in todo])
     videos = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
                      frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed, strength=strength)
@@ -180,7 +184,7 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
     media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
     if long_frames:
-        long = kept(long_cases(seed))
+        long = _of_combinations(long_cases(seed), limit)
         long_images = np.stack([first_frame(c["clip"]) for c in long])
         long_videos = animate(model_dir, long_images, [c["prompt"] for c in long], [c["preset"] for c in long],
                               frames=long_frames, steps=steps, guidance=guidance, seed=seed,
@@ -221,6 +225,9 @@ def main(args) -> int:
         return 2
     if args.steps < 1 or (args.limit is not None and args.limit < 1):
         print("error: --steps and --limit must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 < args.strength <= 1:
+        print(f"error: --strength must be in (0, 1], got {args.strength}", file=sys.stderr)
         return 2
     if args.long_frames and args.long_frames <= LONG_HORIZON:
         print(f"error: --long-frames must be 0 or more than {LONG_HORIZON}", file=sys.stderr)
