@@ -82,10 +82,11 @@ def preset_coefficients(preset: str | int, num_frames: int, cond_frame: int = 0)
     return padded[np.abs(np.arange(num_frames) - cond_frame)]
 
 
-def custom_coefficients(values, num_frames: int) -> np.ndarray:
-    """A user's per-frame affinity list as (num_frames,) float32; every value in (0, 1]."""
+def custom_coefficients(values, num_frames: int, max_frames: float = MAX_FRAMES) -> np.ndarray:
+    """A user's per-frame affinity list as (num_frames,) float32; every value in (0, 1]. `max_frames`: the longest
+    video allowed (math.inf where context windows lift the motion modules' limit)."""
     coef = np.asarray(values, np.float64)
-    _check_frames(num_frames, 0)
+    _check_frames(num_frames, 0, max_frames)
     if coef.shape != (num_frames,):
         raise ValueError(f"need one affinity value per frame ({num_frames}), got shape {coef.shape}")
     bad = ~((coef > 0) & (coef <= 1))  # also catches NaN

@@ -147,18 +147,13 @@ def _preset(motion):
 def coefficients(s: Settings, keyframes=None) -> np.ndarray:
     """The (F,) affinities of a video: custom values, or a preset counted from the condition frame (or from the
     nearest of the `keyframes`' frames)."""
-    if keyframes:
-        if s.affinity is not None:
-            return keyframes_lib.custom_affinity(_numbers(s.affinity), s.frames)
-        return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes)
     if s.affinity is not None:
-        if s.cond_frame is not None:
+        if s.cond_frame is not None and not keyframes:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
                              "themselves (put 1.0 where the image should be): drop one of the two")
-        values = _numbers(s.affinity)
-        if s.frames > affinity.MAX_FRAMES:
-            return keyframes_lib.custom_affinity(values, s.frames)
-        return affinity.custom_coefficients(values, s.frames)
+        return keyframes_lib.custom_affinity(_numbers(s.affinity), s.frames)
+    if keyframes:
+        return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes)
     preset = _preset(s.motion)
     if s.frames > affinity.MAX_FRAMES:  # long videos: the presets extended by keyframes.preset_values' rule
         return keyframes_lib.preset_affinity(preset, s.frames, [s.cond_frame or 0])

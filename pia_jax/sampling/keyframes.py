@@ -19,6 +19,8 @@ unlike the reference and `affinity.preset_coefficients`, which pad a loop past 1
 frame from the 16th on to the image.)
 """
 
+import math
+
 import numpy as np
 
 from pia_jax import affinity
@@ -102,14 +104,8 @@ def preset_affinity(preset, num_frames: int, keyframes=(0,)) -> np.ndarray:
 
 def custom_affinity(values, num_frames: int) -> np.ndarray:
     """A user's per-frame affinity list as (num_frames,) float32, for any length: `affinity.custom_coefficients`
-    without its 32-frame limit (which windows lift; fold the two together once affinity.py takes a limit)."""
-    coef = np.asarray(values, np.float64)
-    if coef.shape != (num_frames,):
-        raise ValueError(f"need one affinity value per frame ({num_frames}), got shape {coef.shape}")
-    bad = np.flatnonzero(~((coef > 0) & (coef <= 1)))  # NaN is bad too
-    if bad.size:
-        raise ValueError(f"affinity values must be in (0, 1]; frames {bad.tolist()} have {coef[bad].tolist()}")
-    return coef.astype(np.float32)
+    without its 32-frame limit (which windows lift)."""
+    return affinity.custom_coefficients(values, num_frames, max_frames=math.inf)
 
 
 def keyframe_condition(latents_KxHxWxC, num_frames: int, keyframes):

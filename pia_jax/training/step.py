@@ -57,11 +57,18 @@ def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise
     return jnp.mean(jnp.square(pred - noise))
 
 
-def pia_loss(params, frozen, graphs: Graphs, mb: dict, keys_Bx3, alphas, scaling):
-    """The PIA objective on one micro-batch; keys_Bx3: per video, the keys of the posterior, t and the noise."""
+def diffusion_inputs(graphs: Graphs, frozen: dict, mb: dict, keys_Bx3, alphas, scaling):
+    """(latents, text states, t ~ U{0..T-1}, noise) of one micro-batch; keys_Bx3: per video, the keys of the
+    posterior, t and the noise. Shared by every epsilon-prediction task (PIA here, t2i in tasks.py)."""
     latents, context = encode(graphs, frozen, mb, keys_Bx3[:, 0], scaling)
     t = jax.vmap(lambda key: jax.random.randint(key, (), 0, len(alphas)))(keys_Bx3[:, 1])
     noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:]))(keys_Bx3[:, 2])
+    return latents, context, t, noise
+
+
+def pia_loss(params, frozen, graphs: Graphs, mb: dict, keys_Bx3, alphas, scaling):
+    """The PIA objective on one micro-batch; keys_Bx3: per video, the keys of the posterior, t and the noise."""
+    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, alphas, scaling)
     return denoising_loss(params, frozen["unet"], graphs.unet, latents, context, mb, t, noise, alphas)
 
 

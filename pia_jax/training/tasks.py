@@ -2,7 +2,8 @@
 
     task: vae   the autoencoder on frames: pixel MSE + a small KL term; its export measures the latent scale
     task: t2i   the text-to-image UNet on single frames (data.n_frames=1) with their captions: epsilon MSE, the VAE
-                and text encoder frozen, the motion modules left out (identity while their proj_out is zero)
+                and text encoder frozen, the motion modules left out (identity while their proj_out is zero); on
+                clips with only the motion modules trainable it is AnimateDiff's objective (configs/toy/motion.yaml)
     task: pia   the PIA recipe itself (pia_jax/training/step.py), unchanged
 
 Each task is the same sharded step, loop, checkpointing and resume as PIA's; only the objective (the `loss_fn`
@@ -20,7 +21,7 @@ import numpy as np
 from pia_jax import schedulers
 from pia_jax.model_dir import flat_params, load_model_dir, save_model_dir
 from pia_jax.training import loop, state as state_lib
-from pia_jax.training.step import Trainer, encode, pia_loss
+from pia_jax.training.step import Trainer, diffusion_inputs, pia_loss
 from pia_jax.vae import sample_posterior
 
 TASKS = ("pia", "vae", "t2i")
@@ -46,9 +47,7 @@ def vae_loss(params, frozen, graphs, mb, keys_Bx3, alphas, scaling):
 
 def t2i_loss(params, frozen, graphs, mb, keys_Bx3, alphas, scaling):
     """Epsilon-prediction MSE of the 4-channel UNet on the clips' frames (as independent images when n_frames=1)."""
-    latents, context = encode(graphs, frozen, mb, keys_Bx3[:, 0], scaling)
-    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, len(alphas)))(keys_Bx3[:, 1])
-    noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:]))(keys_Bx3[:, 2])
+    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, alphas, scaling)
     unet = state_lib.merge(graphs.unet, params, frozen["unet"])
     pred = unet(schedulers.add_noise(alphas, latents, noise, t), t, context)
     return jnp.mean(jnp.square(pred - noise))
