@@ -87,7 +87,7 @@ def random_models(cfg, dtype, attention_kernels=None):
 
 def model_config(name):
     from pia_jax import config
-    return {"sd15": config.SD15_PIA, "tiny": config.TINY}[name]
+    return config.MODELS[name]
 
 
 # ----------------------------------------------------------------------------------------------------------- pia-jax

@@ -22,27 +22,19 @@ import json
 
 import jax
 import numpy as np
-from flax import nnx
 
-from bench.sample import DTYPES, FixedTokenizer
+from bench.sample import DTYPES, random_animator, resolve_dtype
 from pia_jax import config
-from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype, keyframes, memory
-from pia_jax.text_encoder import CLIPTextModel
-from pia_jax.unet import UNetMotionModel
-from pia_jax.vae import AutoencoderKL
+from pia_jax.sampling import Animator, SampleOptions, keyframes, memory
 
 PHASES = ("encode", "denoise", "decode")
 
 
 def make_animator(a) -> Animator:
-    dtype = DTYPES[a.dtype] if a.dtype != "auto" else accelerator_default_dtype()
+    dtype = resolve_dtype(a.dtype)
     if a.model:
         return Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
-    cfg = config.MODELS[a.config]
-    make = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-    return Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
-                    CLIPTextModel(cfg.text, **make), FixedTokenizer(cfg.text.vocab_size),
-                    compile_cache_dir=a.compile_cache)
+    return random_animator(config.MODELS[a.config], dtype, a.compile_cache)
 
 
 def bench_frames(animator: Animator, frames: int, a) -> dict:

@@ -39,12 +39,22 @@ class FixedTokenizer:
         return {"input_ids": ids}
 
 
+def resolve_dtype(name: str):
+    """--dtype's value as a dtype; 'auto' is the accelerator default."""
+    return DTYPES[name] if name != "auto" else accelerator_default_dtype()
+
+
+def random_animator(cfg, dtype, compile_cache_dir) -> Animator:
+    """An Animator of `cfg` with flax-initialised random weights in `dtype` and the stand-in tokenizer."""
+    make = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    return Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
+                    CLIPTextModel(cfg.text, **make), FixedTokenizer(cfg.text.vocab_size),
+                    compile_cache_dir=compile_cache_dir)
+
+
 def bench_jax(cfg, args):
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else accelerator_default_dtype()
-    rngs = nnx.Rngs(0)
-    make = dict(rngs=rngs, dtype=dtype, param_dtype=dtype)
-    animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
-                        CLIPTextModel(cfg.text, **make), FixedTokenizer(cfg.text.vocab_size), compile_cache_dir=args.compile_cache)
+    dtype = resolve_dtype(args.dtype)
+    animator = random_animator(cfg, dtype, args.compile_cache)
     n = args.videos
     images = np.random.default_rng(0).integers(0, 256, (n, args.size, args.size, 3), np.uint8)
     mask = np.stack([affinity.preset_coefficients("moderate", args.frames)] * n)
