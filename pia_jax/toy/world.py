@@ -12,6 +12,12 @@ Speed words narrow the speed ("slowly" / "fast"); a caption without one covers t
 then known only from the frames, which is what PIA's affinity (computed from the frames' HSV differences) tells
 the model. The held-out split is by (shape, colour, background): those combinations never appear in training,
 though each of their words does.
+
+Objects have an eye (a hole off centre) on the side they face, and a moving object faces where it goes, as cars
+and animals do in real videos; a still, growing, shrinking or turning one faces any of the four ways (a turning
+one's eye turns with it). Without it a single frame never depends on the direction word, so the text-to-image
+base has no reason to encode it, and PIA's motion modules read the text only through that frozen base's features:
+trained without the eye, the animator's loss did not depend on the direction word at all (docs/toy/EVAL.md).
 """
 
 import csv
@@ -32,6 +38,7 @@ SPEEDS = ("slowly", "", "fast")  # "" = unspecified: any speed
 
 FRAMES, RENDER_SIZE, TRAIN_SIZE, FPS = 8, 64, 32, 8
 SUPERSAMPLE = 4
+EYE_RADIUS, EYE_OFFSET = 0.35, 0.45  # object radii: a hole ~3.5 px wide at 32 px, about one latent pixel
 # Per-frame rates, canvas = 1 (x TRAIN_SIZE for pixels): (slowly, fast); unspecified = the whole range.
 SHIFT = ((0.02, 0.035), (0.055, 0.075))  # 0.6-1.1 px and 1.8-2.4 px per frame at 32 px
 SCALE = ((0.025, 0.04), (0.065, 0.085))  # log radius per frame
@@ -52,6 +59,15 @@ class Clip:
     radius: float
     angle: float  # degrees at frame 0
     rate: float  # canvas units, log radius or degrees per frame (signed for rotation)
+    heading: str | None = None  # the side of the eye at frame 0 (a DIRECTIONS key); None: no eye
+
+    def eye(self) -> tuple[float, float] | None:
+        """The eye's centre in the object's own frame (radius 1), fixed to the object as it turns."""
+        if self.heading is None:
+            return None
+        hx, hy = DIRECTIONS[self.heading]
+        c, s = np.cos(np.deg2rad(self.angle)), np.sin(np.deg2rad(self.angle))
+        return EYE_OFFSET * (c * hx + s * hy), EYE_OFFSET * (-s * hx + c * hy)
 
     @property
     def caption(self) -> str:
@@ -113,12 +129,13 @@ def sample_clip(rng: np.random.Generator, combination, motion: str | None = None
         rate = float(rng.uniform(*_range(TURN, speed)) * rng.choice([-1, 1]))
     last = FRAMES - 1
     reach = radius * float(np.exp(rate * last)) if motion == "grow" else radius
+    heading = motion if motion in DIRECTIONS else list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
     lo, hi = reach + 0.02, 1 - reach - 0.02  # centre limits for the largest extent
     dx, dy = DIRECTIONS.get(motion, (0, 0))
     travel = rate * last
     x = float(rng.uniform(lo + max(0, -dx) * travel, hi - max(0, dx) * travel))
     y = float(rng.uniform(lo + max(0, -dy) * travel, hi - max(0, dy) * travel))
-    return Clip(shape, colour, background, motion, speed, x, y, radius, angle, rate)
+    return Clip(shape, colour, background, motion, speed, x, y, radius, angle, rate, heading)
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -146,11 +163,16 @@ def render(clip: Clip, size: int = RENDER_SIZE, frames: int = FRAMES) -> np.ndar
     gx, gy = np.meshgrid(grid, grid)
     fg, bg = (np.array(t, np.float32) for t in (COLOURS[clip.colour], BACKGROUNDS[clip.background]))
     out = np.empty((frames, size, size, 3), np.uint8)
+    eye = clip.eye()
     for f in range(frames):
         x, y, radius, angle = clip.state(f)
         c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
         px, py = (gx - x) / radius, (gy - y) / radius
-        cover = _inside(clip.shape, c * px + s * py, -s * px + c * py).astype(np.float32)
+        u, v = c * px + s * py, -s * px + c * py  # object frame
+        inside = _inside(clip.shape, u, v)
+        if eye is not None:
+            inside &= (u - eye[0]) ** 2 + (v - eye[1]) ** 2 > EYE_RADIUS ** 2
+        cover = inside.astype(np.float32)
         cover = cover.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean((1, 3))[..., None]
         out[f] = np.round(bg + cover * (fg - bg)).astype(np.uint8)
     return out
