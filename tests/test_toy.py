@@ -77,6 +77,48 @@ def test_rendering_is_anti_aliased_with_the_exact_area_and_centre():
     assert blend[1][0] > 0 and ((cover > 0.05) & (cover < 0.95 * cover.max())).sum() > 20
 
 
+def test_the_eye_is_a_hole_on_the_side_the_object_faces():
+    # A circle of radius r = 9.6 px at 64 px with an eye of radius 0.35 r whose centre is 0.45 r towards its
+    # heading: the area is pi r^2 (1 - 0.35^2) = 253.9 px and the centroid moves away from the eye by
+    # 0.45 r x 0.35^2 / (1 - 0.35^2) = 0.603 px (both within the supersampling bounds of the test above).
+    clip = world.Clip("circle", "red", "gray", "up", "", 0.4, 0.55, 0.15, 30.0, 0.05, heading="up")
+    video = world.render(clip, size=64, frames=2).astype(np.float64) / 255
+    centroid, area = evaluate.track(video, "red", "gray")
+    r, k = 0.15 * 64, world.EYE_RADIUS ** 2
+    assert abs(area[0] - math.pi * r * r * (1 - k)) < 0.02 * area[0]
+    shift = world.EYE_OFFSET * r * k / (1 - k)
+    for f in range(2):
+        x, y, _, _ = clip.state(f)
+        np.testing.assert_allclose(centroid[f], [x * 64, y * 64 + shift], atol=0.05)
+    turned = dataclasses.replace(clip, motion="rotate", rate=90.0)  # the eye turns with the object: up -> right
+    centroid, _ = evaluate.track(world.render(turned, size=64, frames=2).astype(np.float64) / 255, "red", "gray")
+    np.testing.assert_allclose(centroid[1], [0.4 * 64 - shift, 0.55 * 64], atol=0.05)
+    moving = [c for c in world.train_clips(80) if c.motion in world.DIRECTIONS]
+    assert moving and all(c.heading == c.motion for c in moving)
+
+
+def test_text_vs_eye_cases_judge_the_prompt_and_the_eye_apart():
+    # An object moving right 0.03 canvas x 7 frames = 6.72 px at 32 px, its eye on the left: it follows the text
+    # ("moves right"), not the eye; the same video judged with the eye on the right follows both.
+    clip = world.Clip("square", "blue", "white", "right", "", 0.3, 0.5, 0.12, 0.0, 0.03, heading="left")
+    video = world.render(clip, size=world.TRAIN_SIZE).astype(np.float64) / 255
+    image = (video[0] * 255).round().astype(np.uint8)
+    case = {"kind": "conflict", "clip": clip, "prompt": clip.caption, "preset": "moderate"}
+    row = evaluate.measure(case, video, image)
+    assert row["correct"] and not row["follows_eye"] and abs(row["along"] - 6.72) < 0.1
+    agree = evaluate.measure({**case, "clip": dataclasses.replace(clip, heading="right")}, video, image)
+    assert agree["correct"] and agree["follows_eye"]
+    todo = evaluate.cases()
+    conflict = [c["clip"] for c in todo if c["kind"] == "conflict"]
+    assert len(conflict) == 4 * world.HELD_OUT and all(evaluate.OPPOSITE[c.motion] == c.heading for c in conflict)
+    summary = evaluate.summarize([row, agree] + [evaluate.measure(
+        {**case, "kind": k, "preset": p, "clip": dataclasses.replace(clip, motion=m)}, video, image)
+        for k, m, p in (("direction", "right", "small"), ("direction", "right", "moderate"),
+                        ("direction", "right", "large"), ("still", "still", "moderate"))])
+    assert summary["text_vs_eye"] == {"follows_text": 1.0, "follows_eye": 0.5}
+    assert summary["cases"]["text_vs_eye"] == 2
+
+
 def test_long_videos_judge_the_direction_at_the_horizon():
     # A square moving right 0.03 canvas per frame for 20 frames at 32 px: at frame LONG_HORIZON it is 16 x 0.96 =
     # 15.36 px right of frame 0, and it never moves up or down (the tracker's error is < 0.1 px at 32 px, above).

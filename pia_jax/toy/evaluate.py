@@ -4,7 +4,8 @@
 
 Cases: every held-out (shape, colour, background) combination (never trained on; each word was) x each of the four
 directions, prompted without a speed word, animated with each of the presets small / moderate / large; and each
-combination prompted "stays still" (moderate preset). The object is tracked by colour: each pixel's coverage is
+combination prompted "stays still" (moderate preset); and, to tell the text's part from the image's, each
+combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate). The object is tracked by colour: each pixel's coverage is
 its colour projected onto the background -> object colour segment (exactly how the renderer blends them), the
 centroid and area are the coverage-weighted mean position and sum. Pixels are those of the 32x32 frames.
 
@@ -14,6 +15,8 @@ Metrics (goals from issue 11):
   preset ordering     mean displacement from frame 0 over the frames: small < moderate < large       goal >= 90 %
   condition PSNR      frame 0 against the input image, all cases                                    goal >= 25 dB
   still motion        "stays still": mean centroid step between consecutive frames                   goal < 1 px/frame
+  text vs eye         the eye faces against the prompt: the share that moves as the text says (judged as direction
+                      accuracy) and the share that moves the way the eye faces                       no goal
 
 Long videos (`--long-frames`, default 48): each combination once with a direction (the four in turn, "slowly", so
 the object stays in view for longer) and once "stays still", moderate preset, sampled in context windows of the
@@ -21,6 +24,7 @@ the object stays in view for longer) and once "stays still", moderate preset, sa
 LONG_HORIZON (the third window; the object may reach the border later) and the still motion over all frames.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from pia_jax.toy import world
 PRESETS = ("small", "moderate", "large")
 MIN_SHIFT = 1.0  # px: less than this is no movement
 LONG_FRAMES, LONG_HORIZON, CONTEXT_STRIDE = 48, 16, 4
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 def first_frame(clip: world.Clip) -> np.ndarray:
@@ -51,6 +56,12 @@ def cases(seed: int = 0) -> list[dict]:
             out += [{"kind": "direction", "clip": clip, "prompt": clip.caption, "preset": p} for p in PRESETS]
         clip = world.sample_clip(rng, combo, "still")
         out.append({"kind": "still", "clip": clip, "prompt": clip.caption, "preset": "moderate"})
+    rng = np.random.default_rng([seed, 4])
+    for combo in world.held_out_combinations():
+        for direction in world.DIRECTIONS:
+            clip = world.sample_clip(rng, combo, direction, speed="")
+            clip = dataclasses.replace(clip, heading=OPPOSITE[direction])
+            out.append({"kind": "conflict", "clip": clip, "prompt": clip.caption, "preset": "moderate"})
     return out
 
 
@@ -95,11 +106,19 @@ def measure(case: dict, video: np.ndarray, image: np.ndarray, at: int = -1) -> d
            "psnr": psnr(video[0], image / 255), "area": area.tolist(), "centroid": centroid.tolist(),
            "displacement": float(np.linalg.norm(shift, axis=1).mean()),
            "step": float(np.linalg.norm(np.diff(centroid, axis=0), axis=1).mean())}
-    if case["kind"] == "direction":
-        want = np.array(world.DIRECTIONS[clip.motion], np.float64)
-        along, across = float(shift[at] @ want), float(abs(shift[at] @ want[::-1]))
+    if case["kind"] in ("direction", "conflict"):
+        along, across = _components(shift[at], clip.motion)
         row.update(along=along, across=across, correct=along > MIN_SHIFT and along > across)
+        if clip.heading is not None:
+            eye_along, eye_across = _components(shift[at], clip.heading)
+            row.update(follows_eye=eye_along > MIN_SHIFT and eye_along > eye_across)
     return row
+
+
+def _components(shift: np.ndarray, direction: str) -> tuple[float, float]:
+    """px along `direction` and (unsigned) across it."""
+    want = np.array(world.DIRECTIONS[direction], np.float64)
+    return float(shift @ want), float(abs(shift @ want[::-1]))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -111,6 +130,7 @@ def summarize(rows: list[dict]) -> dict:
     ordered = [d["small"] < d["moderate"] < d["large"] for d in by_prompt.values()]
     pairs = [d[a] < d[b] for d in by_prompt.values() for a, b in (("small", "moderate"), ("moderate", "large"))]
     still = [r["step"] for r in rows if r["kind"] == "still"]
+    conflict = [r for r in rows if r["kind"] == "conflict"]
     return {
         "direction_accuracy": float(np.mean([r["correct"] for r in moderate])),
         "direction_accuracy_all_presets": float(np.mean([r["correct"] for r in direction])),
@@ -120,7 +140,10 @@ def summarize(rows: list[dict]) -> dict:
         "condition_psnr_db": float(np.mean([r["psnr"] for r in rows])),
         "condition_psnr_min_db": float(np.min([r["psnr"] for r in rows])),
         "still_px_per_frame": float(np.mean(still)),
-        "cases": {"direction": len(moderate), "ordering": len(by_prompt), "still": len(still), "videos": len(rows)},
+        "text_vs_eye": {"follows_text": float(np.mean([r["correct"] for r in conflict])),
+                        "follows_eye": float(np.mean([r["follows_eye"] for r in conflict]))},
+        "cases": {"direction": len(moderate), "ordering": len(by_prompt), "still": len(still),
+                  "text_vs_eye": len(conflict), "videos": len(rows)},
     }
 
 
@@ -164,7 +187,7 @@ def _of_combinations(todo: list[dict], limit: int | None) -> list[dict]:
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
              long_frames: int = LONG_FRAMES, strength: float = 1.0):
     """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
-    sheet.png (moderate direction cases and still cases) and grid.gif, and for `long_frames` > 0 the long-video
+    sheet.png (moderate direction cases and still cases), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0 the long-video
     cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the summary."""
     from PIL import Image
 
@@ -180,9 +203,11 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
                                  "strength": strength}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate"]
+    shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate" and c["kind"] != "conflict"]
     Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
     media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
+    conflict = [i for i, c in enumerate(todo) if c["kind"] == "conflict"]
+    Image.fromarray(contact_sheet(videos[conflict], images[conflict])).save(out / "sheet_text_vs_eye.png")
     if long_frames:
         long = _of_combinations(long_cases(seed), limit)
         long_images = np.stack([first_frame(c["clip"]) for c in long])
