@@ -2,6 +2,7 @@
 
     python -m pia_jax.toy train --out runs/toy          # world -> data -> vae -> t2i -> motion -> pia -> eval, resumable
     python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
+    python -m pia_jax.toy probe --model models/toy      # x0's motion by noise level, true vs opposite caption
 """
 
 import argparse
@@ -19,10 +20,15 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="measure a model on the held-out combinations")
     from pia_jax.toy import evaluate
     evaluate.add_arguments(e)
+    pr = sub.add_parser("probe", help="where a model decides the motion: x0's shift by noise level")
+    pr.add_argument("--model", required=True, help="a toy model directory (PIA or 4-channel text-to-video)")
     args = p.parse_args(argv)
 
     if args.command == "evaluate":
         return evaluate.main(args)
+    if args.command == "probe":
+        from pia_jax.toy import probe
+        return probe.main(args)
     from pia_jax.toy import recipe
     overrides = {}
     for item in args.set:
