@@ -24,6 +24,13 @@ def main(argv=None) -> int:
     pr.add_argument("--model", required=True, help="a toy model directory (PIA or 4-channel text-to-video)")
     args = p.parse_args(argv)
 
+    if args.command in ("evaluate", "probe"):  # a wrong --model fails here, before anything is loaded
+        from pia_jax.model_dir import ModelDirError, read_config
+        try:
+            read_config(args.model)
+        except ModelDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "evaluate":
         return evaluate.main(args)
     if args.command == "probe":

@@ -241,13 +241,6 @@ def add_arguments(p):
 def main(args) -> int:
     import sys
 
-    from pia_jax.model_dir import ModelDirError, read_config
-
-    try:
-        read_config(args.model)
-    except ModelDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.steps < 1 or (args.limit is not None and args.limit < 1):
         print("error: --steps and --limit must be at least 1", file=sys.stderr)
         return 2
