@@ -283,7 +283,8 @@ def init_state(schedule: Schedule, sample: jax.Array):
     return () if isinstance(schedule, DDIMSchedule) else jnp.zeros(sample.shape, jnp.float32)
 
 
-def _x0_eps(prediction_type, out, x, alpha, sigma):
+def x0_eps(prediction_type, out, x, alpha, sigma):
+    """(x0, eps) from a model's output at x = alpha x0 + sigma eps, for any prediction type."""
     if prediction_type == "epsilon":
         return (x - sigma * out) / alpha, out
     if prediction_type == "v_prediction":
@@ -295,7 +296,7 @@ def step(schedule: Schedule, state, i, model_output: jax.Array, sample: jax.Arra
     """One denoising step i (a Python or traced int) -> (sample after step i, new state). Float32 inside, the sample's
     dtype out. DDIM with eta > 0 needs `noise` (standard normal, the sample's shape)."""
     x, out = sample.astype(jnp.float32), model_output.astype(jnp.float32)
-    x0, eps = _x0_eps(schedule.prediction_type, out, x, schedule.alpha[i], schedule.sigma[i])
+    x0, eps = x0_eps(schedule.prediction_type, out, x, schedule.alpha[i], schedule.sigma[i])
     if isinstance(schedule, DDIMSchedule):
         if schedule.clip is not None:
             x0 = jnp.clip(x0, -schedule.clip, schedule.clip)

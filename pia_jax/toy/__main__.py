@@ -1,6 +1,6 @@
 """The toy world's commands.
 
-    python -m pia_jax.toy train --out runs/toy          # world -> data -> vae -> t2i -> motion -> pia -> eval, resumable
+    python -m pia_jax.toy train --out runs/toy          # world, data, vae, t2i, motion, pia, eval; resumable
     python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
     python -m pia_jax.toy probe --model models/toy      # x0's motion by noise level, true vs opposite caption
 """

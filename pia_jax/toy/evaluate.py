@@ -5,9 +5,10 @@
 Cases: every held-out (shape, colour, background) combination (never trained on; each word was) x each of the four
 directions, prompted without a speed word, animated with each of the presets small / moderate / large; and each
 combination prompted "stays still" (moderate preset); and, to tell the text's part from the image's, each
-combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate). The object is tracked by colour: each pixel's coverage is
-its colour projected onto the background -> object colour segment (exactly how the renderer blends them), the
-centroid and area are the coverage-weighted mean position and sum. Pixels are those of the 32x32 frames.
+combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate). The
+object is tracked by colour: each pixel's coverage is its colour projected onto the background -> object colour
+segment (exactly how the renderer blends them), the centroid and area are the coverage-weighted mean position and
+sum. Pixels are those of the 32x32 frames.
 
 Metrics (goals from issue 11):
   direction accuracy  moderate preset: the last frame's centroid has moved > 1 px along the prompt's direction and
@@ -187,8 +188,9 @@ def _of_combinations(todo: list[dict], limit: int | None) -> list[dict]:
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
              long_frames: int = LONG_FRAMES, strength: float = 1.0):
     """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
-    sheet.png (moderate direction cases and still cases), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0 the long-video
-    cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the summary."""
+    sheet.png (moderate direction cases and still cases), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0
+    the long-video cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns
+    the summary."""
     from PIL import Image
 
     from pia_jax import media

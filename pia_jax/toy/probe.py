@@ -56,7 +56,8 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
         else:
             unet = jax.jit(lambda x, t, c: md.unet(x, t, c))
         predict = lambda x, t, c, noise: unet(x, t, c)  # noqa: E731
-    alphas = schedulers.alphas_cumprod(schedulers.from_dict(md.scheduler))
+    scheduler = schedulers.from_dict(md.scheduler)
+    alphas = schedulers.alphas_cumprod(scheduler)
 
     def moved(x0):
         frames = md.vae.decode((x0 / scale).reshape((b * f,) + x0.shape[2:]))
@@ -68,8 +69,9 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
         noise = jax.random.normal(jax.random.key(level), latents.shape)
         t = jnp.full((b,), level)
         x_t = schedulers.add_noise(alphas, latents, noise, t)
-        a = float(alphas[level])
-        shifts = [moved((x_t - np.sqrt(1 - a) * predict(x_t, t, c, noise)) / np.sqrt(a)) for c in contexts]
+        alpha, sigma = np.sqrt(alphas[level]), np.sqrt(1 - alphas[level])
+        shifts = [moved(schedulers.x0_eps(scheduler.prediction_type, predict(x_t, t, c, noise), x_t, alpha, sigma)[0])
+                  for c in contexts]
         rows.append({"t": level, "true": shifts[0], "opposite": shifts[1]})
     truth = float(np.mean([shift_along((p + 1) / 2, c) for p, c in zip(pixels, clips)]))
     return {"truth": truth, "rows": rows}
