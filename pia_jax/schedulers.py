@@ -319,6 +319,17 @@ def add_noise(alphas, x0: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
     return (jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1 - a) * noise.astype(jnp.float32)).astype(x0.dtype)
 
 
+def training_target(config: SchedulerConfig, x0: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    """What a model of `config.prediction_type` learns to output at add_noise(config, x0, noise, timesteps): the
+    noise, the velocity sqrt(ᾱ_t)·noise - sqrt(1-ᾱ_t)·x0 (diffusers' `get_velocity`), or x0 ("sample")."""
+    if config.prediction_type == "epsilon":
+        return noise.astype(jnp.float32)
+    if config.prediction_type == "sample":
+        return x0.astype(jnp.float32)
+    a = jnp.asarray(alphas_cumprod(config), jnp.float32)[jnp.asarray(timesteps)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.sqrt(a) * noise.astype(jnp.float32) - jnp.sqrt(1 - a) * x0.astype(jnp.float32)
+
+
 def add_noise_start(schedule: Schedule, x0: jax.Array, noise: jax.Array) -> jax.Array:
     """x0 noised to the schedule's first step (the img2img start): diffusers' `add_noise` at timesteps[0]; for
     DPM-Solver this uses the step's own σ (with Karras sigmas that is not ᾱ at the rounded timestep)."""

@@ -287,15 +287,25 @@ def test_shipped_model_moves_held_out_objects_as_prompted():
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
 def test_probe_recovers_the_clips_motion_from_an_oracle_denoiser(tmp_path, capsys):
-    # Given the true noise, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) is the clean latent at every t (float32 leaves
-    # < 1e-3 px after decoding, even at t = 980 where sqrt(a) = 0.07), so the shift is the same at every t and for
-    # either caption; it is the VAE reconstruction's, which keeps ~90 % of the 10.3 px the clips move (its
-    # blurred edges pull the tracked centroids in), hence the 80 % bound.
+    # An oracle outputs the model's training target for the true noise (and the clean latent it recovers from x_t),
+    # so the probe's x0 is the clean latent at every t (float32 leaves < 1e-3 px after decoding, even at t = 980
+    # where sqrt(a) = 0.045), and the shift is the same at every t and for either caption; it is the VAE
+    # reconstruction's, which keeps ~90 % of the 10.3 px the clips move (its blurred edges pull the tracked
+    # centroids in), hence the 80 % bound.
+    from pia_jax import schedulers
+    from pia_jax.model_dir import read_config
     from pia_jax.toy import probe
     from pia_jax.toy.__main__ import main
 
     assert main(["probe", "--model", str(tmp_path)]) == 2 and "error:" in capsys.readouterr().err  # no model there
     assert probe.opposite_caption("a red circle moves left on a gray background").split()[4] == "right"
-    result = probe.probe(SHIPPED, levels=(300, 980), predict=lambda x_t, t, context, noise: noise)
+    scheduler = schedulers.from_dict(read_config(SHIPPED)[1])
+    a = schedulers.alphas_cumprod(scheduler)
+
+    def oracle(x_t, t, context, noise):
+        a_t = a[int(t[0])]
+        return schedulers.training_target(scheduler, (x_t - np.sqrt(1 - a_t) * noise) / np.sqrt(a_t), noise, t)
+
+    result = probe.probe(SHIPPED, levels=(300, 980), predict=oracle)
     shifts = [v for row in result["rows"] for v in (row["true"], row["opposite"])]
     assert max(shifts) - min(shifts) < 1e-3 and 0.8 * result["truth"] < shifts[0] <= result["truth"]

@@ -153,32 +153,68 @@ def test_loss_falls_when_overfitting():
     assert losses[-1] < 0.7 * losses[0] and all(b < a for a, b in zip(losses[2:], losses[3:]))
 
 
-def test_remat_keeps_loss_and_gradients():
-    """Rematerialised down, mid and up blocks (one of each: a one-block UNet keeps the two compilations short)."""
-    model = train_config().model
+def one_block_inputs(model):
+    """A built setup of a one-block UNet (short compilations) and one clip's latents, text states and batch."""
     one_block = dataclasses.replace(SMALL, unet=dataclasses.replace(
         SMALL.unet, block_out_channels=(32,), down_block_types=("CrossAttnDownBlockMotion",),
         up_block_types=("CrossAttnUpBlockMotion",)))
     s = state_lib.build(dataclasses.replace(model, model_dir=None), init_config=one_block)
-    plain = state_lib.make_graphs(state_lib.abstract_models(s.config, model))
-    remat = state_lib.make_graphs(state_lib.abstract_models(s.config, dataclasses.replace(
-        model, remat_policy="nothing_saveable")))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, FRAMES, SIZE, SIZE, 4), np.float32)
     context = rng.standard_normal((1, 77, SMALL.text.hidden_size), np.float32)
     batch = {"use_condition": np.array([True]), "mask_coef": np.full((1, FRAMES), 0.7, np.float32),
              "cond_frame": np.array([1], np.int32)}
-    from pia_jax.schedulers import alphas_cumprod
+    return s, latents, context, batch
+
+
+def test_remat_keeps_loss_and_gradients():
+    """Rematerialised down, mid and up blocks (one of each: a one-block UNet keeps the two compilations short)."""
+    model = train_config().model
+    s, latents, context, batch = one_block_inputs(model)
+    plain = state_lib.make_graphs(state_lib.abstract_models(s.config, model))
+    remat = state_lib.make_graphs(state_lib.abstract_models(s.config, dataclasses.replace(
+        model, remat_policy="nothing_saveable")))
     from pia_jax.training.step import denoising_loss
 
     def grads(graphs):
         fn = jax.jit(jax.value_and_grad(lambda p: denoising_loss(p, s.frozen["unet"], graphs.unet, latents, context,
                                                                  batch, np.array([500]), latents * 0.5,
-                                                                 alphas_cumprod(s.scheduler))))
+                                                                 s.scheduler)))
         return host(fn(s.trainable))
     (l0, g0), (l1, g1) = grads(plain), grads(remat)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     assert max_rel(g1, g0) < 1e-5  # recomputation may fuse differently; same math
+
+
+def test_a_v_prediction_model_regresses_the_velocity():
+    """The loss follows the model directory's prediction type: for v_prediction it is the MSE of the UNet's output
+    to diffusers' DDPMScheduler.get_velocity (the target of diffusers' training scripts), not to the noise."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from pia_jax import schedulers
+    from pia_jax.training.step import denoising_loss
+
+    model = train_config().model
+    s, latents, context, batch = one_block_inputs(model)
+    graphs = state_lib.make_graphs(state_lib.abstract_models(s.config, model))
+    v_model = dataclasses.replace(s.scheduler, prediction_type="v_prediction")
+    noise, t = np.random.default_rng(1).standard_normal(latents.shape, np.float32), np.array([700])
+    loss = float(denoising_loss(s.trainable, s.frozen["unet"], graphs.unet, latents, context, batch, t, noise,
+                                v_model))
+    unet = state_lib.merge(graphs.unet, s.trainable, s.frozen["unet"])
+    cond = latents[:, 1:2] * np.ones((1, FRAMES, 1, 1, 1), np.float32)  # cond_frame 1 on every frame
+    out = np.asarray(unet(schedulers.add_noise(v_model, latents, noise, t), t, context,
+                          mask=np.full((1, FRAMES, 1, 1, 1), 0.7, np.float32), condition=cond[:, :1]))
+    ref = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012)  # PIA's training schedule
+    velocity = ref.get_velocity(*map(torch.from_numpy, (latents, noise, t))).numpy()
+    np.testing.assert_allclose(loss, np.mean((out - velocity) ** 2), rtol=1e-5)  # fp32 sums of 1e3 terms
+    # the reference's epsilon model on the same inputs regresses the noise
+    eps_loss = float(denoising_loss(s.trainable, s.frozen["unet"], graphs.unet, latents, context, batch, t, noise,
+                                    s.scheduler))
+    np.testing.assert_allclose(eps_loss, np.mean((out - noise) ** 2), rtol=1e-5)
+    print("v loss", loss, "epsilon loss", eps_loss)
+    assert abs(loss - eps_loss) > 1e-3 * loss  # 100x the tolerance above: the two checks tell the targets apart
 
 
 def test_flop_count_matches_a_hand_count():

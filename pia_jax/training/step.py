@@ -2,7 +2,8 @@
 
 One step = k micro-batches (a `lax.scan`) -> the averaged gradient -> global-norm clipping -> AdamW. Per micro-batch:
 frozen VAE encode (posterior sample x scaling factor) and text encode, t ~ U{0..999} and noise per video, the noisy
-latent with PIA's condition channels, epsilon-MSE. Differences from the reference, on purpose:
+latent with PIA's condition channels, the MSE to the model's prediction target (epsilon for SD1.5 and PIA; the
+velocity for a v-prediction model). Differences from the reference, on purpose:
   * clipping acts once on the accumulated, averaged gradient. The reference clips after every micro-batch
     backward, before GradScaler's unscale, so each new (scaled) micro-batch gradient swamps the earlier ones and
     only ~the last of its 16 micro-batches counts. Here k micro-batches of B are one step on the k*B batch.
@@ -45,34 +46,35 @@ def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float)
     return sample_posterior(mean, logvar, noise) * scaling, text(batch["input_ids"])
 
 
-def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise, alphas):
-    """Epsilon-prediction MSE, mean over all elements. The mask channel is each frame's affinity coefficient, the
+def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise, scheduler):
+    """MSE to the prediction target of `scheduler` (a SchedulerConfig: epsilon in the reference), mean over all
+    elements. The mask channel is each frame's affinity coefficient, the
     condition the latent of the clip's condition frame on every frame; both are zero where use_condition is False."""
     unet = merge(graph, params, frozen_unet)
     use = batch["use_condition"].astype(jnp.float32)
     mask = (batch["mask_coef"] * use[:, None])[:, :, None, None, None]
     cond = jnp.take_along_axis(latents, batch["cond_frame"][:, None, None, None, None], axis=1)
     cond = cond * use[:, None, None, None, None]
-    pred = unet(schedulers.add_noise(alphas, latents, noise, t), t, context, mask=mask, condition=cond)
-    return jnp.mean(jnp.square(pred - noise))
+    pred = unet(schedulers.add_noise(scheduler, latents, noise, t), t, context, mask=mask, condition=cond)
+    return jnp.mean(jnp.square(pred - schedulers.training_target(scheduler, latents, noise, t)))
 
 
-def diffusion_inputs(graphs: Graphs, frozen: dict, mb: dict, keys_Bx3, alphas, scaling):
+def diffusion_inputs(graphs: Graphs, frozen: dict, mb: dict, keys_Bx3, scheduler, scaling):
     """(latents, text states, t ~ U{0..T-1}, noise) of one micro-batch; keys_Bx3: per video, the keys of the
-    posterior, t and the noise. Shared by every epsilon-prediction task (PIA here, t2i in tasks.py)."""
+    posterior, t and the noise. Shared by every denoising task (PIA here, t2i in tasks.py)."""
     latents, context = encode(graphs, frozen, mb, keys_Bx3[:, 0], scaling)
-    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, len(alphas)))(keys_Bx3[:, 1])
+    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, scheduler.num_train_timesteps))(keys_Bx3[:, 1])
     noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:]))(keys_Bx3[:, 2])
     return latents, context, t, noise
 
 
-def pia_loss(params, frozen, graphs: Graphs, mb: dict, keys_Bx3, alphas, scaling):
+def pia_loss(params, frozen, graphs: Graphs, mb: dict, keys_Bx3, scheduler, scaling):
     """The PIA objective on one micro-batch; keys_Bx3: per video, the keys of the posterior, t and the noise."""
-    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, alphas, scaling)
-    return denoising_loss(params, frozen["unet"], graphs.unet, latents, context, mb, t, noise, alphas)
+    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, scheduler, scaling)
+    return denoising_loss(params, frozen["unet"], graphs.unet, latents, context, mb, t, noise, scheduler)
 
 
-def train_step(graphs, tx, alphas, scaling, shardings, state: TrainState, frozen, batch, loss_fn=pia_loss):
+def train_step(graphs, tx, scheduler, scaling, shardings, state: TrainState, frozen, batch, loss_fn=pia_loss):
     """batch: {key: (k, B, ...)}, k micro-batches of B videos. Returns the new state and the step's metrics.
     `loss_fn` (signature of `pia_loss`) is the objective; other training tasks (pia_jax/training/tasks.py) swap it."""
     k, b = batch["input_ids"].shape[:2]
@@ -83,7 +85,7 @@ def train_step(graphs, tx, alphas, scaling, shardings, state: TrainState, frozen
 
     def micro(acc, xs):
         mb, keys_Bx3 = xs
-        loss, grads = jax.value_and_grad(loss_fn)(full, frozen, graphs, mb, keys_Bx3, alphas, scaling)
+        loss, grads = jax.value_and_grad(loss_fn)(full, frozen, graphs, mb, keys_Bx3, scheduler, scaling)
         acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, grads), shardings["params"])
         return acc, loss
 
@@ -118,7 +120,7 @@ class Trainer:
         self.batch_shardings = {key: batch_sharding(mesh, 1) for key in BATCH_KEYS}
         shardings = {"params": self.param_shardings, "replicated": jax.tree.map(
             lambda _: replicated(mesh), (setup.trainable, setup.frozen))}
-        self._step_args = (tx, schedulers.alphas_cumprod(setup.scheduler), setup.config.vae.scaling_factor, shardings)
+        self._step_args = (tx, setup.scheduler, setup.config.vae.scaling_factor, shardings)
         self._loss_fn = loss_fn
         self.jitted = jax.jit(functools.partial(train_step, setup.graphs, *self._step_args, loss_fn=loss_fn),
                               in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),

@@ -32,7 +32,7 @@ KL_WEIGHT = 1e-6
 SCALE_BATCHES = 8  # batches whose latents set the VAE scaling factor at export
 
 
-def vae_loss(params, frozen, graphs, mb, keys_Bx3, alphas, scaling):
+def vae_loss(params, frozen, graphs, mb, keys_Bx3, scheduler, scaling):
     """Reconstruction MSE of posterior samples + KL_WEIGHT x KL(q(z|x) || N(0, I)) per latent element."""
     vae = state_lib.merge(graphs.vae, params, frozen["vae"])
     pixels = mb["pixel_values"]
@@ -45,12 +45,13 @@ def vae_loss(params, frozen, graphs, mb, keys_Bx3, alphas, scaling):
     return jnp.mean(jnp.square(recon - x)) + KL_WEIGHT * kl
 
 
-def t2i_loss(params, frozen, graphs, mb, keys_Bx3, alphas, scaling):
-    """Epsilon-prediction MSE of the 4-channel UNet on the clips' frames (as independent images when n_frames=1)."""
-    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, alphas, scaling)
+def t2i_loss(params, frozen, graphs, mb, keys_Bx3, scheduler, scaling):
+    """The denoising MSE (to the scheduler's prediction target) of the 4-channel UNet on the clips' frames (as
+    independent images when n_frames=1)."""
+    latents, context, t, noise = diffusion_inputs(graphs, frozen, mb, keys_Bx3, scheduler, scaling)
     unet = state_lib.merge(graphs.unet, params, frozen["unet"])
-    pred = unet(schedulers.add_noise(alphas, latents, noise, t), t, context)
-    return jnp.mean(jnp.square(pred - noise))
+    pred = unet(schedulers.add_noise(scheduler, latents, noise, t), t, context)
+    return jnp.mean(jnp.square(pred - schedulers.training_target(scheduler, latents, noise, t)))
 
 
 LOSSES = {"pia": pia_loss, "vae": vae_loss, "t2i": t2i_loss}
