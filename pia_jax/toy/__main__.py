@@ -2,7 +2,7 @@
 
     python -m pia_jax.toy train --out runs/toy          # world, data, vae, t2i, motion, pia, eval; resumable
     python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
-    python -m pia_jax.toy probe --model models/toy      # x0's motion by noise level, true vs opposite caption
+    python -m pia_jax.toy probe --model models/toy      # by noise level: x0's motion, frame 0 vs the image
 """
 
 import argparse
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="measure a model on the held-out combinations")
     from pia_jax.toy import evaluate
     evaluate.add_arguments(e)
-    pr = sub.add_parser("probe", help="where a model decides the motion: x0's shift by noise level")
+    pr = sub.add_parser("probe", help="by noise level: x0's shift and how well its frame 0 keeps the image")
     pr.add_argument("--model", required=True, help="a toy model directory (PIA or 4-channel text-to-video)")
     args = p.parse_args(argv)
 
