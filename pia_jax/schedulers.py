@@ -311,11 +311,16 @@ def step(schedule: Schedule, state, i, model_output: jax.Array, sample: jax.Arra
     return prev.astype(sample.dtype), state
 
 
+def _alpha_at(alphas, timesteps, ndim: int) -> jax.Array:
+    """ᾱ at `timesteps` (one per leading entry), float32, shaped to broadcast over an array of `ndim` dims."""
+    acp = jnp.asarray(alphas_cumprod(alphas) if isinstance(alphas, SchedulerConfig) else alphas, jnp.float32)
+    return acp[jnp.asarray(timesteps)].reshape((-1,) + (1,) * (ndim - 1))
+
+
 def add_noise(alphas, x0: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
     """Forward diffusion sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise as diffusers' DDPM/DDIM `add_noise`; `alphas` is a
     SchedulerConfig or its alphas_cumprod; `timesteps` an int or one per leading (batch) entry."""
-    acp = jnp.asarray(alphas_cumprod(alphas) if isinstance(alphas, SchedulerConfig) else alphas, jnp.float32)
-    a = acp[jnp.asarray(timesteps)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    a = _alpha_at(alphas, timesteps, x0.ndim)
     return (jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1 - a) * noise.astype(jnp.float32)).astype(x0.dtype)
 
 
@@ -326,7 +331,7 @@ def training_target(config: SchedulerConfig, x0: jax.Array, noise: jax.Array, ti
         return noise.astype(jnp.float32)
     if config.prediction_type == "sample":
         return x0.astype(jnp.float32)
-    a = jnp.asarray(alphas_cumprod(config), jnp.float32)[jnp.asarray(timesteps)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    a = _alpha_at(config, timesteps, x0.ndim)
     return jnp.sqrt(a) * noise.astype(jnp.float32) - jnp.sqrt(1 - a) * x0.astype(jnp.float32)
 
 

@@ -48,8 +48,8 @@ def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float)
 
 def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise, scheduler):
     """MSE to the prediction target of `scheduler` (a SchedulerConfig: epsilon in the reference), mean over all
-    elements. The mask channel is each frame's affinity coefficient, the
-    condition the latent of the clip's condition frame on every frame; both are zero where use_condition is False."""
+    elements. The mask channel is each frame's affinity coefficient, the condition the latent of the clip's
+    condition frame on every frame; both are zero where use_condition is False."""
     unet = merge(graph, params, frozen_unet)
     use = batch["use_condition"].astype(jnp.float32)
     mask = (batch["mask_coef"] * use[:, None])[:, :, None, None, None]
