@@ -314,3 +314,28 @@ def test_probe_recovers_the_clips_motion_from_an_oracle_denoiser(tmp_path, capsy
     # model's number sits on; a probe tracking the wrong frame or clip would be off by several px)
     off = [v for row in result["rows"] for v in (row["frame0"], row["frame0_uncond"])]
     assert max(off) - min(off) < 1e-3 and max(off) < 1.5
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
+def test_trajectory_follows_ddim_from_noise_to_an_oracle_clip():
+    # An oracle that always predicts the clean clip (the model's target for the noise x implies) makes every DDIM
+    # step's x0 that clip, from the first step to the last: frame 0 sits on the VAE's floor (~1.0 px, as
+    # in the probe test), every video moves as prompted, and the shift is the reconstruction's (>= 80 % of the
+    # clips' 10.3 px; tracked blur pulls it in). A trajectory that measured x instead of x0, or mixed up the
+    # schedule's alpha and sigma, would be pure noise at the first step.
+    from pia_jax import schedulers
+    from pia_jax.model_dir import read_config
+    from pia_jax.toy import probe
+
+    scheduler = schedulers.from_dict(read_config(SHIPPED)[1])
+    a = schedulers.alphas_cumprod(scheduler)
+
+    def oracle(x, t, latents):
+        alpha, sigma = np.sqrt(a[int(t)]), np.sqrt(1 - a[int(t)])
+        return schedulers.training_target(scheduler, latents, (x - alpha * latents) / sigma, t)
+
+    rows = probe.trajectory(SHIPPED, steps=4, every=3, predict=oracle)
+    assert [(r["step"], r["t"]) for r in rows] == [(0, 751), (3, 1)]  # 4 "leading" steps: 751, 501, 251, 1
+    truth = probe.probe(SHIPPED, levels=(), predict=oracle)["truth"]
+    for r in rows:
+        assert r["frame0"] < 1.5 and r["as_prompted"] == 1.0 and 0.8 * truth < r["shift"] <= truth, r

@@ -3,6 +3,7 @@
     python -m pia_jax.toy train --out runs/toy          # world, data, vae, t2i, motion, pia, eval; resumable
     python -m pia_jax.toy evaluate --model models/toy --out runs/toy/eval   # held-out metrics, contact sheet
     python -m pia_jax.toy probe --model models/toy      # by noise level: x0's motion, frame 0 vs the image
+    python -m pia_jax.toy probe --model models/toy --trajectory   # the same along the sampler's DDIM steps
 """
 
 import argparse
@@ -22,6 +23,9 @@ def main(argv=None) -> int:
     evaluate.add_arguments(e)
     pr = sub.add_parser("probe", help="by noise level: x0's shift and how well its frame 0 keeps the image")
     pr.add_argument("--model", required=True, help="a toy model directory (PIA or 4-channel text-to-video)")
+    pr.add_argument("--trajectory", action="store_true",
+                    help="follow 25-step DDIM trajectories from noise instead (PIA models), measuring each step's x0")
+    pr.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0], help="with --trajectory: the scales")
     args = p.parse_args(argv)
 
     if args.command in ("evaluate", "probe"):  # a wrong --model fails here, before anything is loaded
