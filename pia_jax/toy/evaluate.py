@@ -35,6 +35,7 @@ from pia_jax.toy import world
 
 PRESETS = ("small", "moderate", "large")
 MIN_SHIFT = 1.0  # px: less than this is no movement
+SEEDS = 4  # noise seeds per 8-frame case: whether a video moves as prompted varies with the seed (docs/toy/EVAL.md)
 LONG_FRAMES, LONG_HORIZON, CONTEXT_STRIDE = 48, 16, 4
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -125,15 +126,17 @@ def _components(shift: np.ndarray, direction: str) -> tuple[float, float]:
 def summarize(rows: list[dict]) -> dict:
     direction = [r for r in rows if r["kind"] == "direction"]
     moderate = [r for r in direction if r["preset"] == "moderate"]
-    by_prompt = {}
+    by_prompt = {}  # (prompt, seed) -> {preset: displacement}
     for r in direction:
-        by_prompt.setdefault(r["prompt"], {})[r["preset"]] = r["displacement"]
+        by_prompt.setdefault((r["prompt"], r.get("seed")), {})[r["preset"]] = r["displacement"]
     ordered = [d["small"] < d["moderate"] < d["large"] for d in by_prompt.values()]
     pairs = [d[a] < d[b] for d in by_prompt.values() for a, b in (("small", "moderate"), ("moderate", "large"))]
     still = [r["step"] for r in rows if r["kind"] == "still"]
     conflict = [r for r in rows if r["kind"] == "conflict"]
     return {
         "direction_accuracy": float(np.mean([r["correct"] for r in moderate])),
+        "direction_accuracy_by_seed": {str(k): float(np.mean([r["correct"] for r in moderate if r.get("seed") == k]))
+                                       for k in dict.fromkeys(r.get("seed") for r in moderate)},
         "direction_accuracy_all_presets": float(np.mean([r["correct"] for r in direction])),
         "preset_order": float(np.mean(ordered)), "preset_pairs_ordered": float(np.mean(pairs)),
         "mean_displacement_px": {p: float(np.mean([r["displacement"] for r in direction if r["preset"] == p]))
@@ -186,11 +189,12 @@ def _of_combinations(todo: list[dict], limit: int | None) -> list[dict]:
 
 
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
-             long_frames: int = LONG_FRAMES, strength: float = 1.0):
-    """Runs the cases (the first `limit` combinations' only, if given), writes metrics.json, cases.json,
-    sheet.png (moderate direction cases and still cases), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0
-    the long-video cases (their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns
-    the summary."""
+             long_frames: int = LONG_FRAMES, strength: float = 1.0, seeds: int = SEEDS):
+    """Runs the cases (the first `limit` combinations' only, if given) `seeds` times (noise seeds seed + 1000 k, k <
+    seeds; the metrics pool them), writes metrics.json, cases.json, sheet.png (moderate direction cases and still
+    cases, the first seed's), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0 the long-video cases (the
+    first seed only; their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the
+    summary."""
     from PIL import Image
 
     from pia_jax import media
@@ -198,11 +202,15 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
 
     todo = _of_combinations(cases(seed), limit)
     images = np.stack([first_frame(c["clip"]) for c in todo])
-    videos = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
-                     frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed, strength=strength)
-    rows = [measure(c, v, im) for c, v, im in zip(todo, videos, images)]
+    rows = []
+    for k in range(seeds):  # video i of seed k uses noise seed + 1000 k + i
+        sampled = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
+                          frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed + 1000 * k,
+                          strength=strength)
+        rows += [measure(c, v, im) | {"seed": seed + 1000 * k} for c, v, im in zip(todo, sampled, images)]
+        videos = sampled if k == 0 else videos
     summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
-                                 "strength": strength}
+                                 "seeds": seeds, "strength": strength}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate" and c["kind"] != "conflict"]
@@ -233,6 +241,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=SEEDS,
+                   help="noise seeds per case (seed + 1000 k): one seed's 32 direction cases spread by +-8 %%")
     p.add_argument("--strength", type=float, default=1.0,
                    help="< 1: start from the image noised part way (the reference's 'noise from image' option)")
     p.add_argument("--limit", type=int, help="only the first N held-out combinations (a quick check)")
@@ -243,8 +253,8 @@ def add_arguments(p):
 def main(args) -> int:
     import sys
 
-    if args.steps < 1 or (args.limit is not None and args.limit < 1):
-        print("error: --steps and --limit must be at least 1", file=sys.stderr)
+    if min(args.steps, args.seeds) < 1 or (args.limit is not None and args.limit < 1):
+        print("error: --steps, --seeds and --limit must be at least 1", file=sys.stderr)
         return 2
     if not 0 < args.strength <= 1:
         print(f"error: --strength must be in (0, 1], got {args.strength}", file=sys.stderr)
@@ -253,6 +263,6 @@ def main(args) -> int:
         print(f"error: --long-frames must be 0 or more than {LONG_HORIZON}", file=sys.stderr)
         return 2
     summary = evaluate(args.model, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                       limit=args.limit, long_frames=args.long_frames, strength=args.strength)
+                       limit=args.limit, long_frames=args.long_frames, strength=args.strength, seeds=args.seeds)
     print(json.dumps(summary, indent=1))
     return 0
