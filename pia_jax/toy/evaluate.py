@@ -203,12 +203,13 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     todo = _of_combinations(cases(seed), limit)
     images = np.stack([first_frame(c["clip"]) for c in todo])
     rows = []
-    for k in range(seeds):  # video i of seed k uses noise seed + 1000 k + i
+    for k in range(seeds):
+        noise_seed = seed + 1000 * k  # video i uses noise_seed + i
         sampled = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
-                          frames=world.FRAMES, steps=steps, guidance=guidance, seed=seed + 1000 * k,
-                          strength=strength)
-        rows += [measure(c, v, im) | {"seed": seed + 1000 * k} for c, v, im in zip(todo, sampled, images)]
-        videos = sampled if k == 0 else videos
+                          frames=world.FRAMES, steps=steps, guidance=guidance, seed=noise_seed, strength=strength)
+        rows += [measure(c, v, im) | {"seed": noise_seed} for c, v, im in zip(todo, sampled, images)]
+        if k == 0:
+            videos = sampled  # the pictures show the first seed
     summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
                                  "seeds": seeds, "strength": strength}
     out = Path(out)

@@ -117,8 +117,8 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
         row = {"t": level, "true": cs.shift(videos[0]), "opposite": cs.shift(videos[1]), "frame0": None,
                "frame0_uncond": None}
         if cs.animator:
-            row.update(frame0=cs.frame0_error(videos[0]), frame0_uncond=cs.frame0_error(cs.decoded(x0(contexts[0],
-                                                                                                     False))))
+            uncond = cs.decoded(x0(contexts[0], False))
+            row.update(frame0=cs.frame0_error(videos[0]), frame0_uncond=cs.frame0_error(uncond))
         rows.append(row)
     truth = cs.shift((cs.pixels + 1) / 2)
     return {"truth": truth, "rows": rows}
