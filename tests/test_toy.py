@@ -119,6 +119,28 @@ def test_text_vs_eye_cases_judge_the_prompt_and_the_eye_apart():
     assert summary["cases"]["text_vs_eye"] == 2
 
 
+def test_centred_cases_start_at_the_centre_and_come_last():
+    # The start of a moving clip is drawn so that it stays in view, which hints at its direction; the centred
+    # cases remove that hint. They are appended after the others so that those keep their noise seeds (video i
+    # uses seed + i). The square below starts at the centre and moves right 6.72 px: judged correct.
+    todo = evaluate.cases()
+    kinds = [c["kind"] for c in todo]
+    centred = [c["clip"] for c in todo if c["kind"] == "centred"]
+    assert kinds[-len(centred):] == ["centred"] * len(centred) and len(centred) == 4 * world.HELD_OUT
+    assert all((c.x, c.y) == (0.5, 0.5) and c.heading == c.motion for c in centred)
+    assert sorted(c.motion for c in centred) == sorted(list(world.DIRECTIONS) * world.HELD_OUT)
+    clip = world.Clip("square", "blue", "white", "right", "", 0.5, 0.5, 0.12, 0.0, 0.03, heading="right")
+    video = world.render(clip, size=world.TRAIN_SIZE).astype(np.float64) / 255
+    image = (video[0] * 255).round().astype(np.uint8)
+    case = {"kind": "centred", "clip": clip, "prompt": clip.caption, "preset": "moderate"}
+    rows = [evaluate.measure(case, video, image), evaluate.measure({**case, "clip": dataclasses.replace(
+        clip, motion="left")}, video, image)] + [evaluate.measure({**case, "kind": "direction", "preset": p}, video,
+                                                                  image) for p in evaluate.PRESETS]
+    summary = evaluate.summarize(rows)
+    assert summary["direction_accuracy_centred"] == 0.5 and summary["cases"]["centred"] == 2
+    assert summary["direction_accuracy"] == 1.0
+
+
 def test_seeds_are_pooled_but_each_prompt_is_ordered_within_its_seed():
     # One prompt sampled with two seeds: its presets' displacements are in order for seed 0 (1 < 2 < 3 px) and not
     # for seed 1000 (3 > 2 > 1); pooled across seeds the same six values would be compared across videos of

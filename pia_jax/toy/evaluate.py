@@ -5,8 +5,10 @@
 Cases: every held-out (shape, colour, background) combination (never trained on; each word was) x each of the four
 directions, prompted without a speed word, animated with each of the presets small / moderate / large; and each
 combination prompted "stays still" (moderate preset); and, to tell the text's part from the image's, each
-combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate). The
-object is tracked by colour: each pixel's coverage is its colour projected onto the background -> object colour
+combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate); and each
+combination x direction once more starting at the canvas centre ("centred", moderate): a clip's start is drawn so
+that the object stays in view, so elsewhere the start hints at the direction (a "moves left" object tends to start
+on the right), and a model that merely moves into the open space scores above chance there. The object is tracked by colour: each pixel's coverage is its colour projected onto the background -> object colour
 segment (exactly how the renderer blends them), the centroid and area are the coverage-weighted mean position and
 sum. Pixels are those of the 32x32 frames.
 
@@ -18,6 +20,8 @@ Metrics (goals from issue 11):
   still motion        "stays still": mean centroid step between consecutive frames                   goal < 1 px/frame
   text vs eye         the eye faces against the prompt: the share that moves as the text says (judged as direction
                       accuracy) and the share that moves the way the eye faces                       no goal
+  centred             direction accuracy with the object starting at the centre, where its position says nothing
+                      about the direction: what the text and the image's eye and trail alone achieve   no goal
 
 Long videos (`--long-frames`, default 48): each combination once with a direction (the four in turn, "slowly", so
 the object stays in view for longer) and once "stays still", moderate preset, sampled in context windows of the
@@ -49,7 +53,8 @@ def first_frame(clip: world.Clip) -> np.ndarray:
 
 
 def cases(seed: int = 0) -> list[dict]:
-    """The evaluation cases: {kind, clip, prompt, preset}; kind is 'direction' or 'still'."""
+    """The evaluation cases: {kind, clip, prompt, preset}; kind is 'direction', 'still', 'conflict' (text vs eye) or
+    'centred'."""
     rng = np.random.default_rng([seed, 2])
     out = []
     for combo in world.held_out_combinations():
@@ -64,6 +69,11 @@ def cases(seed: int = 0) -> list[dict]:
             clip = world.sample_clip(rng, combo, direction, speed="")
             clip = dataclasses.replace(clip, heading=OPPOSITE[direction])
             out.append({"kind": "conflict", "clip": clip, "prompt": clip.caption, "preset": "moderate"})
+    rng = np.random.default_rng([seed, 5])  # appended last, so the cases above keep their noise seeds
+    for combo in world.held_out_combinations():
+        for direction in world.DIRECTIONS:
+            clip = dataclasses.replace(world.sample_clip(rng, combo, direction, speed=""), x=0.5, y=0.5)
+            out.append({"kind": "centred", "clip": clip, "prompt": clip.caption, "preset": "moderate"})
     return out
 
 
@@ -108,7 +118,7 @@ def measure(case: dict, video: np.ndarray, image: np.ndarray, at: int = -1) -> d
            "psnr": psnr(video[0], image / 255), "area": area.tolist(), "centroid": centroid.tolist(),
            "displacement": float(np.linalg.norm(shift, axis=1).mean()),
            "step": float(np.linalg.norm(np.diff(centroid, axis=0), axis=1).mean())}
-    if case["kind"] in ("direction", "conflict"):
+    if case["kind"] in ("direction", "conflict", "centred"):
         along, across = _components(shift[at], clip.motion)
         row.update(along=along, across=across, correct=along > MIN_SHIFT and along > across)
         if clip.heading is not None:
@@ -133,6 +143,7 @@ def summarize(rows: list[dict]) -> dict:
     pairs = [d[a] < d[b] for d in by_prompt.values() for a, b in (("small", "moderate"), ("moderate", "large"))]
     still = [r["step"] for r in rows if r["kind"] == "still"]
     conflict = [r for r in rows if r["kind"] == "conflict"]
+    centred = [r for r in rows if r["kind"] == "centred"]
     return {
         "direction_accuracy": float(np.mean([r["correct"] for r in moderate])),
         "direction_accuracy_by_seed": {str(k): float(np.mean([r["correct"] for r in moderate if r.get("seed") == k]))
@@ -146,8 +157,9 @@ def summarize(rows: list[dict]) -> dict:
         "still_px_per_frame": float(np.mean(still)),
         "text_vs_eye": {"follows_text": float(np.mean([r["correct"] for r in conflict])),
                         "follows_eye": float(np.mean([r["follows_eye"] for r in conflict]))},
+        "direction_accuracy_centred": float(np.mean([r["correct"] for r in centred])) if centred else None,
         "cases": {"direction": len(moderate), "ordering": len(by_prompt), "still": len(still),
-                  "text_vs_eye": len(conflict), "videos": len(rows)},
+                  "text_vs_eye": len(conflict), "centred": len(centred), "videos": len(rows)},
     }
 
 
@@ -214,7 +226,7 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
                                  "seeds": seeds, "strength": strength}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate" and c["kind"] != "conflict"]
+    shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate" and c["kind"] in ("direction", "still")]
     Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
     media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
     conflict = [i for i, c in enumerate(todo) if c["kind"] == "conflict"]
