@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     from pia_jax.sharding import make_mesh
     from pia_jax.training import loop, tasks
     from pia_jax.training.checkpoint import Checkpointer, CheckpointError
+    from pia_jax.training.state import weights_to_export
 
     if cfg.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache)
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         if step is None:
             print(f"error: no checkpoint in {ckpt.directory}", file=sys.stderr)
             return 2
-        tasks.export(args.export, trainer, restored[0].params, cfg)
+        tasks.export(args.export, trainer, weights_to_export(restored[0]), cfg)
         print(f"exported step {step} to {args.export}")
         return 0
 
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     try:
         result = loop.run(cfg, trainer, loader)
         if result.status != "preempted":  # the VAE task's export measures its latent scale on the loader's clips
-            tasks.export(workdir / "model", trainer, result.state.params, cfg, loader)
+            tasks.export(workdir / "model", trainer, weights_to_export(result.state), cfg, loader)
     except (loop.NonFiniteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from pia_jax.model_dir import load_model_dir
 from pia_jax.sharding import make_mesh
 from pia_jax.tokenizer import load_tokenizer
 from pia_jax.toy import evaluate, vocab, world
-from pia_jax.training import config as config_lib, loop, tasks
+from pia_jax.training import config as config_lib, loop, state as state_lib, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "toy"
@@ -257,8 +257,10 @@ def test_pia_loss_falls_on_a_micro_toy_model_from_scratch(micro, tmp_path):
 # The vae task here; the t2i task's step compiles a UNet backward pass (~3x this test's time), so CI leaves it to
 # the recipe run (python -m pia_jax.toy train), which resumes it the same way through loop.run.
 def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
+    # with a moving average of the weights (optim.ema_decay), which a resumed run must restore exactly too
     init, data = micro
-    cfg = lambda workdir, steps: toy_config("vae", workdir, init, data, steps=steps)  # noqa: E731
+    optim = dataclasses.replace(toy_config("vae", tmp_path, init, data).optim, ema_decay=0.9)
+    cfg = lambda workdir, steps: toy_config("vae", workdir, init, data, steps=steps, optim=optim)  # noqa: E731
     trainer = tasks.make_trainer(cfg(tmp_path / "a", 4), make_mesh())
     assert set(trainer.setup.trainable) == set(tasks.build(cfg(tmp_path / "a", 4)).trainable)
     make_loader = lambda c: loop.make_loader(c, trainer.setup.tokenizer, MICRO.text.vocab_size)  # noqa: E731
@@ -268,6 +270,10 @@ def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
     expected, got = jax.device_get(once.state.params), jax.device_get(resumed.state.params)
     for k, v in expected.items():
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+    ema, ema_resumed = (jax.device_get(state_lib.weights_to_export(r.state)) for r in (once, resumed))
+    assert int(once.state.opt_state[-1].count) == 4 and not np.array_equal(ema[k], expected[k])
+    for k, v in ema.items():
+        np.testing.assert_array_equal(np.asarray(ema_resumed[k]), np.asarray(v), err_msg=k)
     # the export sets scaling_factor = 1 / std of the posterior means of the data
     loader = make_loader(cfg(tmp_path / "a", 4))
     batches = [next(loader) for _ in range(tasks.SCALE_BATCHES)]

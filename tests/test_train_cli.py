@@ -2,6 +2,7 @@
 status 2, before any model is built; --help lists every key; resuming with other hyperparameters is refused or
 applied as `on_change` says; the SIGTERM exit status is configurable. Nothing here compiles a model."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ BAD = [  # (overrides, what the error line must say)
     (["on_nonfinite=ignore"], "on_nonfinite must be one of ['stop', 'skip']"),
     (["data.sim_range=[0.2]"], "data.sim_range must be a list of 2 values"),
     (["optim=3"], "optim must be a mapping"),
+    (["optim.ema_decay=1"], "optim.ema_decay must be in [0, 1)"),
     (["optim.lr"], "not of the form section.key=value"),
     (["model.model_dir=null"], "give exactly one of model.model_dir=DIR"),
     (["data.synthetic=false"], "give exactly one of data.path=DIR"),
@@ -110,6 +112,18 @@ def test_resume_with_on_change_apply_logs_the_changes(capsys, tmp_path):
         train.check_inputs(train_config(workdir, **{"model.trainable": "[x]", "on_change": "apply"}), workdir, False)
 
 
+def test_resume_of_a_run_older_than_a_config_key_takes_its_default(capsys, tmp_path):
+    # a run stored before optim.ema_decay existed resumes as long as the key keeps its default (0: off)
+    workdir = resumed_workdir(tmp_path)
+    stored = json.loads((workdir / "config.json").read_text())
+    del stored["optim"]["ema_decay"]
+    (workdir / "config.json").write_text(json.dumps(stored))
+    train.check_inputs(train_config(workdir), workdir, exporting=False)
+    assert "changed" not in capsys.readouterr().out
+    with pytest.raises(train.InputError, match="(?s)optim.ema_decay.*cannot change in a resumed run"):
+        train.check_inputs(train_config(workdir, **{"optim.ema_decay": 0.99, "on_change": "apply"}), workdir, False)
+
+
 def test_resumed_optimizer_uses_the_new_hyperparameters():
     """A checkpointed optimizer state carries no hyperparameter that the config sets: updating it with an optimizer
     made from a new config uses the new learning rate and weight decay (hand-computed first AdamW step)."""
@@ -123,6 +137,31 @@ def test_resumed_optimizer_uses_the_new_hyperparameters():
     # that telling the old lr or weight decay from the new ones needs
     np.testing.assert_allclose(updates["w"], expected, rtol=0, atol=1e-8)
     assert float(state[1].hyperparams["learning_rate"]) == np.float32(5e-4)
+
+
+def test_ema_of_the_weights_follows_the_warmed_up_decay():
+    """optim.ema_decay keeps, as the optimizer chain's last state, the moving average of the weights each step
+    produces, with decay min(0.9, (1 + n) / (10 + n)) at update n; weights_to_export returns it (the last weights
+    without it). Hand-computed in float64 from the weights the chain itself produced; fp32 rounding only (1e-6)."""
+    cfg = config_lib.OptimConfig(lr=0.1, weight_decay=0.0, clip_norm=100.0, ema_decay=0.9)
+    tx = state_lib.make_optimizer(cfg)
+    params, grads = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.5, 1.0])}
+    opt_state, ema = tx.init(params), np.array([1.0, -2.0])
+    for n in range(6):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = {"w": params["w"] + updates["w"]}
+        d = min(0.9, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, ... then 0.9 from n = 71 on
+        ema = d * ema + (1 - d) * np.asarray(params["w"], np.float64)
+    state = train_state(params, opt_state)
+    np.testing.assert_allclose(state_lib.weights_to_export(state)["w"], ema, rtol=1e-6)
+    assert int(opt_state[-1].count) == 6 and not np.allclose(ema, params["w"])
+    plain = state_lib.make_optimizer(dataclasses.replace(cfg, ema_decay=0.0))
+    assert state_lib.weights_to_export(train_state(params, plain.init(params))) is params
+
+
+def train_state(params, opt_state):
+    from pia_jax.training.step import TrainState
+    return TrainState(jnp.int32(0), params, opt_state, None)
 
 
 def test_export_needs_the_model_not_the_data(capsys, tmp_path, good):

@@ -47,6 +47,9 @@ class OptimConfig:
                                 "partial, loss-scaled sums)")
     warmup_steps: int = opt(0, "linear warmup from 0 over this many steps, then constant")
     grad_accum: int = opt(1, "micro-batches per optimizer step (the reference uses 16)")
+    ema_decay: float = opt(0.0, "0: off; else keep an exponential moving average of the trainable weights (decay "
+                                "min(this, (1 + n) / (10 + n)) at update n, as diffusers' EMAModel) and export it "
+                                "instead of the last weights; fixed for a run")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def check(cfg: TrainConfig, data: bool = True) -> TrainConfig:
     bad = [k for k in POSITIVE if flat[k] < 1]
     if bad:
         raise ConfigError("must be >= 1: " + ", ".join(f"{k}={flat[k]}" for k in bad))
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: no moving average), got {cfg.optim.ema_decay}")
     if bool(cfg.model.model_dir) == bool(cfg.model.init):
         raise ConfigError("give exactly one of model.model_dir=DIR (a converted model directory) and "
                           f"model.init={'|'.join(MODELS)} (random weights)")
@@ -157,6 +162,15 @@ def _flatten(d: dict, prefix=""):
             yield prefix + k, v
 
 
+def _defaults(cls=TrainConfig, prefix=""):
+    for f in dataclasses.fields(cls):
+        tp = cls.__annotations__[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _defaults(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, list(f.default) if isinstance(f.default, tuple) else f.default
+
+
 def flatten(cfg: TrainConfig) -> dict:
     """{'optim.lr': 1e-4, ...}: every leaf of a config (tuples as lists, as config.json stores them)."""
     return dict(_flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))))
@@ -167,13 +181,14 @@ def flatten(cfg: TrainConfig) -> dict:
 # the checkpoint's trainable weights depend on them.
 FREE_ON_RESUME = ("workdir", "steps", "on_nonfinite", "on_change", "sigterm_exit_code", "export_dtype",
                   "compilation_cache", "data.workers", "mesh.", "checkpoint.", "log.", "validation.")
-FIXED_ON_RESUME = ("task", "model.model_dir", "model.init", "model.trainable")
+FIXED_ON_RESUME = ("task", "model.model_dir", "model.init", "model.trainable",
+                   "optim.ema_decay")  # on or off changes the optimizer state's structure
 
 
 def changes(stored: dict, cfg: TrainConfig) -> tuple[list, list]:
     """([(key, stored value, new value)] of FIXED_ON_RESUME keys, [...] of the other hyperparameters) where the
     config.json of a run (`stored`) and `cfg` differ."""
-    old, new = dict(_flatten(stored)), flatten(cfg)
+    old, new = dict(_defaults()) | dict(_flatten(stored)), flatten(cfg)  # a key added since: its default
     diff = [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
     return [d for d in diff if d[0] in FIXED_ON_RESUME], [d for d in diff if d[0] not in FIXED_ON_RESUME]

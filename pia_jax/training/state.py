@@ -10,7 +10,10 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -139,4 +142,35 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                               [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
         learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
+    return optax.chain(*parts, ema_params(cfg.ema_decay)) if cfg.ema_decay else optax.chain(*parts)
+
+
+class EmaParamsState(NamedTuple):
+    count: jax.Array  # updates averaged so far
+    ema: dict  # {path: fp32 array}, sharded like the weights
+
+
+def ema_params(decay: float) -> optax.GradientTransformation:
+    """The last link of the optimizer chain: passes the updates through unchanged and keeps an exponential moving
+    average of the weights they produce, so that it is checkpointed, sharded and skipped on a non-finite step with the
+    rest of the optimizer state. Update n (from 0) uses min(decay, (1 + n) / (10 + n)) (diffusers' EMAModel), so
+    the first updates are not averaged with the initial weights at full weight."""
+
+    def init(params):
+        return EmaParamsState(jnp.zeros((), jnp.int32), jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+    def update(updates, state, params):
+        d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema, new)
+        return updates, EmaParamsState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def weights_to_export(state) -> dict:
+    """The trainable weights a run exports and validates with: the moving average where the optimizer keeps one
+    (optim.ema_decay > 0), else the last weights."""
+    last = state.opt_state[-1] if isinstance(state.opt_state, tuple) and state.opt_state else None
+    return last.ema if isinstance(last, EmaParamsState) else state.params

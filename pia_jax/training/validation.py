@@ -15,7 +15,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from pia_jax import affinity, media
-from pia_jax.training.state import merge
+from pia_jax.training.state import merge, weights_to_export
 
 _ANIMATORS = weakref.WeakKeyDictionary()  # trainer -> its Animator
 _SCORERS = {}  # CLIP model directory -> its scorer, loaded once
@@ -29,7 +29,7 @@ def validate(cfg, trainer, state, step: int, writer) -> None:
         raise ValueError(f"validation needs as many images as prompts (got {len(v.images)} and {len(v.prompts)})")
     if setup.tokenizer is None:
         raise ValueError("validation needs a model directory with a tokenizer (model.model_dir)")
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    params = multihost_utils.process_allgather(weights_to_export(state), tiled=True)
     unet = merge(setup.graphs.unet, params, setup.frozen["unet"])
     animator = _ANIMATORS.get(trainer)
     if animator is None:
