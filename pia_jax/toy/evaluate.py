@@ -8,9 +8,10 @@ combination prompted "stays still" (moderate preset); and, to tell the text's pa
 combination x direction once more with the object's eye on the opposite side ("text vs eye", moderate); and each
 combination x direction once more starting at the canvas centre ("centred", moderate): a clip's start is drawn so
 that the object stays in view, so elsewhere the start hints at the direction (a "moves left" object tends to start
-on the right), and a model that merely moves into the open space scores above chance there. The object is tracked by colour: each pixel's coverage is its colour projected onto the background -> object colour
-segment (exactly how the renderer blends them), the centroid and area are the coverage-weighted mean position and
-sum. Pixels are those of the 32x32 frames.
+on the right), and a model that merely moves into the open space scores above chance there. The object is tracked
+by colour: each pixel's coverage is its colour projected onto the background -> object colour segment (exactly how
+the renderer blends them), the centroid and area are the coverage-weighted mean position and sum. Pixels are those
+of the 32x32 frames.
 
 Metrics (goals from issue 11):
   direction accuracy  moderate preset: the last frame's centroid has moved > 1 px along the prompt's direction and

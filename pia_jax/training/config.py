@@ -162,15 +162,6 @@ def _flatten(d: dict, prefix=""):
             yield prefix + k, v
 
 
-def _defaults(cls=TrainConfig, prefix=""):
-    for f in dataclasses.fields(cls):
-        tp = cls.__annotations__[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from _defaults(tp, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, list(f.default) if isinstance(f.default, tuple) else f.default
-
-
 def flatten(cfg: TrainConfig) -> dict:
     """{'optim.lr': 1e-4, ...}: every leaf of a config (tuples as lists, as config.json stores them)."""
     return dict(_flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))))
@@ -188,7 +179,7 @@ FIXED_ON_RESUME = ("task", "model.model_dir", "model.init", "model.trainable",
 def changes(stored: dict, cfg: TrainConfig) -> tuple[list, list]:
     """([(key, stored value, new value)] of FIXED_ON_RESUME keys, [...] of the other hyperparameters) where the
     config.json of a run (`stored`) and `cfg` differ."""
-    old, new = dict(_defaults()) | dict(_flatten(stored)), flatten(cfg)  # a key added since: its default
+    old, new = flatten(TrainConfig()) | dict(_flatten(stored)), flatten(cfg)  # a key added since: its default
     diff = [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME)]
     return [d for d in diff if d[0] in FIXED_ON_RESUME], [d for d in diff if d[0] not in FIXED_ON_RESUME]

@@ -172,5 +172,5 @@ def ema_params(decay: float) -> optax.GradientTransformation:
 def weights_to_export(state) -> dict:
     """The trainable weights a run exports and validates with: the moving average where the optimizer keeps one
     (optim.ema_decay > 0), else the last weights."""
-    last = state.opt_state[-1] if isinstance(state.opt_state, tuple) and state.opt_state else None
+    last = state.opt_state[-1]  # make_optimizer's chain: a tuple of its links' states
     return last.ema if isinstance(last, EmaParamsState) else state.params
