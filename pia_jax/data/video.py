@@ -3,7 +3,6 @@
 import io
 from dataclasses import dataclass
 
-import av
 import numpy as np
 
 
@@ -24,6 +23,8 @@ class VideoInfo:
 
 
 def _open(data: bytes):
+    import av  # imported here: the training config and trainer import this module, also where PyAV is absent
+
     container = av.open(io.BytesIO(data), mode="r")
     if not container.streams.video:
         container.close()
@@ -43,7 +44,7 @@ def probe(data: bytes) -> VideoInfo:
             for frame in container.decode(stream):
                 pts.append(frame.pts)
                 size = (frame.height, frame.width)
-    except VideoError:
+    except (VideoError, ImportError):  # a missing PyAV is no corrupt video
         raise
     except Exception as e:  # PyAV raises many kinds (FFmpegError, ValueError, ...); all mean "cannot use"
         raise VideoError("corrupt", f"{type(e).__name__}: {e}") from e
