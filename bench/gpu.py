@@ -13,7 +13,8 @@ one JSON line, written at once:
   torch_infer diffusers UNetMotionModel CFG step and PIAPipeline video, eager then torch.compile
   sample      pia-jax standard video (16 x 512², 25 DDIM steps, CFG, VAE decode), peak memory, compile time
   train       pia-jax training step (4 clips x 16 frames x 256², frozen base), clips/s, peak memory
-  warm        a fresh process with the compilation cache filled by `sample`: process start -> first video
+  warm        a fresh process: process start -> first video, loading the model directory that `sample` saved, with
+              the compilation cache that `sample` filled
   torch_train diffusers training step, eager then torch.compile
   step_short  `step` with the "short" temporal attention kernel (opt-in: 11 % slower than the default on an H200)
 Random weights throughout (timings do not depend on their values).
@@ -32,6 +33,7 @@ from pathlib import Path
 START = float(os.environ.setdefault("BENCH_GPU_START", str(time.time())))  # the whole run's start, for all parts
 OUT = Path(os.environ.get("OUT", "bench_gpu_out"))
 CACHE = os.environ.get("BENCH_GPU_CACHE", "/tmp/bench_gpu_xla_cache")  # not under OUT: that comes back whole
+MODEL_DIR = Path(os.environ.get("BENCH_GPU_MODEL_DIR", "/tmp/bench_gpu_model"))  # `sample` writes it, `warm` loads it
 PARTS = ("step", "torch_infer", "sample", "train", "warm", "torch_train", "step_short")
 # Measured on one H200 (2026-12-01, BENCHMARKS.md): step 64 s, torch_infer 192, sample 88, warm 30, step_short 54,
 # torch_train eager 39; train ran past 150 s while autotuning its compile.
@@ -152,11 +154,25 @@ class IdsTokenizer:
 
 
 def make_animator(a):
-    """The sampler (pia_jax.sampling.Animator) from random-weight parts, its compilation cache at CACHE."""
+    """The sampler (pia_jax.sampling.Animator) from random-weight parts, its compilation cache at CACHE; and the
+    parts, which `sample` saves for `warm`."""
     from pia_jax.sampling import Animator, accelerator_default_dtype
     cfg = model_config(a.config)
-    return Animator(cfg, *random_models(cfg, accelerator_default_dtype()), IdsTokenizer(cfg.text.vocab_size),
-                    compile_cache_dir=CACHE)
+    models = random_models(cfg, accelerator_default_dtype())
+    return Animator(cfg, *models, IdsTokenizer(cfg.text.vocab_size), compile_cache_dir=CACHE), models
+
+
+def save_models(a, models):
+    """The random parts as a model directory at MODEL_DIR (bf16 safetensors, a tokenizer of the prompts' words),
+    which `warm` loads as a user's run would."""
+    import tempfile
+
+    from pia_jax import model_dir
+    from pia_jax.toy.vocab import write_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tokenizer(Path(tmp) / "tokenizer", ["a", "cat", "ugly"])
+        model_dir.save_model_dir(MODEL_DIR, model_config(a.config), dict(zip(("unet", "vae", "text_encoder"), models)),
+                                 tokenizer=tokenizer, dtype="bf16", force=True)
 
 
 def animate(animator, a):
@@ -174,7 +190,7 @@ def animate(animator, a):
 
 def jax_sample(a):
     begin = time.perf_counter()
-    animator = make_animator(a)
+    animator, models = make_animator(a)
     setup_s = time.perf_counter() - begin
     first, first_s = animate(animator, a)
     runs = [animate(animator, a) for _ in range(2)]
@@ -184,12 +200,17 @@ def jax_sample(a):
          ms_per_step=round(1e3 * s["denoise"] / a.steps, 1), decode_s=round(s["decode"], 3),
          compile_s=round(first.seconds["compile"], 1), first_video_s=round(first_s, 1), setup_s=round(setup_s, 1),
          peak_GiB=jax_peak_gib())
+    begin = time.perf_counter()
+    save_models(a, models)
+    emit(part="jax_save_model_dir", s=round(time.perf_counter() - begin, 1))
 
 
 def jax_warm(a):
-    """Process start (the parent's spawn time) -> first video, with the compilation cache filled by `sample`."""
+    """Process start (the parent's spawn time) -> first video: `Animator.load` of the model directory that `sample`
+    saved, with the compilation cache that `sample` filled."""
+    from pia_jax.sampling import Animator
     spawned = float(os.environ["BENCH_GPU_SPAWNED"])
-    animator = make_animator(a)
+    animator = Animator.load(MODEL_DIR, compile_cache_dir=CACHE)
     ready = time.time()
     result, _ = animate(animator, a)
     emit(part="jax_warm_start", process_start_to_video_s=round(time.time() - spawned, 1),
