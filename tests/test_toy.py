@@ -81,7 +81,7 @@ def test_the_eye_is_a_hole_on_the_side_the_object_faces():
     # A circle of radius r = 9.6 px at 64 px with an eye of radius 0.35 r whose centre is 0.45 r towards its
     # heading: the area is pi r^2 (1 - 0.35^2) = 253.9 px and the centroid moves away from the eye by
     # 0.45 r x 0.35^2 / (1 - 0.35^2) = 0.603 px (both within the supersampling bounds of the test above).
-    clip = world.Clip("circle", "red", "gray", "up", "", 0.4, 0.55, 0.15, 30.0, 0.05, heading="up")
+    clip = world.Clip("circle", "red", "gray", "still", "", 0.4, 0.55, 0.15, 30.0, 0.05, heading="up")  # no trail
     video = world.render(clip, size=64, frames=2).astype(np.float64) / 255
     centroid, area = evaluate.track(video, "red", "gray")
     r, k = 0.15 * 64, world.EYE_RADIUS ** 2
@@ -95,6 +95,28 @@ def test_the_eye_is_a_hole_on_the_side_the_object_faces():
     np.testing.assert_allclose(centroid[1], [0.4 * 64 - shift, 0.55 * 64], atol=0.05)
     moving = [c for c in world.train_clips(80) if c.motion in world.DIRECTIONS]
     assert moving and all(c.heading == c.motion for c in moving)
+
+
+def test_a_moving_object_leaves_a_fading_trail_behind_its_heading():
+    # Copy k of the circle (radius r = 9.6 px at 64 px) sits k r / 4 behind the heading and shows, at its opacity,
+    # where neither the body nor a nearer copy covers: for collinear equal circles that is copy k minus copy k - 1,
+    # a crescent of pi r^2 - lens(r / 4), lens(d) = 2 r^2 acos(d / 2r) - d / 2 sqrt(4 r^2 - d^2), so the coverage
+    # adds sum(TRAIL) x crescent = 1.5 x 0.4987 r^2 = 68.9 px to the body's 253.9 (within 2 %, as above).
+    r, k = 0.15 * 64, world.EYE_RADIUS ** 2
+    d = r / 4
+    crescent = math.pi * r * r - (2 * r * r * math.acos(d / (2 * r)) - d / 2 * math.sqrt(4 * r * r - d * d))
+    body = math.pi * r * r * (1 - k)
+    clip = world.Clip("circle", "red", "gray", "right", "", 0.4, 0.55, 0.15, 0.0, 0.05, heading="right")
+    video = world.render(clip, size=64, frames=1).astype(np.float64) / 255
+    centroid, area = evaluate.track(video, "red", "gray")
+    assert abs(area[0] - (body + sum(world.TRAIL) * crescent)) < 0.02 * area[0]
+    assert centroid[0][0] < 0.4 * 64 - 1 and abs(centroid[0][1] - 0.55 * 64) < 0.05  # behind, on the motion's line
+    eye_x, eye_y = (np.array([0.4, 0.55]) + [world.EYE_OFFSET * 0.15, 0]) * 64
+    assert np.abs(video[0, int(eye_y), int(eye_x)] - 125 / 255).max() < 0.02  # the trail does not fill the eye
+    for still in (dataclasses.replace(clip, motion="still", speed=""), dataclasses.replace(clip, heading=None)):
+        area = evaluate.track(world.render(still, size=64, frames=1).astype(np.float64) / 255, "red", "gray")[1]
+        expected = body if still.heading else math.pi * r * r
+        assert abs(area[0] - expected) < 0.02 * area[0]  # no trail
 
 
 def test_text_vs_eye_cases_judge_the_prompt_and_the_eye_apart():
@@ -317,7 +339,7 @@ def test_the_recipe_runs_each_training_stage_from_the_one_before(tmp_path, monke
 # -- the shipped model -----------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
-@pytest.mark.xfail(strict=True, reason="the shipped toy model misses the direction goal (12.5 % of held-out cases, "
+@pytest.mark.xfail(strict=True, reason="the shipped toy model misses the direction goal (27 % of held-out cases, "
                    "docs/toy/EVAL.md); strict, so a model that passes turns this into a failure to remove the mark")
 def test_shipped_model_moves_held_out_objects_as_prompted():
     combo = world.held_out_combinations()[0]

@@ -11,6 +11,7 @@ exists, and the training stages resume from their checkpoints, so an interrupted
     eval   python -m pia_jax.toy evaluate                -> OUT/eval
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,12 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = ("world", "data", "init", "vae", "t2i", "motion", "pia", "eval")
 TRAINED = ("vae", "t2i", "motion", "pia")  # the train.py stages, each from the one before
 CLIPS = 3000
+# Velocity targets weigh x0's error by 1 + SNR at every t, where epsilon targets give the high-noise steps that
+# place the image and choose the motion almost no weight (docs/toy/EVAL.md).
+PREDICTION = "v_prediction"
 
 
-def write_init(path, seed: int = 0, model_config=None) -> Path:
+def write_init(path, seed: int = 0, model_config=None, prediction_type: str = PREDICTION) -> Path:
     """A model directory of the TOY architecture (or `model_config`) with freshly initialised weights (zero
-    motion-module outputs, as AnimateDiff starts) and a tokenizer whose vocabulary holds every caption word as one
-    token.
+    motion-module outputs, as AnimateDiff starts), a tokenizer whose vocabulary holds every caption word as one
+    token, and PIA's DDIM scheduler with `prediction_type`, which every stage trains for and the sampler reads.
 
     The text encoder stays random and frozen in every stage, as CLIP is frozen in SD and PIA: its residual stream
     keeps each word's random embedding distinguishable, and the UNet's cross-attention learns to read it; training
@@ -49,7 +53,8 @@ def write_init(path, seed: int = 0, model_config=None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tokenizer(Path(tmp) / "tokenizer", world.vocabulary())
         return model_dir.save_model_dir(path, cfg, models, tokenizer=tokenizer,
-                                        scheduler=schedulers.to_dict(schedulers.PIA_DDIM), force=True)
+                                        scheduler=schedulers.to_dict(dataclasses.replace(
+                                            schedulers.PIA_DDIM, prediction_type=prediction_type)), force=True)
 
 
 def _run(args: list, log: Path):

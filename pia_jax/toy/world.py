@@ -18,6 +18,8 @@ and animals do in real videos; a still, growing, shrinking or turning one faces 
 one's eye turns with it). Without it a single frame never depends on the direction word, so the text-to-image
 base has no reason to encode it, and PIA's motion modules read the text only through that frozen base's features:
 trained without the eye, the animator's loss did not depend on the direction word at all (docs/toy/EVAL.md).
+An object moving in a direction also leaves a fading trail behind its heading (TRAIL copies of its shape), a cue
+one to two latent pixels wide where the eye is about one, so a single frame shows which way it goes.
 """
 
 import csv
@@ -39,6 +41,7 @@ SPEEDS = ("slowly", "", "fast")  # "" = unspecified: any speed
 FRAMES, RENDER_SIZE, TRAIN_SIZE, FPS = 8, 64, 32, 8
 SUPERSAMPLE = 4
 EYE_RADIUS, EYE_OFFSET = 0.35, 0.45  # object radii: a hole ~3.5 px wide at 32 px, about one latent pixel
+TRAIL = (0.6, 0.45, 0.3, 0.15)  # opacities of the shape's copies spread over one radius behind a moving object
 # Per-frame rates, canvas = 1 (x TRAIN_SIZE for pixels): (slowly, fast); unspecified = the whole range.
 SHIFT = ((0.02, 0.035), (0.055, 0.075))  # 0.6-1.1 px and 1.8-2.4 px per frame at 32 px
 SCALE = ((0.025, 0.04), (0.065, 0.085))  # log radius per frame
@@ -164,15 +167,25 @@ def render(clip: Clip, size: int = RENDER_SIZE, frames: int = FRAMES) -> np.ndar
     fg, bg = (np.array(t, np.float32) for t in (COLOURS[clip.colour], BACKGROUNDS[clip.background]))
     out = np.empty((frames, size, size, 3), np.uint8)
     eye = clip.eye()
+    # The trail lies behind the heading (the eye's side), so in the evaluation's text-vs-eye cases both image cues
+    # point against the prompt.
+    trail = TRAIL if clip.motion in DIRECTIONS and clip.heading is not None else ()
+    back = -np.array(DIRECTIONS[clip.heading] if trail else (0, 0), np.float32)
     for f in range(frames):
         x, y, radius, angle = clip.state(f)
         c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
-        px, py = (gx - x) / radius, (gy - y) / radius
-        u, v = c * px + s * py, -s * px + c * py  # object frame
-        inside = _inside(clip.shape, u, v)
-        if eye is not None:
-            inside &= (u - eye[0]) ** 2 + (v - eye[1]) ** 2 > EYE_RADIUS ** 2
+
+        def shape_at(cx, cy):  # sample points inside the shape centred at (cx, cy), and their object-frame coords
+            px, py = (gx - cx) / radius, (gy - cy) / radius
+            u, v = c * px + s * py, -s * px + c * py
+            return _inside(clip.shape, u, v), u, v
+
+        body, u, v = shape_at(x, y)
+        inside = body if eye is None else body & ((u - eye[0]) ** 2 + (v - eye[1]) ** 2 > EYE_RADIUS ** 2)
         cover = inside.astype(np.float32)
+        for k, opacity in enumerate(trail, 1):  # copies k/len(trail) radii back, hidden by the body (eye included)
+            offset = back * radius * k / len(trail)
+            cover = np.maximum(cover, opacity * (shape_at(x + offset[0], y + offset[1])[0] & ~body))
         cover = cover.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean((1, 3))[..., None]
         out[f] = np.round(bg + cover * (fg - bg)).astype(np.uint8)
     return out
