@@ -266,6 +266,13 @@ def torch_env():
                 peak=(lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)) if cuda else (lambda: None))
 
 
+def torch_frozen(cfg, dev):
+    """diffusers' VAE and transformers' text encoder with random weights, built on the CPU (the oracle draws them
+    with a CPU generator, which torch refuses under torch.device('cuda')) and moved to `dev`."""
+    from tests import torch_models
+    return torch_models.vae(cfg.vae).to(dev), torch_models.clip_text(cfg.text).to(dev)
+
+
 def torch_unet(cfg, env, dtype=None):
     import torch
     from diffusers import UNetMotionModel
@@ -282,7 +289,6 @@ def torch_infer(a):
     from diffusers import DDIMScheduler, PIAPipeline
     from PIL import Image
 
-    from tests import torch_models
     env, cfg = torch_env(), model_config(a.config)
     dev, dt, sync = env["dev"], env["dtype"], env["sync"]
     unet = torch_unet(cfg, env, dt).eval()
@@ -301,7 +307,7 @@ def torch_infer(a):
                 times.append(time.perf_counter() - begin)
         return round(1e3 * statistics.median(times), 2)
 
-    vae, text = torch_models.vae(cfg.vae).to(dev), torch_models.clip_text(cfg.text).to(dev)  # CPU generators
+    vae, text = torch_frozen(cfg, dev)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
                               clip_sample=False)
     pipe = PIAPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler).to(dev, dt)
@@ -337,10 +343,9 @@ def torch_train(a):
     motion modules trained with AdamW under bf16 autocast, fp32 weights."""
     import torch
 
-    from tests import torch_models
     env, cfg = torch_env(), model_config(a.config)
     dev = env["dev"]
-    vae, text = torch_models.vae(cfg.vae).to(dev), torch_models.clip_text(cfg.text).to(dev)  # CPU generators
+    vae, text = torch_frozen(cfg, dev)
     b, f, s = a.train_batch, a.train_frames, a.train_size
     pixels = torch.rand(b * f, 3, s, s, device=dev) * 2 - 1
     ids = torch.randint(0, cfg.text.vocab_size, (b, 77), device=dev)
