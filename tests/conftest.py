@@ -49,6 +49,16 @@ _HEAVY_FIRST = ("test_unet.py", "test_convert.py", "test_convert_ldm.py", "test_
                 "test_eval_clip.py")
 
 
+def pytest_configure(config):  # pytest-xdist registers it too; without xdist the marker is inert
+    config.addinivalue_line("markers", "xdist_group(name): tests that one pytest-xdist worker runs together")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other modules keep their order
+    # Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) one worker runs every heavy module, one at
+    # a time, so two full-size models are never in memory at once; the other tests go to whichever worker is free
+    # (grouping each module on one worker, to share its compiled functions, measured slower: 16:44 against 15:22).
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
