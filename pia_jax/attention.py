@@ -9,15 +9,22 @@ same math per query row, with memory bounded by one block's logits instead of al
 UNet self-attention over 32 frames would otherwise hold 32 x 8 x 4096^2 fp32 logits, 16 GiB).
 "splash" is Pallas' TPU flash attention (splash attention): "auto" takes it on TPU for self-attention over
 SPLASH_MIN_QUERY_LEN tokens and more (no logits in memory at all); off TPU it runs in Pallas' interpreter (tests).
-Its speed on a TPU is not measured yet (no TPU was lent).
+Its speed on a TPU is not measured yet (no TPU was lent). XLA cannot partition a Pallas (Mosaic) kernel, so on a
+mesh of several devices it runs inside `shard_map`, each device attending over its own videos.
+
+"auto" decides for the devices a program is compiled for: the mesh given to `compiling_for` (the Trainer and the
+sampler trace under it; a TPU program can be compiled on a CPU host, bench/tpu_aot.py), else jax's default backend.
 "short" computes attention over few keys (temporal: 16 frames) with broadcast products and sums instead of batched
 matmuls, avoiding the head-layout transposes; opt-in until a GPU run confirms the device-less estimate (BENCHMARKS.md).
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 KERNELS = ("xla", "cudnn", "chunked", "splash", "short", "auto")
 CUDNN_MIN_QUERY_LEN = 1024  # below ~32x32 tokens XLA is as fast (measured on H100, bf16)
@@ -40,8 +47,36 @@ def _cudnn_max_head_dim() -> int:
     return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_target_mesh", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(mesh: jax.sharding.Mesh | None):
+    """Within this block, "auto" chooses kernels for `mesh`'s devices and Pallas kernels are partitioned over it."""
+    token = _TARGET.set(mesh)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def _on_tpu() -> bool:
-    return jax.default_backend() == "tpu"
+    mesh = _TARGET.get()
+    return (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "tpu"
+
+
+def _per_device(fn, mesh: jax.sharding.Mesh | None, batch: int):
+    """fn over a batch (leading dim) as one `shard_map`ped program on a mesh of several devices: each device runs
+    it on its slice of the batch (over every mesh axis whose devices the batch divides, the rest replicated)."""
+    if mesh is None or mesh.size == 1:
+        return fn
+    axes, n = [], 1
+    for name in mesh.axis_names:
+        if batch % (n * mesh.shape[name]) == 0:
+            axes.append(name)
+            n *= mesh.shape[name]
+    spec = P(tuple(axes)) if axes else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
 def pick_kernel(kernel: str, q_len: int, head_dim: int, dtype, kv_len: int | None = None) -> str:
@@ -87,8 +122,9 @@ def _splash(q, k, v):
     pad = -d % 128  # TPU lanes: head dims 40/80/160 padded with zeros, which change neither logits nor kept outputs
     q = q * jnp.asarray(d ** -0.5, q.dtype)  # the kernel does not scale
     to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, pad))).swapaxes(1, 2)  # noqa: E731  (B, H, L, D')
-    attend = _splash_kernel(h, lq, lk, not _on_tpu())
-    return jax.vmap(attend)(to_kernel(q), to_kernel(k), to_kernel(v)).swapaxes(1, 2)[..., :d]
+    attend = jax.vmap(_splash_kernel(h, lq, lk, not _on_tpu()))
+    out = _per_device(attend, _TARGET.get(), b)(to_kernel(q), to_kernel(k), to_kernel(v))
+    return out.swapaxes(1, 2)[..., :d]
 
 
 def _short(q, k, v):

@@ -22,13 +22,12 @@ from pia_jax import config as model_config
 from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS
 from pia_jax import schedulers
 from pia_jax.abstract import abstract_model
-from pia_jax.model_dir import PARTS, flat_params, load_model_dir
+from pia_jax.model_dir import PARTS, flat_params, load_model_dir, read_config
 from pia_jax.text_encoder import CLIPTextModel
 from pia_jax.training.config import ModelConfig, OptimConfig
 from pia_jax.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
 from pia_jax.vae import AutoencoderKL
 from pia_jax.weights import param_shapes
-
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,29 @@ def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig |
     frozen = {"unet": frozen_unet, "vae": vae, "text_encoder": text}
     graphs = make_graphs(abstract_models(config, cfg) if cfg.model_dir else models)
     return Setup(config, graphs, cfg, trainable, frozen, scheduler, tokenizer)
+
+
+def abstract_setup(cfg: ModelConfig, init_config: model_config.PIAConfig | None = None) -> Setup:
+    """What `build` returns, with every weight a jax.ShapeDtypeStruct (fp32) and nothing read or allocated: a
+    `Trainer` over it compiles the step, e.g. for a TPU pod from a CPU host (bench/tpu_aot.py). The model comes from
+    `cfg.model_dir`'s config, else `init_config`, else `cfg.init`; a 4-channel UNet is widened as `build` widens it."""
+    scheduler = schedulers.PIA_DDIM
+    if init_config is not None:
+        config = init_config
+    elif cfg.model_dir:
+        config, stored, _ = read_config(cfg.model_dir)
+        scheduler = schedulers.from_dict(stored) if stored else scheduler
+    elif cfg.init in model_config.MODELS:
+        config = model_config.MODELS[cfg.init]
+    else:
+        raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
+                         f"got {cfg.init!r}")
+    config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=PIA_IN_CHANNELS))
+    models = abstract_models(config, cfg)
+    shapes = {part: {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(models[part]).items()}
+              for part in PARTS}
+    trainable, frozen_unet = split_trainable(shapes["unet"], cfg.trainable)
+    return Setup(config, make_graphs(models), cfg, trainable, {**shapes, "unet": frozen_unet}, scheduler)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

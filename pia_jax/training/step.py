@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pia_jax import config as model_config, schedulers
+from pia_jax import attention, config as model_config, schedulers
 from pia_jax.sharding import batch_sharding, param_shardings, replicated
 from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
@@ -114,7 +114,7 @@ class Trainer:
         self.param_shardings = param_shardings(setup.trainable, mesh)
         self.frozen_shardings = {part: param_shardings(flat, mesh) for part, flat in setup.frozen.items()}
         frozen_dtype = model_config.dtype(setup.model.frozen_dtype)
-        self.frozen = jax.tree.map(lambda v, s: put(v.astype(frozen_dtype), s), setup.frozen, self.frozen_shardings)
+        self.frozen = jax.tree.map(lambda v, s: place(v, s, frozen_dtype), setup.frozen, self.frozen_shardings)
         abstract = self.abstract_state()
         self.state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
         self.batch_shardings = {key: batch_sharding(mesh, 1) for key in BATCH_KEYS}
@@ -163,8 +163,22 @@ class Trainer:
         """The executable for this batch shape (compiled once, ahead of the first step)."""
         key = _shape_key(batch)
         if key not in self.compiled:
-            self.compiled[key] = self.jitted.lower(state, self.frozen, batch).compile()
+            self.compiled[key] = self.lower(state, batch).compile()
         return self.compiled[key]
+
+    def lower(self, state: TrainState, batch: dict):
+        """The step lowered for this mesh's devices (arguments may be shapes: `abstract_state`, `batch_shapes`)."""
+        with attention.compiling_for(self.mesh):
+            return self.jitted.lower(state, self.frozen, batch)
+
+    def batch_shapes(self, micro_batches: int, clips: int, frames: int, size: int) -> dict:
+        """The global batch of `micro_batches` x `clips` clips of frames x size² pixels as shapes with the step's
+        shardings: what `lower` takes to compile without data (bench/tpu_aot.py)."""
+        k, b, f = micro_batches, clips, frames
+        shapes = {"pixel_values": ((k, b, f, size, size, 3), jnp.float32), "input_ids": ((k, b, 77), jnp.int32),
+                  "mask_coef": ((k, b, f), jnp.float32), "cond_frame": ((k, b), jnp.int32),
+                  "use_condition": ((k, b), jnp.bool_)}
+        return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings[key]) for key in BATCH_KEYS}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.compile(state, batch)(state, self.frozen, batch)
@@ -181,6 +195,14 @@ class Trainer:
 
 def _shape_key(batch: dict) -> tuple:
     return tuple((k, v.shape) for k, v in sorted(batch.items()))
+
+
+def place(value, sharding, dtype):
+    """A host weight cast to `dtype` and placed with `sharding`; a shape-only weight (jax.ShapeDtypeStruct, an
+    abstract Setup) stays a shape, with that dtype and sharding."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape, dtype, sharding=sharding)
+    return put(np.asarray(value).astype(dtype), sharding)
 
 
 def put(value, sharding) -> jax.Array:
