@@ -110,7 +110,8 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
     b = SPLASH_BLOCK
     blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete mask tables: the cached kernel outlives the trace building it
+        return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash(q, k, v):

@@ -83,3 +83,43 @@ def test_auto_picks_splash_on_tpu_for_long_self_attention(monkeypatch):
     assert attention.pick_kernel("auto", 256, 160, jnp.bfloat16) == "xla"  # 16x16: short
     assert attention.pick_kernel("auto", 16, 40, jnp.bfloat16) == "xla"  # temporal
     assert attention.pick_kernel("auto", 4160, 40, jnp.bfloat16) == "chunked"  # 65x64: not whole blocks
+
+
+def _fake_mesh(platform: str, n: int = 8):
+    """What `compiling_for` reads of a mesh: its devices' platform (a TPU mesh cannot be built without libtpu)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * n), size=n)
+
+
+def test_auto_decides_for_the_devices_compiled_for():
+    """The CPU process compiling a TPU program picks the TPU's kernel, and a CPU program keeps XLA's."""
+    assert attention.pick_kernel("auto", 1024, 40, jnp.bfloat16) == "xla"  # this process's backend: CPU
+    with attention.compiling_for(_fake_mesh("tpu")):
+        assert attention.pick_kernel("auto", 1024, 40, jnp.bfloat16) == "splash"
+        with attention.compiling_for(_fake_mesh("cpu")):
+            assert attention.pick_kernel("auto", 1024, 40, jnp.bfloat16) == "xla"
+    assert attention.pick_kernel("auto", 1024, 40, jnp.bfloat16) == "xla"  # the setting ends with its block
+
+
+def test_splash_on_a_mesh_runs_per_device():
+    """On 8 devices the splash kernel runs inside shard_map, each device on its videos: values and gradients equal
+    XLA attention (tolerance as test_splash_equals_xla), for a batch the mesh divides and one it does not (then
+    the mesh axes that divide it split it, the others replicate)."""
+    from pia_jax.sharding import make_mesh
+    mesh = make_mesh(4, 2)
+    for batch in (8, 2):
+        q, k, v = qkv(128, 128, b=batch, h=1, d=40)
+        w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+        def loss(kernel):
+            return jax.value_and_grad(lambda q, k, v, w: jnp.sum(
+                w * attention.dot_product_attention(q, k, v, kernel=kernel)), argnums=(0, 1, 2))
+
+        with attention.compiling_for(mesh):
+            lowered = jax.jit(loss("splash")).lower(q, k, v, w)
+            assert "shard_map" in lowered.as_text() or "manual_computation" in lowered.as_text()
+            value, grads = lowered.compile()(q, k, v, w)
+        expected_value, expected = loss("xla")(q, k, v, w)
+        assert_close(value, expected_value, 1e-5, f"splash on a mesh, batch {batch}: loss")
+        for g, e, name in zip(grads, expected, "qkv"):
+            assert_close(g, e, 1e-5, f"splash on a mesh, batch {batch}: d loss / d {name}")
