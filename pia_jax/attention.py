@@ -52,7 +52,9 @@ _TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_target_mesh"
 
 @contextlib.contextmanager
 def compiling_for(mesh: jax.sharding.Mesh | None):
-    """Within this block, "auto" chooses kernels for `mesh`'s devices and Pallas kernels are partitioned over it."""
+    """Within this block, "auto" chooses kernels for `mesh`'s devices and Pallas kernels are partitioned over it.
+    Read while a function is traced: jax reuses a traced function for the same input shapes, so trace each
+    `jax.jit` object for one mesh only (as Trainer and Animator do)."""
     token = _TARGET.set(mesh)
     try:
         yield
