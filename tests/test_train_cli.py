@@ -141,7 +141,8 @@ def test_resumed_optimizer_uses_the_new_hyperparameters():
 
 def test_ema_of_the_weights_follows_the_warmed_up_decay():
     """optim.ema_decay keeps, as the optimizer chain's last state, the moving average of the weights each step
-    produces, with decay min(0.9, (1 + n) / (10 + n)) at update n; weights_to_export returns it (the last weights
+    produces, with decay 0 at the first update and min(0.9, (1 + n) / (10 + n)) at update n > 0 (diffusers'
+    EMAModel; tests/test_train_oracle.py runs it beside ours); weights_to_export returns it (the last weights
     without it). Hand-computed in float64 from the weights the chain itself produced; fp32 rounding only (1e-6)."""
     cfg = config_lib.OptimConfig(lr=0.1, weight_decay=0.0, clip_norm=100.0, ema_decay=0.9)
     tx = state_lib.make_optimizer(cfg)
@@ -150,7 +151,7 @@ def test_ema_of_the_weights_follows_the_warmed_up_decay():
     for n in range(6):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = {"w": params["w"] + updates["w"]}
-        d = min(0.9, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, ... then 0.9 from n = 71 on
+        d = min(0.9, (1 + n) / (10 + n)) if n else 0.0  # 0, 0.18, 0.25, ... then 0.9 from n = 71 on
         ema = d * ema + (1 - d) * np.asarray(params["w"], np.float64)
     state = train_state(params, opt_state)
     np.testing.assert_allclose(state_lib.weights_to_export(state)["w"], ema, rtol=1e-6)

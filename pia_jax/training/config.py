@@ -48,7 +48,7 @@ class OptimConfig:
     warmup_steps: int = opt(0, "linear warmup from 0 over this many steps, then constant")
     grad_accum: int = opt(1, "micro-batches per optimizer step (the reference uses 16)")
     ema_decay: float = opt(0.0, "0: off; else keep an exponential moving average of the trainable weights (decay "
-                                "min(this, (1 + n) / (10 + n)) at update n, as diffusers' EMAModel) and export it "
+                                "min(this, (1 + n) / (10 + n)) at update n > 0, as diffusers' EMAModel) and export it "
                                 "instead of the last weights; fixed for a run")
 
 

@@ -176,14 +176,14 @@ class EmaParamsState(NamedTuple):
 def ema_params(decay: float) -> optax.GradientTransformation:
     """The last link of the optimizer chain: passes the updates through unchanged and keeps an exponential moving
     average of the weights they produce, so that it is checkpointed, sharded and skipped on a non-finite step with the
-    rest of the optimizer state. Update n (from 0) uses min(decay, (1 + n) / (10 + n)) (diffusers' EMAModel), so
-    the first updates are not averaged with the initial weights at full weight."""
+    rest of the optimizer state. Update n (from 0) uses min(decay, (1 + n) / (10 + n)), and 0 at n = 0 (the average
+    starts at the first step's weights), as diffusers' EMAModel warms its decay up."""
 
     def init(params):
         return EmaParamsState(jnp.zeros((), jnp.int32), jax.tree.map(lambda p: p.astype(jnp.float32), params))
 
     def update(updates, state, params):
-        d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        d = jnp.where(state.count == 0, 0.0, jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count)))
         new = optax.apply_updates(params, updates)
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema, new)
         return updates, EmaParamsState(state.count + 1, ema)
