@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pia_jax import schedulers
+from pia_jax import attention, schedulers
 from pia_jax.config import PIAConfig, VAEConfig
 from pia_jax.sampling import compile_cache, memory, noise as noise_lib
 from pia_jax.sampling.decode import decode
@@ -67,10 +67,10 @@ class _Compiled:
     running, a second call with the same shapes provably compiles nothing, and a program can be compiled from
     shapes alone (`jax.ShapeDtypeStruct`s) to read its memory needs before any data exists."""
 
-    def __init__(self, fn, static_argnums=(), donate_argnums=(), out_shardings=None):
+    def __init__(self, fn, out_sharding: NamedSharding, static_argnums=(), donate_argnums=()):
         self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums,
-                              out_shardings=out_shardings)
-        self.static = static_argnums
+                              out_shardings=out_sharding)
+        self.mesh, self.static = out_sharding.mesh, static_argnums
         self.cache, self.compiles, self.seconds = {}, 0, 0.0
 
     def get(self, *args):
@@ -78,7 +78,8 @@ class _Compiled:
         exe = self.cache.get(key)
         if exe is None:
             begin = time.perf_counter()
-            exe = self.cache[key] = self.jitted.lower(*args).compile()
+            with attention.compiling_for(self.mesh):  # "auto" kernels for the mesh's devices, Pallas ones per device
+                exe = self.cache[key] = self.jitted.lower(*args).compile()
             self.compiles += 1
             self.seconds += time.perf_counter() - begin
         return exe
@@ -109,11 +110,10 @@ class Animator:
         # image only gives the size (encoded, but unused) and the affinity is ignored
         self.text_to_video = config.unet.in_channels == 4
         # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
-        self._encode = _Compiled(self._encode_fn, static_argnums=(8,), out_shardings=self._by_video)
+        self._encode = _Compiled(self._encode_fn, self._by_video, static_argnums=(8,))
         donate = (1, 2) if jax.default_backend() != "cpu" else ()  # the CPU backend cannot reuse donated buffers
-        self._denoise = _Compiled(self._denoise_fn, static_argnums=(11,), donate_argnums=donate,
-                                  out_shardings=self._by_video)
-        self._decode = _Compiled(self._decode_fn, static_argnums=(2, 3), out_shardings=self._by_video)
+        self._denoise = _Compiled(self._denoise_fn, self._by_video, static_argnums=(11,), donate_argnums=donate)
+        self._decode = _Compiled(self._decode_fn, self._by_video, static_argnums=(2, 3))
         self._wait_each_step = False  # bench/sample.py: wait for each piece before queuing the next (the old loop)
         # eps = denoiser(unet, latents, t, text, mask, cond, guidance, cfg), called in every step of the loop; a
         # replacement (e.g. context windows over long videos) must be set before the first call compiles the loop
