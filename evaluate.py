@@ -113,6 +113,8 @@ def main(argv=None) -> int:
                 media.check_writable(a.out).write_text(text + "\n")
             return 0
         cases, models = check_bench(a)
+        from pia_jax.sampling import compile_cache
+        compile_cache.enable("default")  # a CLI may change the process's jax settings; the Animator does not
         options = bench.BenchOptions(a.frames, a.steps, a.guidance, a.size, a.motion,
                                      tuple(filter(None, a.presets.split(","))), a.devices)
         scorer = _scorer(a.clip)

@@ -203,6 +203,17 @@ def test_no_weight_work_inside_the_loop(animator):
     assert weight_work_in_loop_body(control, {("f32", (48, 40))})
 
 
+def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
+    """A library's constructor leaves jax's global settings alone: the compilation cache is the CLIs' choice."""
+    import jax
+    monkeypatch.setenv("PIA_JAX_CACHE_DIR", str(tmp_path / "xla"))  # what the cache would use if turned on
+    settings = lambda: (jax.config.jax_compilation_cache_dir,  # noqa: E731
+                        jax.config.jax_persistent_cache_min_compile_time_secs)
+    before = settings()
+    Animator.load(tiny[0])
+    assert settings() == before and not (tmp_path / "xla").exists()
+
+
 def test_persistent_compilation_cache(tiny, tmp_path):
     """A second animator (a new process, as far as jax's in-memory caches go) loads every program from the cache."""
     import jax

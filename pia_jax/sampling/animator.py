@@ -93,10 +93,11 @@ class Animator:
 
     def __init__(self, config: PIAConfig, unet: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module, tokenizer,
                  scheduler: schedulers.SchedulerConfig = schedulers.PIA_DDIM, mesh: Mesh | None = None, *,
-                 compile_cache_dir="default"):
+                 compile_cache_dir=None):
         """`tokenizer`: a CLIP tokenizer (pia_jax.tokenizer.load_tokenizer); `mesh`: devices to split videos over
-        (default: this host's); `compile_cache_dir`: the persistent compilation cache ('default', a folder, 'off',
-        or None to leave jax's setting alone: see compile_cache.py)."""
+        (default: this host's); `compile_cache_dir`: None (default) leaves jax's settings alone, as a library
+        should; 'default', a folder or 'off' turn the persistent compilation cache on or off for the whole process
+        (the CLIs do: see compile_cache.py)."""
         self.compile_cache = compile_cache.enable(compile_cache_dir)
         self.config, self.tokenizer, self.scheduler_config = config, tokenizer, scheduler
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
@@ -121,7 +122,7 @@ class Animator:
 
     @classmethod
     def load(cls, path, *, dtype=None, param_dtype=None, mesh=None, attention_kernels=None,
-             compile_cache_dir="default") -> "Animator":
+             compile_cache_dir=None) -> "Animator":
         """An animator from a converted model directory (the only code here that knows that format); `dtype`
         defaults to bf16 on accelerators, fp32 on CPU."""
         from pia_jax.model_dir import load_model_dir

@@ -1,8 +1,9 @@
 """The persistent compilation cache: compiled programs are kept on disk, so a second run with the same model
 architecture, shapes and jax version loads them instead of compiling (seconds instead of minutes at SD1.5 size).
 
-On by default for sample.py and `Animator`: `$PIA_JAX_CACHE_DIR` if set ('off' disables it), else
-`$XDG_CACHE_HOME/pia_jax/xla` (`~/.cache/pia_jax/xla`). A cache folder the user already gave jax
+On by default for the CLIs (sample.py, evaluate.py, `python -m pia_jax.toy`; an `Animator` built in a user's
+program leaves jax's settings alone unless given `compile_cache_dir`): `$PIA_JAX_CACHE_DIR` if set ('off' disables
+it), else `$XDG_CACHE_HOME/pia_jax/xla` (`~/.cache/pia_jax/xla`). A cache folder the user already gave jax
 (`jax_compilation_cache_dir`) is left as it is. Hits and misses are counted from jax's monitoring events.
 
 jax 0.10 writes no cache entry for a program holding a host callback (jax/_src/compiler.py `_cache_write`), which

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                     help="follow 25-step DDIM trajectories from noise instead (PIA models), measuring each step's x0")
     pr.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0], help="with --trajectory: the scales")
     args = p.parse_args(argv)
+    from pia_jax.sampling import compile_cache
+    compile_cache.enable("default")  # the sampler's programs are kept on disk (a library's Animator leaves it off)
 
     if args.command in ("evaluate", "probe"):  # a wrong --model fails here, before anything is loaded
         from pia_jax.model_dir import ModelDirError, read_config
