@@ -10,6 +10,7 @@ CFG branch order, scheduler coefficient or latent scaling changes frames by 1e-2
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -113,7 +114,6 @@ def test_strength_and_no_guidance_match_diffusers(tiny, animator):
 def test_seeds_devices_and_no_recompilation(tiny, animator):
     """A video depends only on its inputs and seed: the same on 8 devices (batch padded 3 -> 8) as on one device,
     the same alone as in a batch; a second call with the same shapes compiles nothing."""
-    import jax
     from jax.sharding import Mesh
     imgs = np.stack([image(i) for i in range(3)])
     masks = np.stack([affinity.preset_coefficients(p, FRAMES) for p in ("small", "loop_large", "style_small")])
@@ -152,7 +152,6 @@ def test_loop_compiles_once_for_any_steps_strength_guidance_eta(animator):
 def test_batches_equal_videos_one_by_one(tiny, tmp_path, monkeypatch):
     """A batch file of 4 videos on 2 devices with memory for one video per device runs as 2 batches through the same
     programs, and every video equals the same video made alone (bit for bit: the same program on the same data)."""
-    import jax
     from jax.sharding import Mesh
     from pia_jax.sampling import cases, memory
     Image.fromarray(image(3)).save(tmp_path / "img.png")
@@ -190,7 +189,6 @@ def test_no_weight_work_inside_the_loop(animator):
     The video is 24x40 (latents 12x20, 6x10, 3x5 in the UNet's levels): at 2x2 latents XLA:CPU computes a
     convolution with its operands swapped, reversing that (tiny) kernel every step, and activations of such
     sizes share shapes with weights, which the detector cannot tell apart."""
-    import jax
     import jax.numpy as jnp
     from tests.hlo import weight_shapes, weight_work_in_loop_body
     (_, _), (exe, _), (_, _) = animator._executables(animator.devices, 24, 40, 3, SampleOptions())
@@ -205,7 +203,6 @@ def test_no_weight_work_inside_the_loop(animator):
 
 def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
     """A library's constructor leaves jax's global settings alone: the compilation cache is the CLIs' choice."""
-    import jax
     monkeypatch.setenv("PIA_JAX_CACHE_DIR", str(tmp_path / "xla"))  # what the cache would use if turned on
     settings = lambda: (jax.config.jax_compilation_cache_dir,  # noqa: E731
                         jax.config.jax_persistent_cache_min_compile_time_secs)
@@ -216,7 +213,6 @@ def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
 
 def test_persistent_compilation_cache(tiny, tmp_path):
     """A second animator (a new process, as far as jax's in-memory caches go) loads every program from the cache."""
-    import jax
     from pia_jax.sampling import compile_cache
     img, mask = image(4)[None, :16, :24], affinity.preset_coefficients("small", 2)[None]
     try:
@@ -230,3 +226,27 @@ def test_persistent_compilation_cache(tiny, tmp_path):
     assert runs[0].cache["misses"] >= 3 and runs[1].cache["misses"] == 0 and runs[1].cache["hits"] >= 3
     assert list((tmp_path / "xla").glob("jit__denoise_fn-*"))
     np.testing.assert_array_equal(runs[0].videos, runs[1].videos)
+
+
+def test_freenoise_shuffles_have_their_own_key(animator, monkeypatch):
+    """Each random use of a seed has its own key: the FreeNoise shuffles' key is neither of the noise keys nor any
+    step's DDIM noise key (it used to be step 1's), and adding it left the noise keys, so every video, unchanged."""
+    from pia_jax.sampling import animator as animator_lib, noise
+    seed = 12345
+    init, post, step, shuffles = noise.video_keys(seed)
+    old = jax.random.split(noise.seed_key(seed), 3)  # the keys the videos were made with before
+    data = lambda k: tuple(np.asarray(jax.random.key_data(k)).tolist())  # noqa: E731
+    assert [data(k) for k in (init, post, step)] == [data(k) for k in old]
+    used = {data(init), data(post)} | {data(jax.random.fold_in(step, i)) for i in range(1000)}
+    assert data(shuffles) not in used
+    seen = []
+
+    def record(key, *args):  # the key the sampler shuffles with; stop before anything compiles
+        seen.append(data(key))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(animator_lib, "shuffle_permutations", record)
+    options = SampleOptions(steps=2, context_length=4, context_stride=2, free_noise="shuffle_context")
+    with pytest.raises(KeyboardInterrupt):
+        animator(image(4)[None, :16, :24], ["a cat"], [""], np.ones((1, 8), np.float32), options, seeds=[seed])
+    assert seen == [data(shuffles)]

@@ -298,8 +298,7 @@ class Animator:
                 window = options.window(f, self.config.unet.motion_max_seq_length)
                 drawn_noise = np.stack([np.asarray(freenoise_noise(
                     drawn_noise[i:i + 1], window, options.free_noise, shuffle_permutations(
-                        jax.random.fold_in(jax.random.wrap_key_data(keys[i]), 1), f, window.length, window.stride)))[0]
-                    for i in range(b)])
+                        noise_lib.freenoise_key(seeds[i]), f, window.length, window.stride)))[0] for i in range(b)])
             noise = drawn_noise if noise is None else noise
             posterior_noise = drawn_post if posterior_noise is None else posterior_noise
         noise, posterior_noise = np.asarray(noise, np.float32), np.asarray(posterior_noise, np.float32)

@@ -1,8 +1,10 @@
 """Randomness per video: every video's noise comes from its own seed, so a video does not depend on the batch it
 is in or on the device count.
 
-A seed gives three keys: the initial latent noise, the VAE posterior noise, and the DDIM (eta) step noise, which
-the denoising loop draws as normal(fold_in(key, step)) inside the compiled program.
+A seed gives four keys: the initial latent noise, the VAE posterior noise, the DDIM (eta) step noise, which the
+denoising loop draws as normal(fold_in(key, step)) inside the compiled program, and FreeNoise's shuffles. Each use
+has its own key, so no two draws are correlated (jax's split is counter-based: adding the fourth key left the
+first three, and every seed's videos, as they were).
 """
 
 import functools
@@ -20,8 +22,13 @@ def seed_key(seed: int):
 
 
 def video_keys(seed: int):
-    """(initial noise, posterior noise, step noise) keys of one video."""
-    return jax.random.split(seed_key(seed), 3)
+    """(initial noise, posterior noise, step noise, FreeNoise permutations) keys of one video."""
+    return jax.random.split(seed_key(seed), 4)
+
+
+def freenoise_key(seed: int):
+    """The key of one video's FreeNoise shuffles (pia_jax.sampling.windows.shuffle_permutations)."""
+    return video_keys(seed)[3]
 
 
 @functools.partial(jax.jit, static_argnums=1)
