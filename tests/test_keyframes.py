@@ -131,3 +131,20 @@ def test_prompt_map_parsing():
 def test_bad_inputs_give_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_videos_preset_follows_one_rule_at_every_length():
+    """The sampler's per-video affinity (sampling.cases.coefficients, what sample.py and batch files use) extends a
+    loop preset by one rule at every length: the loop closes at the last frame and the frames between stay off the
+    image, from 17 frames up; it used to pad with 1.0 (frames 15.. pinned to the image) up to 32 frames and switch
+    rule at 33."""
+    from pia_jax.sampling import cases
+    for n in (16, 17, 24, 32, 33, 48):
+        got = cases.coefficients(cases.Settings(motion="loop_moderate", frames=n))
+        np.testing.assert_array_equal(got, keyframes.preset_values("loop_moderate", n))
+        assert got[0] == got[-1] == 1 and (got[1:-1] < 1).all()
+    # the reference's 16-frame lists, and every non-loop preset, are as before
+    for preset in ("small", "large", "loop_small", "style_moderate"):
+        for n, cond in ((16, 0), (16, 7), (8, 3)):
+            np.testing.assert_array_equal(cases.coefficients(cases.Settings(motion=preset, frames=n, cond_frame=cond)),
+                                          affinity.preset_coefficients(preset, n, cond))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pia_jax import affinity, media, model_dir, schedulers
+from pia_jax import media, model_dir, schedulers
 from pia_jax.config import PIAConfig
 from pia_jax.sampling import keyframes as keyframes_lib
 from pia_jax.sampling.keyframes import parse_keyed, validate_keys
@@ -152,12 +152,8 @@ def coefficients(s: Settings, keyframes=None) -> np.ndarray:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
                              "themselves (put 1.0 where the image should be): drop one of the two")
         return keyframes_lib.custom_affinity(_numbers(s.affinity), s.frames)
-    if keyframes:
-        return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes)
-    preset = _preset(s.motion)
-    if s.frames > affinity.MAX_FRAMES:  # long videos: the presets extended by keyframes.preset_values' rule
-        return keyframes_lib.preset_affinity(preset, s.frames, [s.cond_frame or 0])
-    return affinity.preset_coefficients(preset, s.frames, s.cond_frame or 0)
+    # one rule for every length (keyframes.preset_values: a loop closes at the last frame); the reference's up to 16
+    return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes or [s.cond_frame or 0])
 
 
 # ---- batch files ----
