@@ -20,7 +20,7 @@ from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
 from pia_jax.data import (DataConfig, Loader, VideoError, decode_frames, draw, generic_rows, open_dataset, probe,
                           sample_window, transform_clip, webvid_rows)
 from pia_jax.data.builder import prepare
-from pia_jax.data.clips import crop_offset, resized_size
+from pia_jax.data.clips import PIXEL_VALUES, crop_offset, quantize, resized_size
 from pia_jax.data.loader import sample_rng
 from pia_jax.tokenizer import load_tokenizer, tokenize
 from tests.assets import write_vocab
@@ -312,6 +312,23 @@ def test_transform_matches_torchvision_resize():
             np.testing.assert_allclose(transform_clip(frames, flip, size), want, atol=1e-5)
 
 
+def test_pixels_travel_as_uint8(dataset, tokenizer):
+    """uint8 levels: exact for a clip that needs no resize (PIXEL_VALUES is transform_clip's arithmetic), within half
+    a level (0.5/255 in [0, 1] units) of the float clip for a resized one; the float clip on request."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 40, 3), dtype=np.uint8)
+    exact = transform_clip(frames, True, 32)  # short side 32 already: cropped, not resized
+    np.testing.assert_array_equal(quantize(exact), frames[:, :, ::-1][:, :, 4:36])
+    np.testing.assert_array_equal(PIXEL_VALUES[quantize(exact)], exact)  # bit for bit
+    resized = transform_clip(frames, False, 24)
+    error = np.abs(PIXEL_VALUES[quantize(resized)] - resized) / 2  # in [0, 1] units
+    assert 0.4 / 255 < error.max() <= 0.5 / 255 + 1e-7
+    records = open_dataset(dataset[0])
+    (levels,), _ = batches(records, tokenizer, 1)
+    (floats,), _ = batches(records, tokenizer, 1, pixel_dtype=np.float32)
+    assert floats["pixel_values"].dtype == np.float32
+    np.testing.assert_array_equal(quantize(floats["pixel_values"]), levels["pixel_values"])
+
+
 def test_dropout_rates():
     """Over 20000 samples the rates are within 5 standard deviations of p (binomial; draws are deterministic)."""
     n, cfg = 20000, DataConfig(n_frames=8, stride=2, resolution=32)
@@ -332,7 +349,7 @@ def test_batches_follow_the_reference_recipe(dataset, tokenizer):
     path, _ = dataset
     records = open_dataset(path)
     (b0, b1), _ = batches(records, tokenizer, 2)
-    assert b0["pixel_values"].shape == (2, 8, 32, 32, 3) and b0["pixel_values"].dtype == np.float32
+    assert b0["pixel_values"].shape == (2, 8, 32, 32, 3) and b0["pixel_values"].dtype == np.uint8
     assert b0["input_ids"].shape == (2, 77) and b0["input_ids"].dtype == np.int32
     assert b0["mask_coef"].dtype == np.float32 and b0["cond_frame"].dtype == np.int32
     assert b0["use_condition"].dtype == bool
@@ -344,7 +361,7 @@ def test_batches_follow_the_reference_recipe(dataset, tokenizer):
             record = records[int(perm[position])]
             d = draw(record["num_frames"], CFG, sample_rng(0, 0, position))
             pixels = transform_clip(all_frames(record["video"])[d.indices], d.flip, 32)
-            np.testing.assert_array_equal(batch["pixel_values"][i], pixels)
+            np.testing.assert_array_equal(batch["pixel_values"][i], quantize(pixels))
             assert batch["cond_frame"][i] == d.cond_frame and batch["use_condition"][i] == d.use_condition
             caption = "" if d.drop_caption else record["caption"]
             np.testing.assert_array_equal(batch["input_ids"][i], tokenize(tokenizer, [caption])[0])
@@ -417,7 +434,7 @@ def test_load_time_failures_are_skipped(dataset, tokenizer):
         record = records[index]
         d = draw(record["num_frames"], CFG, sample_rng(0, 0, position, attempts))
         pixels = transform_clip(all_frames(record["video"])[d.indices], d.flip, 32)
-        np.testing.assert_array_equal(got[position // 2]["pixel_values"][position % 2], pixels)
+        np.testing.assert_array_equal(got[position // 2]["pixel_values"][position % 2], quantize(pixels))
     # Deterministic, counts included.
     again, state2 = batches(damaged, tokenizer, 2, num_workers=1)
     assert_batches_equal(got, again)

@@ -3,11 +3,12 @@
 Needs the `train` extra (PyAV, OpenCV, Pillow, tensorflow-datasets); the model code never imports this package.
 """
 
-from pia_jax.data.clips import DataConfig, Draws, draw, make_example, sample_window, transform_clip
+from pia_jax.data.clips import (PIXEL_VALUES, DataConfig, Draws, draw, make_example, quantize, sample_window,
+                                transform_clip)
 from pia_jax.data.loader import Loader, Records, open_dataset
 from pia_jax.data.sources import Row, generic_rows, rows_from, webvid_rows
 from pia_jax.data.video import VideoError, VideoInfo, decode_frames, probe
 
-__all__ = ["DataConfig", "Draws", "Loader", "Records", "Row", "VideoError", "VideoInfo", "decode_frames", "draw",
-           "generic_rows", "make_example", "open_dataset", "probe", "rows_from", "sample_window", "transform_clip",
-           "webvid_rows"]
+__all__ = ["PIXEL_VALUES", "DataConfig", "Draws", "Loader", "Records", "Row", "VideoError", "VideoInfo",
+           "decode_frames", "draw", "generic_rows", "make_example", "open_dataset", "probe", "quantize", "rows_from",
+           "sample_window", "transform_clip", "webvid_rows"]

@@ -3,6 +3,13 @@
 Clip: a random window of n_frames * stride frames, n_frames indices spread evenly over it, a random horizontal flip
 of the whole clip, short side resized to `resolution` (antialiased bilinear), centre crop, values in [-1, 1].
 Then a condition frame, the affinity coefficients of the augmented clip, caption and condition dropout.
+
+Pixels leave the loader as uint8 (`quantize`: a quarter of float32's host memory and host-to-device bytes) and the
+training step maps them back to [-1, 1] with `PIXEL_VALUES`, the exact float32 values `transform_clip` gives an
+unresized frame. So a clip that needs no resize (video already `resolution` on its short side) reaches the step bit
+for bit as the float pipeline made it; a resized one is rounded to the nearest of 256 levels: at most 0.5/255 in
+[0, 1] units (1/255 in [-1, 1]), a quarter of the 8-bit step of the video it came from. The affinity scores are
+computed from the float clip, before rounding, as the reference computes them.
 """
 
 from dataclasses import dataclass
@@ -32,6 +39,15 @@ class DataConfig:
     flip: bool = opt(True, "random horizontal flips, as the reference; false where captions name directions "
                            "(the flip is drawn either way, so the other draws do not shift)")
     workers: int = opt(8, "threads decoding videos")
+
+
+# uint8 level -> float32 pixel value, computed as `transform_clip` computes it for an unresized frame
+PIXEL_VALUES = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
+
+
+def quantize(pixels: np.ndarray) -> np.ndarray:
+    """float32 pixels in [-1, 1] -> uint8 levels, the nearest of `PIXEL_VALUES` (exact for unresized clips)."""
+    return np.rint((pixels.astype(np.float32) + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def sample_window(num_frames: int, n_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
@@ -108,12 +124,13 @@ def draw(num_frames: int, config: DataConfig, rng: np.random.Generator) -> Draws
                  bool(rng.random() < config.caption_dropout), bool(rng.random() >= config.condition_dropout))
 
 
-def make_example(record: dict, config: DataConfig, rng: np.random.Generator) -> dict:
+def make_example(record: dict, config: DataConfig, rng: np.random.Generator, pixel_dtype=np.uint8) -> dict:
     """One example from a dataset record (`video` bytes, `caption`, `num_frames`, `pts`).
 
-    Keys: pixel_values (F, S, S, 3) float32, caption str (after dropout), mask_coef (F,) float32, cond_frame int,
-    use_condition bool. Where use_condition is False the reference zeroes the mask and the condition latent; here
-    mask_coef is 0 (and the affinity is not computed). Raises VideoError when the video cannot be used.
+    Keys: pixel_values (F, S, S, 3) uint8 (`quantize`; float32 in [-1, 1] with pixel_dtype=np.float32), caption str
+    (after dropout), mask_coef (F,) float32, cond_frame int, use_condition bool. Where use_condition is False the
+    reference zeroes the mask and the condition latent; here mask_coef is 0 (and the affinity is not computed).
+    Raises VideoError when the video cannot be used.
     """
     from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores  # needs OpenCV
 
@@ -124,5 +141,7 @@ def make_example(record: dict, config: DataConfig, rng: np.random.Generator) -> 
         mask_coef = coefficients_from_scores(scores, d.cond_frame, sim_range=config.sim_range)
     else:
         mask_coef = np.zeros(config.n_frames, np.float32)
+    if np.dtype(pixel_dtype) == np.uint8:
+        pixels = quantize(pixels)
     return {"pixel_values": pixels, "caption": "" if d.drop_caption else record["caption"], "mask_coef": mask_coef,
             "cond_frame": d.cond_frame, "use_condition": d.use_condition}

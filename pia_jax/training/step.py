@@ -3,7 +3,13 @@
 One step = k micro-batches (a `lax.scan`) -> the averaged gradient -> global-norm clipping -> AdamW. Per micro-batch:
 frozen VAE encode (posterior sample x scaling factor) and text encode, t ~ U{0..999} and noise per video, the noisy
 latent with PIA's condition channels, the MSE to the model's prediction target (epsilon for SD1.5 and PIA; the
-velocity for a v-prediction model). Differences from the reference, on purpose:
+velocity for a v-prediction model).
+
+Batches: pixel_values come as uint8 levels (a quarter of float32's host-to-device bytes) and are mapped to [-1, 1]
+inside the step, to the data pipeline's exact float32 values (pia_jax/data/clips.py); float32 pixels in [-1, 1] are
+taken as they are.
+
+Differences from the reference, on purpose:
   * clipping acts once on the accumulated, averaged gradient. The reference clips after every micro-batch
     backward, before GradScaler's unscale, so each new (scaled) micro-batch gradient swamps the earlier ones and
     only ~the last of its 16 micro-batches counts. Here k micro-batches of B are one step on the k*B batch.
@@ -36,9 +42,15 @@ class TrainState(NamedTuple):
 
 
 def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
-    """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d)."""
+    """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d).
+
+    The posterior is the frozen VAE's encode of pixel_values: uint8 levels -> the float32 values of
+    pia_jax.data.clips.PIXEL_VALUES, or float32 in [-1, 1]."""
     vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text_encoder, frozen["text_encoder"])
     pixels = batch["pixel_values"]
+    if pixels.dtype == jnp.uint8:  # the table of data/clips.py's PIXEL_VALUES (same arithmetic, bit for bit)
+        table = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
+        pixels = jnp.take(jnp.asarray(table), pixels.astype(jnp.int32), axis=0)
     b, f = pixels.shape[:2]
     mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
     mean, logvar = (x.astype(jnp.float32).reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
@@ -117,7 +129,7 @@ class Trainer:
         self.frozen = jax.tree.map(lambda v, s: place(v, s, frozen_dtype), setup.frozen, self.frozen_shardings)
         abstract = self.abstract_state()
         self.state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-        self.batch_shardings = {key: batch_sharding(mesh, 1) for key in BATCH_KEYS}
+        self.batch_shardings = batch_sharding(mesh, 1)  # every batch array: (k, B, ...) split by video (axis 1)
         shardings = {"params": self.param_shardings, "replicated": jax.tree.map(
             lambda _: replicated(mesh), (setup.trainable, setup.frozen))}
         self._step_args = (tx, setup.scheduler, setup.config.vae.scaling_factor, shardings)
@@ -151,12 +163,15 @@ class Trainer:
         return TrainState(put(np.int32(0), replicated(self.mesh)), params, opt_state, rng)
 
     def put_batch(self, micro_batches: list[dict]) -> dict:
-        """k host-local batches {key: (B_host, ...)} -> global arrays (k, B, ...) split by video over the mesh."""
+        """k host-local batches {key: (B_host, ...)} -> global arrays (k, B, ...) split by video over the mesh, at
+        the dtypes the loader made (uint8 pixels): the step converts."""
         out = {}
         for key in BATCH_KEYS:
+            if key not in micro_batches[0]:
+                continue
             local = np.stack([np.asarray(mb[key]) for mb in micro_batches])
             shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
-            out[key] = jax.make_array_from_process_local_data(self.batch_shardings[key], local, shape)
+            out[key] = jax.make_array_from_process_local_data(self.batch_shardings, local, shape)
         return out
 
     def compile(self, state: TrainState, batch: dict):
@@ -173,12 +188,13 @@ class Trainer:
 
     def batch_shapes(self, micro_batches: int, clips: int, frames: int, size: int) -> dict:
         """The global batch of `micro_batches` x `clips` clips of frames x size² pixels as shapes with the step's
-        shardings: what `lower` takes to compile without data (bench/tpu_aot.py)."""
+        shardings: what `lower` takes to compile without data (bench/tpu_aot.py). Pixels are uint8, as loaders
+        make them."""
         k, b, f = micro_batches, clips, frames
-        shapes = {"pixel_values": ((k, b, f, size, size, 3), jnp.float32), "input_ids": ((k, b, 77), jnp.int32),
+        shapes = {"pixel_values": ((k, b, f, size, size, 3), jnp.uint8), "input_ids": ((k, b, 77), jnp.int32),
                   "mask_coef": ((k, b, f), jnp.float32), "cond_frame": ((k, b), jnp.int32),
                   "use_condition": ((k, b), jnp.bool_)}
-        return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings[key]) for key in BATCH_KEYS}
+        return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings) for key in BATCH_KEYS}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.compile(state, batch)(state, self.frozen, batch)
