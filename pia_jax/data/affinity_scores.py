@@ -48,6 +48,36 @@ def detect_edges(lum: np.ndarray) -> np.ndarray:
     return cv2.dilate(cv2.Canny(lum, low, high), np.ones((k, k), np.uint8))
 
 
+def _check_shape(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+    return frames
+
+
+def _features(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, S, V planes (F, 3, H, W) float32, edge maps (F, H, W) uint8) of RGB frames in [0, 255]."""
+    import cv2
+
+    frames = _check_shape(frames).astype(np.float32)
+    if not np.isfinite(frames).all() or frames.min() <= -1 or frames.max() >= 256:  # V >= 256 would wrap in uint8
+        raise ValueError(f"frames must hold RGB values in [0, 255], got range [{frames.min()}, {frames.max()}]")
+    # float32 RGB -> H in [0, 360), S in [0, 1], V = max(R, G, B) in [0, 255]
+    hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in frames])
+    edges = np.stack([detect_edges(v.astype(np.uint8)) for v in hsv[..., 2]])  # astype truncates
+    return np.ascontiguousarray(hsv.transpose(0, 3, 1, 2)), edges  # (F, 3, H, W): H, S, V planes
+
+
+def _scores(planes: np.ndarray, edges: np.ndarray, cond_frame: int) -> np.ndarray:
+    f, h, w = edges.shape
+    total = np.zeros(f)
+    for i in range(f):
+        for c in range(3):  # float32 pairwise sum of one whole plane, then float64, as np.sum(plane) * 1.0 was
+            total[i] += np.float64(np.abs(planes[i, c] - planes[cond_frame, c]).sum())
+        total[i] += int((edges[i] - edges[cond_frame]).sum(dtype=np.int64))  # uint8 wrap-around
+    return total / (h * w) / 4
+
+
 def frame_scores(frames: np.ndarray, cond_frame: int) -> np.ndarray:
     """(F,) float64 difference of each frame to the condition frame, as PIA's dataset computes it (there on the
     augmented 256 x 256 clip; the statistics and the edge dilation size depend on that resolution).
@@ -63,27 +93,18 @@ def frame_scores(frames: np.ndarray, cond_frame: int) -> np.ndarray:
     gives 0 - 255 = 1, edge in the frame only gives 255. This asymmetry is in the published statistics
     (`STATISTIC`), so it is kept.
     """
-    import cv2
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-        raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+    frames = _check_shape(frames)
     if not 0 <= cond_frame < len(frames):
         raise ValueError(f"cond_frame must be in 0..{len(frames) - 1}, got {cond_frame}")
-    frames = frames.astype(np.float32)
-    if not np.isfinite(frames).all() or frames.min() <= -1 or frames.max() >= 256:  # V >= 256 would wrap in uint8
-        raise ValueError(f"frames must hold RGB values in [0, 255], got range [{frames.min()}, {frames.max()}]")
-    # float32 RGB -> H in [0, 360), S in [0, 1], V = max(R, G, B) in [0, 255]
-    hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in frames])
-    edges = np.stack([detect_edges(v.astype(np.uint8)) for v in hsv[..., 2]])  # astype truncates
-    f, h, w = edges.shape
-    planes = np.ascontiguousarray(hsv.transpose(0, 3, 1, 2))  # (F, 3, H, W): H, S, V planes
-    total = np.zeros(f)
-    for i in range(f):
-        for c in range(3):  # float32 pairwise sum of one whole plane, then float64, as np.sum(plane) * 1.0 was
-            total[i] += np.float64(np.abs(planes[i, c] - planes[cond_frame, c]).sum())
-        total[i] += int((edges[i] - edges[cond_frame]).sum(dtype=np.int64))  # uint8 wrap-around
-    return total / (h * w) / 4
+    return _scores(*_features(frames), cond_frame)
+
+
+def score_matrix(frames: np.ndarray) -> np.ndarray:
+    """(F, F) float64: column c is `frame_scores(frames, c)`, bit for bit (each frame's HSV and edge map computed
+    once): the scores of every frame against every possible condition frame, which a latent cache stores so that the
+    condition frame can still be drawn when a clip is loaded (pia_jax/data/latents.py)."""
+    planes, edges = _features(frames)
+    return np.stack([_scores(planes, edges, c) for c in range(len(edges))], axis=1)
 
 
 def coefficients_from_scores(scores, cond_frame: int, statistic=STATISTIC, sim_range=(0.2, 1.0)) -> np.ndarray:

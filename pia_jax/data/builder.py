@@ -7,6 +7,12 @@ metadata.json, with the inputs it was prepared from. The dataset is written into
 folder and renamed into place only when it is complete and holds at least one video, so a failed or killed
 preparation leaves no folder behind (a killed one's hidden sibling is removed by the next run), and an existing
 dataset is replaced only on request, once the new one is complete.
+
+With a `LatentSpec` (prepare_dataset.py --latents MODEL_DIR), each example also holds the VAE posteriors of N clips
+of its video, drawn and preprocessed as the training loader would, and their affinity scores (pia_jax/data/
+latents.py: what is stored, its size and its trade-off); the metadata's `latents` entry records the clip shape and
+the VAE (config and weights hash) that a training run checks before using them. A video whose clips cannot be
+decoded is skipped like any unusable video.
 """
 
 import collections
@@ -22,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from pia_jax.data import latents as latents_lib
 from pia_jax.data.sources import Row
 from pia_jax.data.video import VideoError, probe
 
@@ -67,33 +74,50 @@ class PiaVideos(tfds.core.GeneratorBasedBuilder):
     name = "pia_videos"
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, rows: Iterable[Row] = (), min_frames: int = 16, workers: int = 8, **kwargs):
+    def __init__(self, *, rows: Iterable[Row] = (), min_frames: int = 16, workers: int = 8,
+                 latents: latents_lib.LatentSpec | None = None, latent_meta: dict | None = None, **kwargs):
         self._rows, self._min_frames, self._workers = rows, min_frames, workers
+        self._latents, self._latent_meta = latents, latent_meta  # the spec and its `latents_lib.describe`
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "video": tfds.features.Tensor(shape=(), dtype=np.object_),  # the encoded file, e.g. mp4 bytes
-                "caption": tfds.features.Text(),
-                "key": tfds.features.Text(),  # WebVid videoid or CSV path, to trace an example to its source
-                "num_frames": tfds.features.Scalar(dtype=np.int32),
-                "height": tfds.features.Scalar(dtype=np.int32),
-                "width": tfds.features.Scalar(dtype=np.int32),
-                "pts": tfds.features.Tensor(shape=(None,), dtype=np.int64),  # empty: timestamps unusable, no seeking
-            }),
-            metadata=tfds.core.MetadataDict(),
-        )
+        features = {
+            "video": tfds.features.Tensor(shape=(), dtype=np.object_),  # the encoded file, e.g. mp4 bytes
+            "caption": tfds.features.Text(),
+            "key": tfds.features.Text(),  # WebVid videoid or CSV path, to trace an example to its source
+            "num_frames": tfds.features.Scalar(dtype=np.int32),
+            "height": tfds.features.Scalar(dtype=np.int32),
+            "width": tfds.features.Scalar(dtype=np.int32),
+            "pts": tfds.features.Tensor(shape=(None,), dtype=np.int64),  # empty: timestamps unusable, no seeking
+        }
+        if self._latents is not None:  # raw bytes: read back with one np.frombuffer, not value by value
+            raw = dict(encoding=tfds.features.Encoding.BYTES)
+            f = self._latents.n_frames
+            shape = (None, *self._latent_meta["latent_shape"])
+            features |= {
+                "latent_mean": tfds.features.Tensor(shape=shape, dtype=latents_lib.DTYPES[self._latents.dtype], **raw),
+                "latent_logvar": tfds.features.Tensor(shape=shape, dtype=latents_lib.DTYPES[self._latents.dtype],
+                                                      **raw),
+                "latent_scores": tfds.features.Tensor(shape=(None, f, f), dtype=np.float64, **raw),
+                "latent_indices": tfds.features.Tensor(shape=(None, f), dtype=np.int64, **raw),
+                "latent_flip": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+            }
+        return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                     features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        def attempt(row):
+        spec = self._latents
+        encoder = spec and latents_lib.Encoder(spec.model_dir, spec.encode_batch)
+
+        def attempt(row):  # on a worker thread: decoding, resizing and scoring (the VAE runs on this one)
             try:
-                return row, load_row(row, self._min_frames)
+                example = load_row(row, self._min_frames)
+                if spec is not None:
+                    example["clips"] = latents_lib.draw_clips(example, spec)
+                return row, example
             except VideoError as e:
                 return row, e
 
@@ -104,6 +128,8 @@ class PiaVideos(tfds.core.GeneratorBasedBuilder):
                 if len(examples[result.reason]) < MAX_EXAMPLES_PER_REASON:
                     examples[result.reason].append([row.key, result.message])
                 continue
+            if spec is not None:
+                result |= latents_lib.encode_clips(result.pop("clips"), encoder, spec.dtype)
             written += 1
             yield i, result  # the row number: unique even where a CSV repeats a video
         report = {"examples": written, "skipped": dict(skipped), "skipped_examples": dict(examples),
@@ -124,14 +150,16 @@ def _finished(out: epath.Path) -> tuple[epath.Path, dict] | None:
 
 
 def prepare(rows: Iterable[Row], out_dir, *, min_frames: int = 16, workers: int = 8, inputs: dict | None = None,
-            force: bool = False, log=print) -> tuple[epath.Path, dict]:
+            force: bool = False, log=print, latents: latents_lib.LatentSpec | None = None) -> tuple[epath.Path, dict]:
     """Writes the dataset into out_dir; returns its folder (what `open_dataset` takes) and the report
     {"examples": n, "skipped": {reason: n}, "skipped_examples": {reason: [[key, message], ...]}, "min_frames": n,
-    "inputs": {...}}. `inputs` describes the source (kept in the metadata): a finished dataset in out_dir made from
-    the same inputs is reused as it is, one from other inputs is refused (PrepareError) unless `force`, which
-    replaces it once the new one is complete. No usable video raises PrepareError with the report."""
+    "inputs": {...}} (+ "latents": `latents_lib.describe(latents)` with a latent cache). `inputs` describes the
+    source (kept in the metadata): a finished dataset in out_dir made from the same inputs (the latent cache's
+    settings and VAE included) is reused as it is, one from other inputs is refused (PrepareError) unless `force`,
+    which replaces it once the new one is complete. No usable video raises PrepareError with the report."""
     out = epath.Path(out_dir)
-    inputs = {**(inputs or {}), "min_frames": min_frames}
+    latent_meta = latents and latents_lib.describe(latents)
+    inputs = {**(inputs or {}), "min_frames": min_frames} | ({"latents": latent_meta} if latents else {})
     existing = _finished(out)
     if existing is not None and not force:
         if existing[1].get("inputs") == inputs:
@@ -150,9 +178,11 @@ def prepare(rows: Iterable[Row], out_dir, *, min_frames: int = 16, workers: int 
         stale.rmtree()
     made = [p for p in (out, *out.parents) if not p.exists()]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    builder = PiaVideos(rows=rows, min_frames=min_frames, workers=workers, data_dir=str(tmp),
-                        file_format="array_record")
+    builder = PiaVideos(rows=rows, min_frames=min_frames, workers=workers, latents=latents, latent_meta=latent_meta,
+                        data_dir=str(tmp), file_format="array_record")
     builder.info.metadata["inputs"] = inputs
+    if latents:
+        builder.info.metadata["latents"] = latent_meta
     try:
         with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
             builder.download_and_prepare(download_dir=downloads)

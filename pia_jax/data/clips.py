@@ -39,6 +39,9 @@ class DataConfig:
     flip: bool = opt(True, "random horizontal flips, as the reference; false where captions name directions "
                            "(the flip is drawn either way, so the other draws do not shift)")
     workers: int = opt(8, "threads decoding videos")
+    latents: bool = opt(False, "train from the VAE latents cached in the dataset (prepare_dataset.py --latents): the "
+                               "VAE encode leaves the step, clips are drawn from the cached ones; refused where the "
+                               "dataset has none, or they were made for other clips or by another VAE")
 
 
 # uint8 level -> float32 pixel value, computed as `transform_clip` computes it for an unresized frame

@@ -7,7 +7,8 @@ Every random draw of a sample comes from `sample_rng(seed, epoch, position, atte
 on worker timing nor on the number of hosts: the hosts' batches put together are the single-host batch of size G.
 
 Examples are made on a thread pool (decoding, resizing and the affinity score run in C code that mostly releases the
-GIL), `prefetch` batches ahead, and handed out in order.
+GIL), `prefetch` batches ahead, and handed out in order. With `config.latents` they come from the dataset's latent
+cache instead (pia_jax/data/latents.py: no decoding, the VAE posterior of a cached clip).
 """
 
 import collections
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pia_jax.data.clips import DataConfig, make_example
+from pia_jax.data.latents import make_latent_example
 from pia_jax.data.video import VideoError
 from pia_jax.tokenizer import tokenize
 
@@ -46,11 +48,8 @@ class Records:
         return r
 
 
-def open_dataset(path, split: str = "train") -> Records:
-    """Opens prepared data: the folder `prepare` returned, the `out_dir` given to it, or a folder of such out_dirs
-    (parts prepared in parallel, see prepare_dataset.py --part), concatenated in path order. Local or remote
-    (e.g. gs://, through etils.epath) paths."""
-    import tensorflow_datasets as tfds
+def dataset_folders(path) -> list:
+    """The prepared dataset folders under `path` (see `open_dataset`), in path order."""
     from etils import epath
 
     path = epath.Path(path)
@@ -60,7 +59,27 @@ def open_dataset(path, split: str = "train") -> Records:
     if not found:
         raise FileNotFoundError(f"no prepared dataset at {str(path)!r} (looked for dataset_info.json in it, in "
                                 f"pia_videos/<version>/ and in */pia_videos/<version>/)")
-    return Records([tfds.builder_from_directory(str(f.parent)).as_data_source(split=split) for f in found])
+    return [f.parent for f in found]
+
+
+def dataset_metadata(path) -> list[tuple[str, dict]]:
+    """(folder, metadata.json) of each prepared dataset under `path`: the preparation report, its inputs and, for a
+    latent cache, its `latents` entry (pia_jax/data/latents.py)."""
+    import json
+    out = []
+    for folder in dataset_folders(path):
+        meta = folder / "metadata.json"
+        out.append((str(folder), json.loads(meta.read_text()) if meta.exists() else {}))
+    return out
+
+
+def open_dataset(path, split: str = "train") -> Records:
+    """Opens prepared data: the folder `prepare` returned, the `out_dir` given to it, or a folder of such out_dirs
+    (parts prepared in parallel, see prepare_dataset.py --part), concatenated in path order. Local or remote
+    (e.g. gs://, through etils.epath) paths."""
+    import tensorflow_datasets as tfds
+
+    return Records([tfds.builder_from_directory(str(f)).as_data_source(split=split) for f in dataset_folders(path)])
 
 
 class Loader:
@@ -72,6 +91,10 @@ class Loader:
         mask_coef     float32 (B, F), 0 where use_condition is False
         cond_frame    int32   (B,)
         use_condition bool    (B,)
+
+    or, with `config.latents` (a latent cache, pia_jax/data/latents.py), instead of pixel_values:
+
+        latent_mean, latent_logvar  (B, F, h, w, 4) at the cache's dtype: the VAE posterior of a cached clip
 
     records: random access (`len`, `[i]`) to dicts with video bytes, caption, num_frames, pts (see `open_dataset`).
     tokenizer: a CLIP tokenizer (`pia_jax.tokenizer.load_tokenizer`). batch_size: examples per host and step.
@@ -119,8 +142,10 @@ class Loader:
         for attempt in range(self.max_attempts):
             rng = sample_rng(self.seed, epoch, position, attempt)
             try:
-                return make_example(self.records[(index + attempt) % len(self.records)], self.config, rng,
-                                    self.pixel_dtype), failures
+                record = self.records[(index + attempt) % len(self.records)]
+                if self.config.latents:
+                    return make_latent_example(record, self.config, rng), failures
+                return make_example(record, self.config, rng, self.pixel_dtype), failures
             except VideoError as e:
                 failures.append(e.reason)
             except Exception as e:  # a broken record (e.g. a damaged shard entry) must not stop training either
@@ -156,8 +181,9 @@ class Loader:
 
     def _collate(self, examples: list[dict]) -> dict:
         # Tokenized here, on one thread: a Hugging Face fast tokenizer must not be called from several at once.
+        clips = ("latent_mean", "latent_logvar") if self.config.latents else ("pixel_values",)
         return {
-            "pixel_values": np.stack([e["pixel_values"] for e in examples]),
+            **{k: np.stack([e[k] for e in examples]) for k in clips},
             "input_ids": tokenize(self.tokenizer, [e["caption"] for e in examples], self.config.max_length),
             "mask_coef": np.stack([e["mask_coef"] for e in examples]),
             "cond_frame": np.array([e["cond_frame"] for e in examples], np.int32),

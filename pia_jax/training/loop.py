@@ -58,18 +58,43 @@ class Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def check_data(cfg: TrainConfig) -> dict | None:
+    """Raises ValueError (pia_jax.data.LatentMismatch for a latent cache) where the data cannot serve this run; with
+    data.latents, checks the dataset's cached latents against the clips and the VAE of this run (reads no weights,
+    hashes vae.safetensors), so it can run before the model is built. Returns the cache's metadata entry or None."""
+    d = cfg.data
+    if d.latents and cfg.task == "vae":
+        raise ValueError("data.latents=true: the vae task trains the VAE on pixels; set data.latents=false")
+    if d.latents and d.path:
+        from pia_jax.data import dataset_metadata, latents
+        return latents.check(dataset_metadata(d.path), d, cfg.model.model_dir)
+    return None
+
+
+def _latent_side(cfg: TrainConfig) -> tuple[int, int]:
+    """(latent side, channels) of the model's VAE at data.resolution."""
+    from pia_jax import config as model_config
+    from pia_jax.model_dir import read_config
+    vae = (read_config(cfg.model.model_dir)[0] if cfg.model.model_dir else model_config.MODELS[cfg.model.init]).vae
+    return cfg.data.resolution // 2 ** (len(vae.block_out_channels) - 1), vae.latent_channels
+
+
 def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
-    """This process's share of each global batch: a prepared dataset (`data.path`), or synthetic clips."""
+    """This process's share of each global batch: a prepared dataset (`data.path`; its latent cache with
+    data.latents, checked by `check_data`), or synthetic clips (synthetic latents with data.latents)."""
     d, n = cfg.data, jax.process_count()
     if d.batch_size % jax.device_count():
         raise ValueError(f"data.batch_size={d.batch_size} must be a multiple of the {jax.device_count()} devices")
+    check_data(cfg)
     common = dict(batch_size=d.batch_size // n, seed=cfg.seed, process_index=jax.process_index(), process_count=n)
     # uint8 pixels, mapped to [-1, 1] inside the step; the vae task's objective and its latent-scale export
     # (tasks.py) read pixel_values themselves, so they get float32 in [-1, 1]
     common["pixel_dtype"] = np.float32 if cfg.task == "vae" else np.uint8
     if d.path is None:
         from pia_jax.training.synthetic import SyntheticLoader
-        return SyntheticLoader(n_frames=d.n_frames, resolution=d.resolution, vocab_size=vocab_size, **common)
+        side, channels = _latent_side(cfg) if d.latents else (None, 4)
+        return SyntheticLoader(n_frames=d.n_frames, resolution=d.resolution, vocab_size=vocab_size, latent_size=side,
+                               latent_channels=channels, **common)
     from pia_jax import data
     if tokenizer is None:
         raise ValueError("training on a dataset needs the model directory's tokenizer")

@@ -7,7 +7,9 @@ velocity for a v-prediction model).
 
 Batches: pixel_values come as uint8 levels (a quarter of float32's host-to-device bytes) and are mapped to [-1, 1]
 inside the step, to the data pipeline's exact float32 values (pia_jax/data/clips.py); float32 pixels in [-1, 1] are
-taken as they are.
+taken as they are. A batch from a latent cache (pia_jax/data/latents.py) carries the VAE posterior instead
+(latent_mean, latent_logvar): the step then samples it with the same noise draw, so the objective is the same and the
+VAE encoder is not part of the compiled step.
 
 Differences from the reference, on purpose:
   * clipping acts once on the accumulated, averaged gradient. The reference clips after every micro-batch
@@ -31,7 +33,8 @@ from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
 from pia_jax.vae import sample_posterior
 
-BATCH_KEYS = ("pixel_values", "input_ids", "mask_coef", "cond_frame", "use_condition")
+# every key a batch may hold; a batch has pixel_values or (latent_mean, latent_logvar), and all the others
+BATCH_KEYS = ("pixel_values", "latent_mean", "latent_logvar", "input_ids", "mask_coef", "cond_frame", "use_condition")
 
 
 class TrainState(NamedTuple):
@@ -44,16 +47,21 @@ class TrainState(NamedTuple):
 def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
     """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d).
 
-    The posterior is the frozen VAE's encode of pixel_values: uint8 levels -> the float32 values of
-    pia_jax.data.clips.PIXEL_VALUES, or float32 in [-1, 1]."""
-    vae, text = merge(graphs.vae, frozen["vae"]), merge(graphs.text_encoder, frozen["text_encoder"])
-    pixels = batch["pixel_values"]
-    if pixels.dtype == jnp.uint8:  # the table of data/clips.py's PIXEL_VALUES (same arithmetic, bit for bit)
-        table = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
-        pixels = jnp.take(jnp.asarray(table), pixels.astype(jnp.int32), axis=0)
-    b, f = pixels.shape[:2]
-    mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
-    mean, logvar = (x.astype(jnp.float32).reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
+    The posterior is the frozen VAE's encode of pixel_values (uint8 levels -> the float32 values of
+    pia_jax.data.clips.PIXEL_VALUES, or float32 in [-1, 1]), or the batch's cached latent_mean and latent_logvar
+    (any float dtype). The noise is drawn per video from post_keys with the latents' shape either way."""
+    text = merge(graphs.text_encoder, frozen["text_encoder"])
+    if "latent_mean" in batch:
+        mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
+    else:
+        vae = merge(graphs.vae, frozen["vae"])
+        pixels = batch["pixel_values"]
+        if pixels.dtype == jnp.uint8:  # the table of data/clips.py's PIXEL_VALUES (same arithmetic, bit for bit)
+            table = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
+            pixels = jnp.take(jnp.asarray(table), pixels.astype(jnp.int32), axis=0)
+        b, f = pixels.shape[:2]
+        mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
+        mean, logvar = (x.astype(jnp.float32).reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(post_keys)
     return sample_posterior(mean, logvar, noise) * scaling, text(batch["input_ids"])
 
@@ -164,7 +172,7 @@ class Trainer:
 
     def put_batch(self, micro_batches: list[dict]) -> dict:
         """k host-local batches {key: (B_host, ...)} -> global arrays (k, B, ...) split by video over the mesh, at
-        the dtypes the loader made (uint8 pixels): the step converts."""
+        the dtypes the loader made (uint8 pixels, cached latents at their stored dtype): the step converts."""
         out = {}
         for key in BATCH_KEYS:
             if key not in micro_batches[0]:
@@ -186,15 +194,21 @@ class Trainer:
         with attention.compiling_for(self.mesh):
             return self.jitted.lower(state, self.frozen, batch)
 
-    def batch_shapes(self, micro_batches: int, clips: int, frames: int, size: int) -> dict:
+    def batch_shapes(self, micro_batches: int, clips: int, frames: int, size: int, latents=None) -> dict:
         """The global batch of `micro_batches` x `clips` clips of frames x size² pixels as shapes with the step's
         shardings: what `lower` takes to compile without data (bench/tpu_aot.py). Pixels are uint8, as loaders
-        make them."""
+        make them; `latents` (a dtype, e.g. jnp.float32 or jnp.bfloat16) gives a latent-cache batch instead: the
+        VAE posterior of each frame, (size / 2^(VAE blocks - 1))² x latent channels."""
         k, b, f = micro_batches, clips, frames
-        shapes = {"pixel_values": ((k, b, f, size, size, 3), jnp.uint8), "input_ids": ((k, b, 77), jnp.int32),
-                  "mask_coef": ((k, b, f), jnp.float32), "cond_frame": ((k, b), jnp.int32),
-                  "use_condition": ((k, b), jnp.bool_)}
-        return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings) for key in BATCH_KEYS}
+        vae = self.setup.config.vae
+        side = size // 2 ** (len(vae.block_out_channels) - 1)
+        clip = ({"latent_mean": ((k, b, f, side, side, vae.latent_channels), latents),
+                 "latent_logvar": ((k, b, f, side, side, vae.latent_channels), latents)} if latents is not None
+                else {"pixel_values": ((k, b, f, size, size, 3), jnp.uint8)})
+        shapes = {**clip, "input_ids": ((k, b, 77), jnp.int32), "mask_coef": ((k, b, f), jnp.float32),
+                  "cond_frame": ((k, b), jnp.int32), "use_condition": ((k, b), jnp.bool_)}
+        return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings) for key in BATCH_KEYS
+                if key in shapes}
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.compile(state, batch)(state, self.frozen, batch)
