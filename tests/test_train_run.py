@@ -2,6 +2,7 @@
 non-finite steps, an interrupted save, metrics, validation videos and export. Uses test_train.py's cached trainers."""
 
 import os
+import re
 import shutil
 import signal
 
@@ -141,9 +142,10 @@ def nan_at_batch(n):
 
 
 def test_nonfinite_stops_keeping_the_last_good_checkpoint(tmp_path):
+    """Checkpoints at steps 2 and 4: the non-finite step 3 is seen after step 4 was dispatched (metrics are read one
+    step late), and still nothing after checkpoint 2 is saved."""
     with pytest.raises(loop.NonFiniteError, match="step 3: non-finite.*last good checkpoint is step 2"):
-        loop.run(train_config(tmp_path, steps=STEPS, **{"checkpoint.every": 1}), trainer(4, 2),
-                 Hooked(loader(), nan_at_batch(3)))
+        loop.run(train_config(tmp_path, steps=STEPS), trainer(4, 2), Hooked(loader(), nan_at_batch(3)))
     assert Checkpointer(tmp_path / "checkpoints", keep=10).latest_step() == 2
 
 
@@ -157,6 +159,50 @@ def test_nonfinite_skip(tmp_path, capsys):
     assert all(np.isfinite(v).all() for v in host(result.state.params).values())
     out = capsys.readouterr().out
     assert "step 2: non-finite" in out and "skipped (1 so far)" in out
+
+
+def test_pipelined_run_equals_the_synchronous_one(tmp_path, monkeypatch, capsys):
+    """Checkpointing every step, each step is finished before the next is drawn; checkpointing only at the end, step
+    n + 1 is dispatched and batch n + 2 drawn before step n's metrics are read. Same weights, same logged values, a
+    non-finite step skipped either way."""
+    events, logged = [], []
+    step_scalars = loop.metrics_lib.step_scalars
+
+    def read(metrics, *args):
+        events.append("read")
+        logged.append({k: float(v) for k, v in metrics.items() if k != "finite"})
+        return step_scalars(metrics, *args)
+
+    class Recorded:  # the trainer, noting each dispatched step
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, state, batch):
+            events.append("dispatch")
+            return self.inner.step(state, batch)
+
+    monkeypatch.setattr(loop.metrics_lib, "step_scalars", read)
+    hook = lambda count, batch: events.append("draw") or nan_at_batch(3)(count, batch)  # noqa: E731
+    runs = {}
+    for every in (1, STEPS):
+        events.clear()
+        cfg = train_config(tmp_path / str(every), steps=STEPS, on_nonfinite="skip", **{"checkpoint.every": every})
+        result = loop.run(cfg, Recorded(trainer(4, 2)), Hooked(loader(), hook))
+        runs[every] = host(result.state.params), list(logged), list(events), result.skipped
+        logged.clear()
+    assert runs[1][2] == ["draw", "dispatch", "read"] * STEPS
+    assert runs[STEPS][2] == ["draw", "dispatch", "draw", "dispatch", "read", "draw", "dispatch", "read", "draw",
+                              "dispatch", "read", "read"]
+    (sync, sync_logged, _, sync_skipped), (piped, piped_logged, _, piped_skipped) = runs[1], runs[STEPS]
+    assert sync_skipped == piped_skipped == 1 and len(piped_logged) == STEPS
+    np.testing.assert_equal(piped_logged, sync_logged)  # NaN (step 3) counts as equal to NaN
+    assert all(np.array_equal(piped[k], sync[k]) for k in sync)
+    out = capsys.readouterr().out
+    assert out.count("step 3: non-finite") == 2 and "skipped (1 so far)" in out
+    assert re.findall(r"\] step (\d+): loss", out) == ["1", "2", "3", "4"] * 2  # every step logged, in order
 
 
 def test_metrics_logged_to_stdout_and_tensorboard(uninterrupted, capsys):

@@ -1,10 +1,18 @@
 """The training run: resume, step, log, checkpoint, validate, survive pre-emption, export.
 
 A run resumes from the newest complete, readable checkpoint in `{workdir}/checkpoints` if there is one (see
-`Checkpointer.restore_latest`). SIGTERM (pre-emption) finishes the current step, saves a checkpoint and returns
-`status="preempted"` (train.py then exits with `sigterm_exit_code`); a non-finite loss or gradient
-either stops the run (`NonFiniteError`; the step did not touch the weights and nothing after the last good
+`Checkpointer.restore_latest`). SIGTERM (pre-emption) finishes the steps already dispatched (at most two), saves a
+checkpoint and returns `status="preempted"` (train.py then exits with `sigterm_exit_code`); a non-finite loss or
+gradient either stops the run (`NonFiniteError`; the step did not touch the weights and nothing after the last good
 checkpoint is saved) or is skipped, as `on_nonfinite` says.
+
+The devices are kept busy: step n+1 is dispatched before step n's metrics are read (JAX runs steps
+asynchronously), and while step n runs the host makes batch n+1 and puts it on the devices (`Trainer.put_batch`).
+Metrics are read one step late, still every step and in order. Steps that checkpoint or validate (and the last)
+are finished before anything more is dispatched or drawn, since the next step consumes (donates) their state; a
+checkpoint holds the loader state after the batches its step consumed, and a run that ends with a batch drawn
+ahead hands it back (`loader.set_state`), so resuming, or reading the loader after `run`, continues exactly after
+the data the returned state has seen.
 """
 
 import signal
@@ -118,14 +126,44 @@ def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
         state, data_state = restored
         loader.set_state(data_state)
         writer.log(f"resumed from step {latest} of {ckpt.directory}")
-    step, skipped, status = latest or 0, 0, "done"
+    step, skipped, status = latest or 0, 0, "done"  # step: the steps dispatched so far
     clips = cfg.data.batch_size * cfg.optim.grad_accum
     peak = metrics_lib.peak_flops(jax.devices()[0], cfg.log.peak_tflops)
     preemption = Preemption()
-    flops = None
+    flops, last = None, None
+
+    def draw():
+        """The next step's batch on the devices, and the loader state after it (what a checkpoint of it holds)."""
+        return trainer.put_batch([next(loader) for _ in range(cfg.optim.grad_accum)]), loader.get_state()
+
+    def finish(n: int, metrics) -> bool:
+        """Reads step n's metrics (blocking until it is done), logs them, applies on_nonfinite; then whether any
+        process got SIGTERM."""
+        nonlocal skipped, last
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        seconds, last = now - last, now
+        if not metrics["finite"]:
+            message = (f"step {n}: non-finite loss ({metrics['loss']}) or gradient norm "
+                       f"({metrics['grad_norm']}); the step was not applied")
+            if cfg.on_nonfinite == "stop":
+                ckpt.wait()
+                raise NonFiniteError(f"{message}. Stopping; the last good checkpoint is step "
+                                     f"{ckpt.latest_step()} in {ckpt.directory} (set on_nonfinite=skip to skip "
+                                     "such steps instead)")
+            skipped += 1
+            writer.log(f"{message}; skipped ({skipped} so far)")
+        writer.scalars(n, metrics_lib.step_scalars(metrics, seconds, clips, flops, peak, trainer.mesh.size))
+        return preemption.requested()
+
+    pending = None  # (step, metrics) dispatched, metrics not read yet
+    ahead = None  # (batch, loader state) of the next step, drawn while the current one runs
+    consumed = None  # the loader state after the data of the last dispatched step
+    stop = False
     try:
-        while step < cfg.steps:
-            batch = trainer.put_batch([next(loader) for _ in range(cfg.optim.grad_accum)])
+        while step < cfg.steps and not stop:
+            batch, data_state = ahead or draw()
+            ahead = None
             if flops is None:  # the first step: compile (or find compiled) ahead of running
                 start = time.perf_counter()
                 trainer.compile(state, batch)
@@ -133,35 +171,32 @@ def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
                 writer.log(f"compiled the step in {time.perf_counter() - start:.1f} s; {flops / 1e12:.4g} TFLOP per "
                            f"step of {clips} clips on {trainer.mesh.size} devices (mesh {dict(trainer.mesh.shape)})")
                 last = time.perf_counter()
-            state, metrics = trainer.step(state, batch)
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            seconds, last = now - last, now
-            step += 1
-            if not metrics["finite"]:
-                message = (f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm "
-                           f"({metrics['grad_norm']}); the step was not applied")
-                if cfg.on_nonfinite == "stop":
-                    ckpt.wait()
-                    raise NonFiniteError(f"{message}. Stopping; the last good checkpoint is step "
-                                         f"{ckpt.latest_step()} in {ckpt.directory} (set on_nonfinite=skip to skip "
-                                         "such steps instead)")
-                skipped += 1
-                writer.log(f"{message}; skipped ({skipped} so far)")
-            writer.scalars(step, metrics_lib.step_scalars(metrics, seconds, clips, flops, peak, trainer.mesh.size))
-            stop = preemption.requested()
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
-                ckpt.save(step, state, loader.get_state())
+            state, metrics = trainer.step(state, batch)  # dispatched: runs on the devices while the host goes on
+            step, consumed = step + 1, data_state
+            del batch
+            if pending is not None:  # the step before, which ran while this one was dispatched
+                stop = finish(*pending)
+            pending = (step, metrics)
+            save = step % cfg.checkpoint.every == 0 or step == cfg.steps
+            validate_now = bool(cfg.validation.every) and step % cfg.validation.every == 0
+            if not (save or validate_now or stop):
+                ahead = draw()  # the next batch, made and placed while this step runs
+                continue
+            stop = finish(*pending) or stop  # this step's state is needed now: nothing more is dispatched first
+            pending = None
+            if save or stop:
+                ckpt.save(step, state, data_state)
                 writer.flush()  # a kill after this loses no logged step up to the checkpoint
-            if cfg.validation.every and step % cfg.validation.every == 0:
+            if validate_now:
                 from pia_jax.training.validation import validate
                 validate(cfg, trainer, state, step, writer)
                 last = time.perf_counter()
             if stop:
                 status = "preempted"
                 writer.log(f"SIGTERM: saved step {step} in {ckpt.directory}; stopping")
-                break
     finally:
+        if ahead is not None:  # drawn for a step that never ran: the loader continues after the consumed data
+            loader.set_state(consumed)
         ckpt.wait()
         ckpt.close()
         writer.close()
