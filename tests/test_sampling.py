@@ -201,6 +201,12 @@ def test_no_weight_work_inside_the_loop(animator):
     assert weight_work_in_loop_body(control, {("f32", (48, 40))})
 
 
+def test_the_denoiser_is_not_a_mutable_hook(animator):
+    """What the compiled loop denoises with follows from its static options alone: a public attribute read at trace
+    time (and absent from the compile key) was silently ignored when set after a first call."""
+    assert not hasattr(animator, "denoiser")
+
+
 def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
     """A library's constructor leaves jax's global settings alone: the compilation cache is the CLIs' choice."""
     monkeypatch.setenv("PIA_JAX_CACHE_DIR", str(tmp_path / "xla"))  # what the cache would use if turned on

@@ -116,9 +116,6 @@ class Animator:
         self._denoise = _Compiled(self._denoise_fn, self._by_video, static_argnums=(11,), donate_argnums=donate)
         self._decode = _Compiled(self._decode_fn, self._by_video, static_argnums=(2, 3))
         self._wait_each_step = False  # bench/sample.py: wait for each piece before queuing the next (the old loop)
-        # eps = denoiser(unet, latents, t, text, mask, cond, guidance, cfg), called in every step of the loop; a
-        # replacement (e.g. context windows over long videos) must be set before the first call compiles the loop
-        self.denoiser = guided_eps
 
     @classmethod
     def load(cls, path, *, dtype=None, param_dtype=None, mesh=None, attention_kernels=None,
@@ -164,7 +161,8 @@ class Animator:
         cfg, window, window_batch = static
         if self.text_to_video:
             mask = cond = None
-        denoiser = self.denoiser if window is None else windowed(self.denoiser, window, window_batch)
+        # what the loop denoises with is fixed by the static options (no mutable hook outside the compile key)
+        denoiser = guided_eps if window is None else windowed(guided_eps, window, window_batch)
         latents, solver_state = denoise(nnx.merge(self._unet_def, unet_state), schedule, latents, solver_state, text,
                                         mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=denoiser)
         return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
