@@ -16,6 +16,7 @@ ALLOW_MULTIPLE_LIBTPU_LOAD=1.
 
 import argparse
 import collections
+import gzip
 import json
 import os
 import re
@@ -38,7 +39,7 @@ FLAGS = {None: "", "overlap": " ".join((
     "--xla_enable_async_all_gather=true"))}
 
 # The table, in the order it runs: SD1.5, 16 frames at 256² (the recipe), 4 clips per chip unless said, on four
-# slices (v5p-128, v6e-256, v5e-256, v5p-1024), then the variants (fsdp size, remat, overlap flags, 512²).
+# slices (v5p-128, v6e-256, v5e-256, v5p-1024), then 512² and the variants (overlap flags, fsdp size, remat).
 BASE = dict(config="sd15", frames=16, size=256, clips_per_chip=4, accum=1, fsdp=1, remat=None, attention="auto",
             flags=None)
 TABLE = [
@@ -47,28 +48,32 @@ TABLE = [
     dict(BASE, topology="v6e:16x16", fsdp=4, clips_per_chip=2),
     dict(BASE, topology="v5e:16x16", fsdp=8, clips_per_chip=1),
     dict(BASE, topology="v5p:8x8x8", fsdp=4),
+    dict(BASE, topology="v5p:4x4x4", fsdp=4, size=512, clips_per_chip=1),
+    dict(BASE, topology="v5p:4x4x4", fsdp=4, flags="overlap"),
     dict(BASE, topology="v5p:4x4x4", fsdp=8),
     dict(BASE, topology="v5p:4x4x4", fsdp=4, remat="dots_saveable"),
-    dict(BASE, topology="v5p:4x4x4", fsdp=4, flags="overlap"),
-    dict(BASE, topology="v5p:4x4x4", fsdp=4, size=512, clips_per_chip=1),
     dict(BASE, topology="v6e:16x16", fsdp=4, remat="dots_saveable"),
 ]
 KEYS = tuple(BASE) + ("topology",)
-COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                        r"(-start)?\(")
+COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                        r"(-start)?\(", re.M)
 SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|bf16|f16|f32|s64|u64|f64)\[([\d,]*)\]")
 BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
 
 
 def collective_bytes(hlo: str) -> dict:
-    """{kind: [ops, bytes]} over the program's collectives; an op's bytes are its largest result array (the
-    gathered weight, the reduced gradient). Ops in a loop body count once (the table's rows have no loop)."""
-    out = collections.defaultdict(lambda: [0, 0])
+    """{kind: {ops, GB, dtypes}} over the program's collectives; an op's bytes are those of its results (a combined
+    op returns a tuple of arrays: their sum; an async `-start` op returns (operands, results): the second half),
+    i.e. the gathered weights, the reduced gradients. Ops in a loop body count once (the table's rows have no loop)."""
+    out = collections.defaultdict(lambda: [0, 0, set()])
     for m in COLLECTIVE.finditer(hlo):
-        sizes = [BYTES[t] * _prod(dims) for t, dims in SHAPE.findall(m.group(1))]
-        out[m.group(2)][0] += 1
-        out[m.group(2)][1] += max(sizes, default=0)
-    return {k: {"ops": n, "GB": round(b / 1e9, 3)} for k, (n, b) in sorted(out.items())}
+        arrays = SHAPE.findall(m.group(1))
+        arrays = arrays[len(arrays) // 2:] if m.group(3) else arrays
+        row = out[m.group(2)]
+        row[0] += 1
+        row[1] += sum(BYTES[t] * _prod(dims) for t, dims in arrays)
+        row[2] |= {t for t, _ in arrays}
+    return {k: {"ops": n, "GB": round(b / 1e9, 3), "dtypes": sorted(d)} for k, (n, b, d) in sorted(out.items())}
 
 
 def _prod(dims: str) -> int:
@@ -111,8 +116,8 @@ def compile_row(row: dict, hlo_path: str | None = None) -> dict:
     compiled = trainer.lower(trainer.abstract_state(), batch).compile()
     compile_s = time.perf_counter() - start
     hlo = compiled.as_text()
-    if hlo_path:
-        Path(hlo_path).write_text(hlo)
+    if hlo_path:  # plain text, or gzip for a name ending in .gz
+        (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "wt").write(hlo)
     mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     used = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -143,7 +148,9 @@ def run_table(out: Path, rows: list[dict]):
             continue
         print(f"compiling {key} ...", flush=True)
         env = dict(os.environ, LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") + " " + FLAGS[row["flags"]]))
-        proc = subprocess.run([sys.executable, __file__, "--row", key], capture_output=True, text=True, env=env)
+        hlo = out.with_name(f"{out.stem}-row{rows.index(row)}.hlo.gz")  # kept for later analysis
+        proc = subprocess.run([sys.executable, __file__, "--row", key, "--hlo", str(hlo)], capture_output=True,
+                              text=True, env=env)
         line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else json.dumps(
             dict(row, error=(proc.stderr.strip().splitlines() or ["no output"])[-1][:500]))
         with out.open("a") as f:
