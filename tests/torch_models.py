@@ -55,6 +55,47 @@ def run_unet_motion(model, sample, t, context, mask=None, condition=None):
     return out.permute(0, 2, 3, 4, 1).numpy()
 
 
+class Over5D(torch.nn.Module):
+    """GroupNorm of a (b*f, c, h, w) tensor computed on its (b, c, f, h, w) view: stats pooled over frames."""
+
+    def __init__(self, norm, frames):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, x):
+        bf, c, h, w = x.shape
+        x5 = x.reshape(bf // self.frames, self.frames, c, h, w).permute(0, 2, 1, 3, 4)
+        return self.norm(x5).permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)
+
+
+class PerFrame(torch.nn.Module):
+    """GroupNorm of a (b, c, f, h, w) tensor applied to each frame separately."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        b, c, f, h, w = x.shape
+        y = self.norm(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
+        return y.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def pia_reference(model, frames):
+    """diffusers' UNetMotionModel rewired (in place) to the PIA reference's GroupNorm semantics for clips of
+    `frames` frames: ResNet norms and conv_norm_out pool their statistics over the clip's frames (torch GroupNorm on
+    5-D tensors), motion-module norms act per frame. The parameters stay the same objects."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+    for module in list(model.modules()):
+        if isinstance(module, ResnetBlock2D):
+            module.norm1, module.norm2 = Over5D(module.norm1, frames), Over5D(module.norm2, frames)
+        elif isinstance(module, AnimateDiffTransformer3D):
+            module.norm = PerFrame(module.norm)
+    model.conv_norm_out = Over5D(model.conv_norm_out, frames)
+    return model
+
+
 def vae(cfg: VAEConfig, seed=0):
     from diffusers import AutoencoderKL
     n = len(cfg.block_out_channels)
@@ -101,8 +142,8 @@ def write_motion_adapter(folder, cfg: UNetConfig, seed=0):
     return adapter
 
 
-__all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "numpy_state", "vae", "clip_text",
-           "write_diffusers_base", "write_motion_adapter"]
+__all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "Over5D", "PerFrame", "pia_reference",
+           "numpy_state", "vae", "clip_text", "write_diffusers_base", "write_motion_adapter"]
 
 
 def write_model_dir(path, cfg: PIAConfig, unet, vae_model, text_model, tokenizer_dir):
