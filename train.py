@@ -77,6 +77,12 @@ def check_inputs(cfg, workdir, exporting: bool) -> None:
             open_dataset(cfg.data.path)
         except FileNotFoundError as e:
             raise InputError(f"data.path: {e}; make one with prepare_dataset.py") from None
+    if not exporting:
+        from pia_jax.training.loop import check_data
+        try:
+            check_data(cfg)  # data.latents: a cache made for other clips or by another VAE is refused here
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if cfg.validation.every:
         from etils import epath
         missing = [p for p in cfg.validation.images if not epath.Path(p).is_file()]

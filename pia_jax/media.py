@@ -14,6 +14,9 @@ from PIL import Image, ImageOps
 from pia_jax import files
 
 MAX_SIDE = 2048  # a guard against typos: SD1.5 is trained at 512 and degrades long before this
+# uint8 level -> float32 value in [-1, 1], computed as the reference's transforms compute it (/255, then
+# Normalize(0.5, 0.5)): training clips travel as uint8 and the step maps them back with it (pia_jax/data/clips.py)
+PIXEL_VALUES = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
 
 
 class MediaError(ValueError):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from pia_jax import config as model_config
+from pia_jax import config as model_config, media
 from pia_jax.model_dir import load_model_dir
 from pia_jax.sharding import make_mesh
 from pia_jax.tokenizer import load_tokenizer
@@ -302,7 +302,8 @@ def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
     batches = [next(loader) for _ in range(tasks.SCALE_BATCHES)]
     out = tasks.export(tmp_path / "model", trainer, once.state.params, cfg(tmp_path / "a", 4), iter(batches))
     vae = load_model_dir(out, parts=("vae",), tokenizer=False)
-    pixels = np.concatenate([b["pixel_values"].reshape((-1,) + b["pixel_values"].shape[2:]) for b in batches])
+    levels = np.concatenate([b["pixel_values"].reshape((-1,) + b["pixel_values"].shape[2:]) for b in batches])
+    pixels = media.PIXEL_VALUES[levels]  # the loader's uint8 levels, as the step maps them
     mean = np.asarray(jax.jit(lambda x: vae.vae.encode(x)[0])(pixels))  # one compile, not one per eager op
     # fp32 export: the same encoder on the same batches; 1e-4 covers the summation order of the std
     np.testing.assert_allclose(np.std(mean) * vae.config.vae.scaling_factor, 1.0, rtol=1e-4)

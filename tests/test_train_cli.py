@@ -52,6 +52,7 @@ BAD = [  # (overrides, what the error line must say)
     (["data.synthetic=false", "data.path={tmp}/nodata"], "data.path: no prepared dataset"),
     (["data.batch_size=6"], "data.batch_size=6 must be a multiple of the 8 devices"),
     (["mesh.fsdp=3"], "does not match the 8 devices"),
+    (["task=vae", "data.latents=true"], "the vae task trains the VAE on pixels"),  # loop.check_data, before building
     (["validation.every=5", "validation.images=[{tmp}/x.png]", "validation.prompts=[a]"],
      "validation.images not found"),
 ]

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from pia_jax import media
 from pia_jax.config import opt
 from pia_jax.data.video import VideoError, decode_frames
 
@@ -44,8 +45,7 @@ class DataConfig:
                                "dataset has none, or they were made for other clips or by another VAE")
 
 
-# uint8 level -> float32 pixel value, computed as `transform_clip` computes it for an unresized frame
-PIXEL_VALUES = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
+PIXEL_VALUES = media.PIXEL_VALUES  # uint8 level -> the float32 value `transform_clip` gives an unresized frame
 
 
 def quantize(pixels: np.ndarray) -> np.ndarray:

@@ -86,7 +86,7 @@ class Loader:
     """Iterator of per-host batches (numpy arrays):
 
         pixel_values  uint8   (B, F, S, S, 3): levels of [-1, 1] (clips.quantize; the step maps them back with
-                              clips.PIXEL_VALUES); float32 in [-1, 1] with pixel_dtype=np.float32
+                              media.PIXEL_VALUES)
         input_ids     int32   (B, max_length)
         mask_coef     float32 (B, F), 0 where use_condition is False
         cond_frame    int32   (B,)
@@ -101,7 +101,6 @@ class Loader:
     process_index, process_count: this host and the number of hosts (jax.process_index(), jax.process_count()).
     num_workers: threads making examples. prefetch: batches in flight beyond the one being handed out.
     max_attempts: consecutive unusable records tolerated for one example before the dataset counts as broken.
-    pixel_dtype: np.uint8 (the training step's input) or np.float32 (for code that reads the pixels itself).
 
     A record that cannot be used (decoding fails, too few frames) is replaced by the next index, deterministically;
     `stats` counts such skips by reason over the batches handed out so far (and is part of the state).
@@ -109,7 +108,7 @@ class Loader:
 
     def __init__(self, records, tokenizer, config: DataConfig = DataConfig(), *, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 8, prefetch: int = 2,
-                 max_attempts: int = 32, pixel_dtype=np.uint8):
+                 max_attempts: int = 32):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.records, self.tokenizer, self.config = records, tokenizer, config
@@ -118,7 +117,7 @@ class Loader:
         self.steps_per_epoch = len(records) // self.global_batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(records)} examples cannot fill one global batch of {self.global_batch_size}")
-        self.prefetch, self.pixel_dtype = prefetch, pixel_dtype
+        self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="pia-data")
         self._pending = collections.deque()  # ((epoch, step), [future per sample]) in order
         self._perms = {}
@@ -145,7 +144,7 @@ class Loader:
                 record = self.records[(index + attempt) % len(self.records)]
                 if self.config.latents:
                     return make_latent_example(record, self.config, rng), failures
-                return make_example(record, self.config, rng, self.pixel_dtype), failures
+                return make_example(record, self.config, rng), failures
             except VideoError as e:
                 failures.append(e.reason)
             except Exception as e:  # a broken record (e.g. a damaged shard entry) must not stop training either

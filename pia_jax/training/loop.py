@@ -95,9 +95,6 @@ def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
         raise ValueError(f"data.batch_size={d.batch_size} must be a multiple of the {jax.device_count()} devices")
     check_data(cfg)
     common = dict(batch_size=d.batch_size // n, seed=cfg.seed, process_index=jax.process_index(), process_count=n)
-    # uint8 pixels, mapped to [-1, 1] inside the step; the vae task's objective and its latent-scale export
-    # (tasks.py) read pixel_values themselves, so they get float32 in [-1, 1]
-    common["pixel_dtype"] = np.float32 if cfg.task == "vae" else np.uint8
     if d.path is None:
         from pia_jax.training.synthetic import SyntheticLoader
         side, channels = _latent_side(cfg) if d.latents else (None, 4)

@@ -108,10 +108,10 @@ def _fmt(v) -> str:
 def step_scalars(metrics: dict, seconds: float, clips: int, flops: float, peak: float | None, devices: int) -> dict:
     """The logged scalars of one step from its device metrics and host timing.
 
-    train/grad_norm is the global L2 norm of the step's accumulated, averaged gradient BEFORE clipping (what torch's
-    clip_grad_norm_ returns); the gradient Adam receives has norm min(grad_norm, optim.clip_norm). A value above
-    clip_norm means the step was clipped."""
-    out = {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"], "train/lr": metrics["lr"],
+    train/grad_norm_unclipped is the global L2 norm of the step's accumulated, averaged gradient BEFORE clipping
+    (what torch's clip_grad_norm_ returns; the reference logs the norm after it); the gradient Adam receives has norm
+    min(that, optim.clip_norm), so a value above clip_norm means the step was clipped."""
+    out = {"train/loss": metrics["loss"], "train/grad_norm_unclipped": metrics["grad_norm"], "train/lr": metrics["lr"],
            "perf/step_seconds": seconds, "perf/clips_per_second": clips / seconds}
     if flops and np.isfinite(flops):
         out["perf/tflops_per_device"] = flops / seconds / devices / 1e12

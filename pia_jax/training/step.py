@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pia_jax import attention, config as model_config, schedulers
+from pia_jax import attention, config as model_config, media, schedulers
 from pia_jax.sharding import batch_sharding, param_shardings, replicated
 from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
@@ -44,21 +44,25 @@ class TrainState(NamedTuple):
     rng: jax.Array  # raw uint32 key data: step s draws from fold_in(rng, s)
 
 
+def float_pixels(pixels):
+    """A batch's pixel_values as float32 in [-1, 1]: uint8 levels mapped to the data pipeline's own values."""
+    if pixels.dtype == jnp.uint8:
+        return jnp.take(jnp.asarray(media.PIXEL_VALUES), pixels.astype(jnp.int32), axis=0)
+    return pixels
+
+
 def encode(graphs: Graphs, frozen: dict, batch: dict, post_keys, scaling: float):
     """Latents (b, f, h, w, 4) fp32 = VAE posterior samples x scaling, and text states (b, 77, d).
 
     The posterior is the frozen VAE's encode of pixel_values (uint8 levels -> the float32 values of
-    pia_jax.data.clips.PIXEL_VALUES, or float32 in [-1, 1]), or the batch's cached latent_mean and latent_logvar
+    pia_jax.media.PIXEL_VALUES, or float32 in [-1, 1]), or the batch's cached latent_mean and latent_logvar
     (any float dtype). The noise is drawn per video from post_keys with the latents' shape either way."""
     text = merge(graphs.text_encoder, frozen["text_encoder"])
     if "latent_mean" in batch:
         mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
     else:
         vae = merge(graphs.vae, frozen["vae"])
-        pixels = batch["pixel_values"]
-        if pixels.dtype == jnp.uint8:  # the table of data/clips.py's PIXEL_VALUES (same arithmetic, bit for bit)
-            table = (np.arange(256, dtype=np.float32) / 255.0 - 0.5) / 0.5
-            pixels = jnp.take(jnp.asarray(table), pixels.astype(jnp.int32), axis=0)
+        pixels = float_pixels(batch["pixel_values"])
         b, f = pixels.shape[:2]
         mean, logvar = vae.encode(pixels.reshape((b * f,) + pixels.shape[2:]))
         mean, logvar = (x.astype(jnp.float32).reshape((b, f) + x.shape[1:]) for x in (mean, logvar))
@@ -224,7 +228,7 @@ class Trainer:
 
 
 def _shape_key(batch: dict) -> tuple:
-    return tuple((k, v.shape) for k, v in sorted(batch.items()))
+    return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))  # uint8 or float pixels: two programs
 
 
 def place(value, sharding, dtype):

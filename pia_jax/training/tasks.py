@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pia_jax import schedulers
+from pia_jax import media, schedulers
 from pia_jax.model_dir import flat_params, load_model_dir, save_model_dir
 from pia_jax.training import loop, state as state_lib
-from pia_jax.training.step import Trainer, diffusion_inputs, pia_loss
+from pia_jax.training.step import Trainer, diffusion_inputs, float_pixels, pia_loss
 from pia_jax.vae import sample_posterior
 
 TASKS = ("pia", "vae", "t2i")
@@ -35,7 +35,7 @@ SCALE_BATCHES = 8  # batches whose latents set the VAE scaling factor at export
 def vae_loss(params, frozen, graphs, mb, keys_Bx3, scheduler, scaling):
     """Reconstruction MSE of posterior samples + KL_WEIGHT x KL(q(z|x) || N(0, I)) per latent element."""
     vae = state_lib.merge(graphs.vae, params, frozen["vae"])
-    pixels = mb["pixel_values"]
+    pixels = float_pixels(mb["pixel_values"])
     b, f = pixels.shape[:2]
     x = pixels.reshape((b * f,) + pixels.shape[2:])
     mean, logvar = (m.astype(jnp.float32) for m in vae.encode(x))
@@ -87,8 +87,9 @@ def latent_scale(trainer: Trainer, params: dict, batches) -> float:
     SD's 0.18215 was chosen)."""
     vae = state_lib.merge(trainer.setup.graphs.vae, jax.device_get(params), trainer.setup.frozen["vae"])
     encode_mean = jax.jit(lambda x: vae.encode(x)[0])
-    means = [np.asarray(encode_mean(b["pixel_values"].reshape((-1,) + b["pixel_values"].shape[2:])))
-             for b in batches]
+    pixels = [media.PIXEL_VALUES[b["pixel_values"]] if b["pixel_values"].dtype == np.uint8 else b["pixel_values"]
+              for b in batches]
+    means = [np.asarray(encode_mean(p.reshape((-1,) + p.shape[2:]))) for p in pixels]
     return float(1.0 / np.std(np.concatenate(means)))
 
 
