@@ -47,15 +47,16 @@ def _cudnn_max_head_dim() -> int:
     return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
-_TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_target_mesh", default=None)
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_target", default=(None, False))
 
 
 @contextlib.contextmanager
-def compiling_for(mesh: jax.sharding.Mesh | None):
-    """Within this block, "auto" chooses kernels for `mesh`'s devices and Pallas kernels are partitioned over it.
+def compiling_for(mesh: jax.sharding.Mesh | None, manual: bool = False):
+    """Within this block, "auto" chooses kernels for `mesh`'s devices and Pallas kernels are partitioned over it;
+    `manual`: the code already runs per device (inside a shard_map over the mesh), so they are called as they are.
     Read while a function is traced: jax reuses a traced function for the same input shapes, so trace each
     `jax.jit` object for one mesh only (as Trainer and Animator do)."""
-    token = _TARGET.set(mesh)
+    token = _TARGET.set((mesh, manual))
     try:
         yield
     finally:
@@ -63,7 +64,7 @@ def compiling_for(mesh: jax.sharding.Mesh | None):
 
 
 def _on_tpu() -> bool:
-    mesh = _TARGET.get()
+    mesh, _ = _TARGET.get()
     return (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "tpu"
 
 
@@ -126,7 +127,8 @@ def _splash(q, k, v):
     q = q * jnp.asarray(d ** -0.5, q.dtype)  # the kernel does not scale
     to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, pad))).swapaxes(1, 2)  # noqa: E731  (B, H, L, D')
     attend = jax.vmap(_splash_kernel(h, lq, lk, not _on_tpu()))
-    out = _per_device(attend, _TARGET.get(), b)(to_kernel(q), to_kernel(k), to_kernel(v))
+    mesh, manual = _TARGET.get()
+    out = _per_device(attend, None if manual else mesh, b)(to_kernel(q), to_kernel(k), to_kernel(v))
     return out.swapaxes(1, 2)[..., :d]
 
 

@@ -227,6 +227,12 @@ def test_flop_count_matches_a_hand_count():
     a, b = jax.ShapeDtypeStruct((5, 7, 3), np.float32), jax.ShapeDtypeStruct((5, 3, 2), np.float32)
     assert metrics.count_flops(lambda a, b: jax.lax.scan(lambda c, ab: (c, ab[0] @ ab[1]), 0.0, (a, b))[1],
                                a, b) == 5 * 2 * 7 * 3 * 2
+    # a shard_map body runs on each of the devices it splits the batch over: 8 x (2 rows of 16 at a time)
+    from jax.sharding import PartitionSpec as P
+    split = jax.shard_map(lambda x, w: x @ w, mesh=make_mesh(4, 2), in_specs=(P(("data", "fsdp")), P()),
+                          out_specs=P(("data", "fsdp")))
+    x, w = jax.ShapeDtypeStruct((16, 4), np.float32), jax.ShapeDtypeStruct((4, 3), np.float32)
+    assert metrics.count_flops(split, x, w) == 2 * 16 * 4 * 3
 
 
 def test_config_yaml_and_overrides(tmp_path):

@@ -29,11 +29,15 @@ def _eqn_flops(eqn) -> float:
         # the kernel window and its input features (already divided by feature groups)
         return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[d] for d in spec[1:])
     total = 0.0
-    for value in eqn.params.values():  # sub-computations: jit, remat, custom_vjp, scan bodies, cond branches
+    # sub-computations run once, a scan body `length` times, a shard_map body once on each device it splits over
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    if name == "shard_map":
+        times = math.prod(eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"])
+    for value in eqn.params.values():  # jit, remat, custom_vjp, scan bodies, cond branches, shard_map
         for sub in value if isinstance(value, (tuple, list)) else (value,):
             jaxpr = getattr(sub, "jaxpr", sub)
             if hasattr(jaxpr, "eqns"):
-                total += jaxpr_flops(jaxpr) * (eqn.params.get("length", 1) if name == "scan" else 1)
+                total += jaxpr_flops(jaxpr) * times
     return total
 
 

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from pia_jax import attention, config as model_config, media, schedulers
-from pia_jax.sharding import batch_sharding, param_shardings, replicated
+from pia_jax.sharding import BATCH_AXES, batch_sharding, param_shardings, replicated
 from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
 from pia_jax.vae import sample_posterior
@@ -98,7 +99,24 @@ def pia_loss(params, frozen, graphs: Graphs, mb: dict, keys_Bx3, scheduler, scal
     return denoising_loss(params, frozen["unet"], graphs.unet, latents, context, mb, t, noise, scheduler)
 
 
-def train_step(graphs, tx, scheduler, scaling, shardings, state: TrainState, frozen, batch, loss_fn=pia_loss):
+def data_parallel(value_and_grad, mesh: jax.sharding.Mesh):
+    """value_and_grad(params, frozen, micro-batch, keys) with the batch split over every device of `mesh`: each
+    device differentiates its own videos and the (fp32) losses and gradients are averaged over the devices. Left to
+    XLA's partitioner, the gradient of each bf16 matmul was summed across devices in bf16, before its cast to the
+    fp32 weight's gradient (BENCHMARKS.md, the TPU table); here the sum is one fp32 all-reduce, as PyTorch's DDP."""
+    if mesh.size == 1:
+        return value_and_grad
+
+    def per_device(params, frozen, mb, keys):
+        with attention.compiling_for(mesh, manual=True):  # Pallas kernels already run per device here
+            return jax.lax.pmean(value_and_grad(params, frozen, mb, keys), BATCH_AXES)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(BATCH_AXES), P(BATCH_AXES)),
+                         out_specs=P(), check_vma=False)
+
+
+def train_step(graphs, tx, scheduler, scaling, shardings, mesh, state: TrainState, frozen, batch,
+               loss_fn=pia_loss):
     """batch: {key: (k, B, ...)}, k micro-batches of B videos. Returns the new state and the step's metrics.
     `loss_fn` (signature of `pia_loss`) is the objective; other training tasks (pia_jax/training/tasks.py) swap it."""
     k, b = batch["input_ids"].shape[:2]
@@ -106,10 +124,12 @@ def train_step(graphs, tx, scheduler, scaling, shardings, state: TrainState, fro
     keys = jax.vmap(lambda key: jax.random.split(key, 3))(keys).reshape(k, b, 3, -1)
     # Weights are stored sharded; gather them once per step (not per micro-batch) and run data-parallel.
     full, frozen = jax.lax.with_sharding_constraint((state.params, frozen), shardings["replicated"])
+    value_and_grad = data_parallel(jax.value_and_grad(
+        lambda params, frozen, mb, keys_Bx3: loss_fn(params, frozen, graphs, mb, keys_Bx3, scheduler, scaling)), mesh)
 
     def micro(acc, xs):
         mb, keys_Bx3 = xs
-        loss, grads = jax.value_and_grad(loss_fn)(full, frozen, graphs, mb, keys_Bx3, scheduler, scaling)
+        loss, grads = value_and_grad(full, frozen, mb, keys_Bx3)
         acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, grads), shardings["params"])
         return acc, loss
 
@@ -144,7 +164,7 @@ class Trainer:
         self.batch_shardings = batch_sharding(mesh, 1)  # every batch array: (k, B, ...) split by video (axis 1)
         shardings = {"params": self.param_shardings, "replicated": jax.tree.map(
             lambda _: replicated(mesh), (setup.trainable, setup.frozen))}
-        self._step_args = (tx, setup.scheduler, setup.config.vae.scaling_factor, shardings)
+        self._step_args = (tx, setup.scheduler, setup.config.vae.scaling_factor, shardings, mesh)
         self._loss_fn = loss_fn
         self.jitted = jax.jit(functools.partial(train_step, setup.graphs, *self._step_args, loss_fn=loss_fn),
                               in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
