@@ -158,6 +158,31 @@ def run_table(out: Path, rows: list[dict]):
         print(line, flush=True)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table of BENCHMARKS.md from result lines (rows that failed are listed with their error)."""
+    head = ("| slice (chips) | image, clips/chip | mesh | remat / flags | per-chip GiB: args + temp = total (HBM) "
+            "| fits (>= 10 % free) | model TFLOP/chip | HBM GB/chip | collectives GB/chip: gather / reduce "
+            "| compile | est. step s | est. clips/s per chip / per slice |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        slice_ = f"{r['topology']} ({r.get('chips', '?')})"
+        what = f"{r['size']}², {r['clips_per_chip']}"
+        knobs = " / ".join(str(x) for x in (r["remat"], r["flags"]) if x) or "-"
+        if "error" in r:
+            lines.append(f"| {slice_} | {what} | fsdp {r['fsdp']} | {knobs} | failed: {r['error'][:120]} |"
+                         + " |" * 7)
+            continue
+        m, c, e = r["per_chip_GiB"], r["collectives"], r["estimate"]
+        gb = lambda kind: c.get(kind, {}).get("GB", 0)  # noqa: E731
+        lines.append(
+            f"| {slice_} | {what} | data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']} | {knobs} "
+            f"| {m['argument']} + {m['temp']} = {m['total']} ({m['hbm']:g}) | {'yes' if r['fits'] else '**no**'} "
+            f"| {r['model_tflop_per_chip']} | {r['hbm_GB_per_chip']} | {gb('all-gather'):.2f} / "
+            f"{gb('all-reduce') + gb('reduce-scatter'):.2f} | {r['compile_s'] / 60:.0f} min | {e['step_s']} "
+            f"| {e['clips_per_s_per_chip']} / {e['clips_per_s_per_slice']:g} |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", default="v5p:2x2x2", help="a libtpu topology name, e.g. v5p:4x4x4, v6e:16x16")
@@ -174,7 +199,10 @@ def main():
     p.add_argument("--row", help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="compile every row of TABLE not yet in --out")
     p.add_argument("--out", default="bench/tpu_aot.jsonl")
+    p.add_argument("--markdown", action="store_true", help="print the results in --out as BENCHMARKS.md's table")
     a = p.parse_args()
+    if a.markdown:
+        return print(markdown([json.loads(line) for line in Path(a.out).open()]))
     if a.table:
         return run_table(Path(a.out), TABLE)
     row = json.loads(a.row) if a.row else dict(
