@@ -31,12 +31,12 @@ CHIPS = {"v5p": (459.0, 2765.0, 95.0, 600.0), "v5e": (197.0, 819.0, 16.0, 200.0)
          "v6e": (918.0, 1640.0, 32.0, 448.0), "v4": (275.0, 1200.0, 32.0, 300.0)}
 HEADROOM = 0.10  # a config fits when arguments + temporaries stay under 90 % of HBM
 
-# libtpu flags that make the weight all-gathers asynchronous and overlap them with compute (as MaxText's configs
-# set them); a row with flags="overlap" compiles with them in LIBTPU_INIT_ARGS.
+# libtpu flags that make the weight all-gathers asynchronous and overlap them with compute; a row with
+# flags="overlap" compiles with them in LIBTPU_INIT_ARGS. (MaxText's v5e set, with async collective fusion, is
+# refused for v5p by libtpu 0.0.52: "not supported/recommended on platforms other than TPU v5e".)
 FLAGS = {None: "", "overlap": " ".join((
-    "--xla_tpu_enable_async_collective_fusion=true", "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
-    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true", "--xla_tpu_overlap_compute_collective_tc=true",
-    "--xla_enable_async_all_gather=true"))}
+    "--xla_enable_async_all_gather=true", "--xla_enable_async_all_reduce=true",
+    "--xla_tpu_overlap_compute_collective_tc=true"))}
 
 # The table, in the order it runs: SD1.5, 16 frames at 256² (the recipe), 4 clips per chip unless said, on four
 # slices (v5p-128, v6e-256, v5e-256, v5p-1024), then 512² and the variants (overlap flags, fsdp size, remat).
