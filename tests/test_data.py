@@ -4,7 +4,6 @@ Sizes are cut down (8 frames, stride 2, 32x32 crops, 64x48 videos) so the whole 
 """
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ from pia_jax.data.builder import prepare
 from pia_jax.data.clips import PIXEL_VALUES, crop_offset, quantize, resized_size
 from pia_jax.data.loader import sample_rng
 from pia_jax.tokenizer import load_tokenizer, tokenize
-from tests.assets import write_vocab
+from tests.assets import all_frames, mp4, write_vocab
 
 CFG = DataConfig(n_frames=8, stride=2, resolution=32)
 CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"  # x264's B-frames exercise pts reordering
@@ -32,32 +31,8 @@ LENGTHS = {"v0": 40, "v1": 57, "v2": 80, "v3": 66, "v4": 70, "short": 5, "garbag
            "nowhere": None}
 
 
-def frame(t: int, h: int = 48, w: int = 64) -> np.ndarray:
-    """A moving pattern: gradients that shift with t and a bright bar at x = t."""
-    y, x = np.mgrid[:h, :w]
-    img = np.stack([(x * 4 + t * 3) % 256, (y * 5 + t * 7) % 256, np.full_like(x, t * 11 % 256)], -1)
-    img[:, t % w:t % w + 3] = 255
-    return img.astype(np.uint8)
-
-
 def encode(num_frames: int) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream(CODEC, rate=24)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.codec_context.gop_size = 12  # several keyframes, so decoding seeks
-        for t in range(num_frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(frame(t), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
-def all_frames(data: bytes) -> np.ndarray:
-    """Every frame, decoded front to back: the independent reference for frame indexing."""
-    with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    return mp4(num_frames, 48, 64, CODEC, gop=12)  # several keyframes, so decoding seeks
 
 
 @pytest.fixture(scope="module")

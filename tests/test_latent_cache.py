@@ -5,11 +5,9 @@ file to seconds of compilation on CPU."""
 
 import dataclasses
 import functools
-import io
 import json
 import shutil
 
-import av
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +23,7 @@ from pia_jax.data.loader import sample_rng
 from pia_jax.model_dir import save_model_dir
 from pia_jax.training import config as config_lib, loop, state as state_lib
 from pia_jax.training.step import Trainer, pia_loss
-from tests.assets import write_vocab
+from tests.assets import all_frames, mp4, write_vocab
 
 # test_train.py's SMALL cut to one UNet block: every kind of layer, the shortest compilations
 ONE_BLOCK = model_config.PIAConfig(
@@ -39,29 +37,8 @@ CFG = DataConfig(n_frames=FRAMES, stride=2, resolution=SIZE, latents=True)
 LENGTHS = (9, 12, 15)
 
 
-def frame(t: int, h: int = 24, w: int = 32) -> np.ndarray:
-    y, x = np.mgrid[:h, :w]
-    img = np.stack([(x * 8 + t * 3) % 256, (y * 9 + t * 7) % 256, np.full_like(x, t * 11 % 256)], -1)
-    img[:, t % w:t % w + 3] = 255
-    return img.astype(np.uint8)
-
-
 def video(num_frames: int) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=24)
-        s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
-        for t in range(num_frames):
-            for p in s.encode(av.VideoFrame.from_ndarray(frame(t), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
-def all_frames(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    return mp4(num_frames, 24, 32)
 
 
 def make_model_dir(root, config=ONE_BLOCK, seed=0):

@@ -16,22 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pia_jax import config as model_config
 from pia_jax.model_dir import save_model_dir
 from pia_jax.sharding import make_mesh
 from pia_jax.training import config as config_lib, metrics, state as state_lib
 from pia_jax.training.step import Trainer
 from pia_jax.training.synthetic import SyntheticLoader
-from tests.assets import write_vocab
+from tests.assets import SMALL, write_vocab
 
-# TINY, cut to two UNet blocks of one layer (one with cross-attention), a one-block VAE and a one-layer text encoder:
-# every kind of layer of the full model, at a compile time CPU tests can afford.
-SMALL = model_config.PIAConfig(
-    unet=dataclasses.replace(model_config.TINY.unet, in_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                             down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-                             up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion")),
-    vae=dataclasses.replace(model_config.TINY.vae, block_out_channels=(32,)),
-    text=dataclasses.replace(model_config.TINY.text, num_hidden_layers=1))
 FRAMES, SIZE, BATCH = 2, 8, 8  # one clip per fake device
 SEED = 0
 

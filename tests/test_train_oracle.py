@@ -31,25 +31,21 @@ import optax
 import pytest
 import torch
 
-from pia_jax import config as model_config, weights
+from pia_jax import weights
 from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
 from pia_jax.sharding import make_mesh
 from pia_jax.tokenizer import load_tokenizer, tokenize
 from pia_jax.training import config as config_lib, state as state_lib, step as step_lib
 from tests import torch_models as tm
+from tests import assets
 from tests.assets import write_vocab
 
 # One pytest-xdist worker runs the module, so its three compiled trainers are built once.
 pytestmark = pytest.mark.xdist_group("train_oracle")
 
-# tests/test_train.py's SMALL (copied: test modules do not import each other), with the 9-channel conv_in: two
-# UNet blocks of one layer (one with cross-attention), a one-block VAE (no downsampling), a one-layer text encoder.
-SMALL = model_config.PIAConfig(
-    unet=dataclasses.replace(model_config.TINY.unet, in_channels=9, block_out_channels=(32, 64), layers_per_block=1,
-                             down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-                             up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion")),
-    vae=dataclasses.replace(model_config.TINY.vae, block_out_channels=(32,)),
-    text=dataclasses.replace(model_config.TINY.text, num_hidden_layers=1))
+# the training tests' small model (tests/assets.py) with PIA's 9-channel conv_in: two UNet blocks of one layer (one
+# with cross-attention), a one-block VAE (no downsampling), a one-layer text encoder
+SMALL = dataclasses.replace(assets.SMALL, unet=dataclasses.replace(assets.SMALL.unet, in_channels=9))
 SEED, STEPS = 0, 3
 CAPTIONS = ("hello cat", "a cat", "", "hello")  # "" as caption dropout leaves it
 
