@@ -31,7 +31,9 @@ class ModelConfig:
     compute_dtype: str = opt("bf16", "dtype of activations and matmuls", tuple(DTYPES))
     frozen_dtype: str = opt("bf16", "storage of frozen weights (trainable weights and Adam state are fp32)",
                             tuple(DTYPES))
-    remat_policy: str | None = opt(None, "rematerialise each UNet block, saving what this policy names",
+    remat_policy: str | None = opt(None, "rematerialise each UNet block, saving what this policy names; null: "
+                                         "none, as the recipe's 4 clips x 16 x 256² fit 80-95 GiB chips without it "
+                                         "(BENCHMARKS.md: TPU table); 16-32 GiB chips need one or fewer clips",
                                    (None, *REMAT_POLICIES))
     attention: str = opt("auto", "kernel for spatial self/cross attention (pia_jax/attention.py)", KERNELS)
 
