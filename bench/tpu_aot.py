@@ -160,7 +160,7 @@ def run_table(out: Path, rows: list[dict]):
 
 def markdown(rows: list[dict]) -> str:
     """The table of BENCHMARKS.md from result lines (rows that failed are listed with their error)."""
-    head = ("| slice (chips) | image, clips/chip | mesh | remat / flags | per-chip GiB: args + temp = total (HBM) "
+    head = ("| slice (chips) | image, clips/chip | mesh | remat, flags, notes | per-chip GiB: args + temp = total (HBM) "
             "| fits (>= 10 % free) | model TFLOP/chip | HBM GB/chip | collectives GB/chip: gather / reduce "
             "| compile | est. step s | est. clips/s per chip / per slice |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -174,6 +174,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         m, c, e = r["per_chip_GiB"], r["collectives"], r["estimate"]
         gb = lambda kind: c.get(kind, {}).get("GB", 0)  # noqa: E731
+        if "bf16" in c.get("all-reduce", {}).get("dtypes", ["bf16"]):  # compiled before step.data_parallel
+            knobs = "bf16 reduce" if knobs == "-" else knobs + ", bf16 reduce"
         lines.append(
             f"| {slice_} | {what} | data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']} | {knobs} "
             f"| {m['argument']} + {m['temp']} = {m['total']} ({m['hbm']:g}) | {'yes' if r['fits'] else '**no**'} "
