@@ -154,7 +154,7 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
 @pytest.mark.parametrize("args, message", [
     (["--image", "{missing}", "--prompt", "x"], "image not found"),
     (["--image", "{img}", "--prompt", "x", "--motion", "huge"], "unknown"),
-    (["--image", "{img}", "--prompt", "x", "--frames", "0"], "1..32"),
+    (["--image", "{img}", "--prompt", "x", "--frames", "0"], "frames must be >= 1"),
     (["--image", "{img}", "--prompt", "x", "--affinity", "1,0.5"], "frame"),
     (["--image", "{img}", "--prompt", "x", "--height", "100", "--width", "64"], "multiple of 8"),
     (["--image", "{img}", "--prompt", "x", "--height", "64"], "both height and width"),

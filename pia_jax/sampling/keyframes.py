@@ -96,6 +96,9 @@ def preset_affinity(preset, num_frames: int, keyframes=(0,)) -> np.ndarray:
     by `preset_values`, not padded with 1.0). Loop presets take one keyframe (the loop itself brings the video back
     to it)."""
     keyframes = list(keyframes)
+    if num_frames < 1:
+        raise ValueError(f"frames must be >= 1 (longer than the motion modules' 32 positions: context windows), got "
+                         f"{num_frames}")
     if affinity.get_preset(preset).name.startswith("loop_") and len(keyframes) > 1:
         raise ValueError(f"loop presets return to a single image; with {len(keyframes)} keyframes use a non-loop "
                          f"preset and put the same image at the last frame")
