@@ -6,15 +6,15 @@
   python convert_torch_weights.py --base rcnzCartoon3d_v10.safetensors --config-from stable-diffusion-v1-5 \
       --motion pia.ckpt --lora my_style.safetensors:0.8 --out models/pia-cartoon --dtype bf16
 
-See README.md for every option and `pia_jax/convert/build.py` for the order of work and the conv_in rule.
+See README.md for every option and `pia_jax/weights/convert/build.py` for the order of work and the conv_in rule.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from pia_jax.config import DTYPES
-from pia_jax.convert.build import Request, convert
+from pia_jax.models.config import DTYPES
+from pia_jax.weights.convert.build import Request, convert
 
 
 def lora_arg(text: str) -> tuple[Path, float]:

@@ -14,9 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from pia_jax import affinity, files, media, model_dir
+from pia_jax import files, media
 from pia_jax.eval import bench
 from pia_jax.eval.clip_dir import ClipDirError, convert_clip, read_clip_config
+from pia_jax.sampling import affinity
+from pia_jax.weights import model_dir
 
 
 def build_parser():

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import sys
-
 from pathlib import Path
 
 from pia_jax.data.sources import check_source, rows_from
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     try:
         check_source(args.kind, args.csv, args.videos)
         if args.latents:
-            from pia_jax.model_dir import check_model_dir
+            from pia_jax.weights.model_dir import check_model_dir
             check_model_dir(args.latents, parts=("vae",), tokenizer=False)
     except ValueError as e:  # ModelDirError is one
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pia_jax import media
 from pia_jax.sampling import cases
 from pia_jax.sampling.keyframes import parse_keyed
 from pia_jax.sampling.prompt_travel import parse_prompt_map
-from pia_jax.schedulers import KINDS
+from pia_jax.sampling.schedulers import KINDS
 
 
 def build_parser():
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
         return 2
 
     import jax.numpy as jnp
+
     from pia_jax.sampling import Animator, compile_cache
     cache_before = compile_cache.counts()
     dtype = {"auto": None, "fp32": jnp.float32, "bf16": jnp.bfloat16}[a.dtype]

@@ -56,6 +56,7 @@ def check_inputs(cfg, workdir, exporting: bool) -> None:
     """What the config points at, checked before any model is built: the devices, the model directory, the
     dataset, the validation images, and a resumed workdir's config.json (see on_change)."""
     import jax
+
     from pia_jax.sharding import make_mesh
     from pia_jax.training import config as config_lib
     n = jax.device_count()
@@ -66,7 +67,7 @@ def check_inputs(cfg, workdir, exporting: bool) -> None:
     if cfg.data.batch_size % n:
         raise InputError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {n} devices")
     if cfg.model.model_dir:
-        from pia_jax.model_dir import ModelDirError, read_config
+        from pia_jax.weights.model_dir import ModelDirError, read_config
         try:
             read_config(cfg.model.model_dir)
         except ModelDirError as e:

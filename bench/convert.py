@@ -42,8 +42,8 @@ def write_inputs(root: Path):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from pia_jax.config import SD15_PIA
-    from pia_jax.model_dir import write_safetensors
+    from pia_jax.models.config import SD15_PIA
+    from pia_jax.weights.model_dir import write_safetensors
     from tests import ldm_writer
     from tests import torch_models as tm
     from tests.assets import write_vocab
@@ -96,8 +96,9 @@ CASES = {
 
 def child(case: str, root: Path):
     """One conversion in this process; prints a JSON line."""
-    import convert_torch_weights  # imports jax, flax and the models
     import torch  # noqa: F401  (imported to read .ckpt files: part of the baseline, not the conversion)
+
+    import convert_torch_weights  # imports jax, flax and the models
 
     baseline = peak_rss_gib()
     out = root / f"out-{case}"

@@ -2,7 +2,7 @@
 
     python -m bench.demo_cache
 
-Runs `python -m pia_jax.demo` once, then the README's sample.py command twice in fresh processes with
+Runs `python -m pia_jax.toy.demo` once, then the README's sample.py command twice in fresh processes with
 PIA_JAX_CACHE_DIR set to a new temporary folder, and prints each run's summary line and wall time.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pia_jax.demo", str(tmp / "demo")], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "pia_jax.toy.demo", str(tmp / "demo")], check=True, capture_output=True)
         env = dict(os.environ, PIA_JAX_CACHE_DIR=str(tmp / "xla"))
         command = [sys.executable, "sample.py", "--model", str(tmp / "demo/model"), "--image",
                    str(tmp / "demo/image.png"), "--prompt", "a cat", "--frames", "8", "--steps", "4", "--out",

@@ -79,9 +79,9 @@ def random_state(abstract_state, seed=0):
 def random_models(cfg, dtype, attention_kernels=None):
     from flax import nnx
 
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.unet import UNetMotionModel
+    from pia_jax.models.vae import AutoencoderKL
     models = []
     for cls, part, extra in ((UNetMotionModel, cfg.unet, {"attention_kernels": attention_kernels}),
                              (AutoencoderKL, cfg.vae, {}), (CLIPTextModel, cfg.text, {})):
@@ -92,7 +92,7 @@ def random_models(cfg, dtype, attention_kernels=None):
 
 
 def model_config(name):
-    from pia_jax import config
+    from pia_jax.models import config
     return config.MODELS[name]
 
 
@@ -167,8 +167,8 @@ def save_models(a, models):
     which `warm` loads as a user's run would."""
     import tempfile
 
-    from pia_jax import model_dir
     from pia_jax.toy.vocab import write_tokenizer
+    from pia_jax.weights import model_dir
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tokenizer(Path(tmp) / "tokenizer", ["a", "cat", "ugly"])
         model_dir.save_model_dir(MODEL_DIR, model_config(a.config), dict(zip(("unet", "vae", "text_encoder"), models)),
@@ -179,8 +179,7 @@ def animate(animator, a):
     """One standard video: (Result, wall seconds)."""
     import numpy as np
 
-    from pia_jax import affinity
-    from pia_jax.sampling import SampleOptions
+    from pia_jax.sampling import SampleOptions, affinity
     image = np.random.default_rng(0).integers(0, 256, (1, a.size, a.size, 3), np.uint8)
     mask = affinity.preset_coefficients("moderate", a.frames)[None]
     begin = time.perf_counter()

@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import pia_jax.attention as attention
-from pia_jax import config
-from pia_jax.unet import UNetMotionModel
+import pia_jax.models.attention as attention
+from pia_jax.models import config
+from pia_jax.models.unet import UNetMotionModel
 
 H100 = """gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from bench.sample import DTYPES, random_animator, resolve_dtype
-from pia_jax import config
+from pia_jax.models import config
 from pia_jax.sampling import Animator, SampleOptions, keyframes, memory
 
 PHASES = ("encode", "denoise", "decode")

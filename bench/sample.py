@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax import affinity, config, schedulers
-from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype
-from pia_jax.text_encoder import CLIPTextModel
-from pia_jax.unet import UNetMotionModel
-from pia_jax.vae import AutoencoderKL
+from pia_jax.models import config
+from pia_jax.models.text_encoder import CLIPTextModel
+from pia_jax.models.unet import UNetMotionModel
+from pia_jax.models.vae import AutoencoderKL
+from pia_jax.sampling import Animator, SampleOptions, accelerator_default_dtype, affinity, schedulers
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -128,8 +128,10 @@ def bench_overhead(animator, images, mask, options):
 
 def bench_torch(cfg, args):
     import torch
-    from diffusers import DDIMScheduler, PIAPipeline, UNetMotionModel as TorchUNet
+    from diffusers import DDIMScheduler, PIAPipeline
+    from diffusers import UNetMotionModel as TorchUNet
     from PIL import Image
+
     from tests import torch_models as tm
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -120,7 +120,8 @@ def compile_row(row: dict, hlo_path: str | None = None) -> dict:
     from jax.experimental import topologies
 
     from pia_jax.sharding import make_mesh
-    from pia_jax.training import state as state_lib, step as step_lib
+    from pia_jax.training import state as state_lib
+    from pia_jax.training import step as step_lib
     from pia_jax.training.config import ModelConfig, OptimConfig
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=row["topology"])
@@ -210,13 +211,13 @@ def markdown(rows: list[dict]) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", default="v5p:2x2x2", help="a libtpu topology name, e.g. v5p:4x4x4, v6e:16x16")
-    p.add_argument("--config", default=BASE["config"], help="pia_jax.config model: sd15, tiny")
+    p.add_argument("--config", default=BASE["config"], help="pia_jax.models.config model: sd15, tiny")
     p.add_argument("--frames", type=int, default=BASE["frames"])
     p.add_argument("--size", type=int, default=BASE["size"])
     p.add_argument("--clips-per-chip", type=int, default=BASE["clips_per_chip"])
     p.add_argument("--accum", type=int, default=BASE["accum"], help="micro-batches per step")
     p.add_argument("--fsdp", type=int, default=BASE["fsdp"])
-    p.add_argument("--remat", default=None, help="a remat policy (pia_jax.unet.REMAT_POLICIES)")
+    p.add_argument("--remat", default=None, help="a remat policy (pia_jax.models.unet.REMAT_POLICIES)")
     p.add_argument("--attention", default=BASE["attention"])
     p.add_argument("--flags", choices=[k for k in FLAGS if k], help="libtpu flags (FLAGS) to compile with")
     p.add_argument("--hlo", help="write the compiled HLO text here")

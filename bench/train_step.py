@@ -16,13 +16,13 @@ import time
 
 import jax
 
-from pia_jax import config
+from pia_jax.models import config
 from pia_jax.sharding import make_mesh
-from pia_jax.training import metrics, state as state_lib
+from pia_jax.training import metrics
+from pia_jax.training import state as state_lib
 from pia_jax.training.config import ModelConfig, OptimConfig
 from pia_jax.training.step import Trainer
 from pia_jax.training.synthetic import SyntheticLoader
-
 
 
 def peak_memory() -> str:
@@ -144,7 +144,7 @@ def main():
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--dtype", choices=config.DTYPES, default="bf16")
     p.add_argument("--frozen-dtype", choices=config.DTYPES, default="bf16")
-    p.add_argument("--remat", default=None, help="UNet remat policy (pia_jax.unet.REMAT_POLICIES)")
+    p.add_argument("--remat", default=None, help="UNet remat policy (pia_jax.models.unet.REMAT_POLICIES)")
     p.add_argument("--attention", default="auto", help="spatial attention kernel: auto, xla, cudnn")
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU where the device kind is unknown")
     p.add_argument("--iters", type=int, default=10)

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax import config
-from pia_jax.unet import UNetMotionModel
-
+from pia_jax.models import config
+from pia_jax.models.unet import UNetMotionModel
 
 
 def count_flops(cfg, state, *inputs):
@@ -76,8 +75,9 @@ def bench_jax(cfg, args):
 
 def bench_torch(cfg, args):
     import torch
-    from tests.torch_models import motion_adapter, unet2d
     from diffusers import UNetMotionModel as TorchUNet
+
+    from tests.torch_models import motion_adapter, unet2d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = TorchUNet.from_unet2d(unet2d(cfg), motion_adapter(cfg)).to(device, dtype).eval()

@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from pia_jax import config as model_config
-from pia_jax.demo import MERGES, byte_chars, write_vocab  # noqa: F401
+from pia_jax.models import config as model_config
+from pia_jax.toy.demo import MERGES, byte_chars, write_vocab  # noqa: F401
 
 # TINY, cut to two UNet blocks of one layer (one with cross-attention), a one-block VAE and a one-layer text encoder:
 # every kind of layer of the full model, at a compile time CPU tests can afford. A 4-channel UNet (training widens

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import torch
 
-from pia_jax.config import TextConfig
+from pia_jax import models
 from pia_jax.eval.clip import CLIPConfig, VisionConfig
+from pia_jax.models.config import TextConfig
 from tests.assets import write_vocab
 from tests.oracle import randomize
 
@@ -85,7 +86,7 @@ def random_ids(cfg: CLIPConfig, lengths, seed=0) -> np.ndarray:
 def micro_pia_config():
     """TINY with a two-level UNet of one layer per block: every kind of block still runs (cross-attention,
     motion modules, skips, up/down sampling) and the sampler compiles in half the time."""
-    from pia_jax import config
+    from pia_jax.models import config
     unet = dataclasses.replace(config.TINY.unet, block_out_channels=(32, 32), layers_per_block=1,
                                down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
                                up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"))
@@ -94,10 +95,12 @@ def micro_pia_config():
 
 def write_tiny_pia_model(path, cfg=None, seed=0):
     """A small PIA model directory (`micro_pia_config` by default) with random weights, as `python -m
-    pia_jax.demo` writes one, but drawn from the parameter shapes with numpy (seconds) instead of running every
+    pia_jax.toy.demo` writes one, but drawn from the parameter shapes with numpy (seconds) instead of running every
     layer's initialiser (a minute on a busy 2-core machine). Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0,
     embeddings N(0, 0.02^2)."""
-    from pia_jax import model_dir, schedulers, weights
+    from pia_jax import weights
+    from pia_jax.sampling import schedulers
+    from pia_jax.weights import model_dir
     cfg = cfg or micro_pia_config()
 
     rng = np.random.default_rng(seed)
@@ -112,8 +115,8 @@ def write_tiny_pia_model(path, cfg=None, seed=0):
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
     parts = {}
-    for part, (cls, part_cfg) in model_dir._builders(cfg).items():
-        shapes = weights.param_shapes(model_dir.abstract_model(cls, part_cfg))
+    for part in models.PARTS:
+        shapes = weights.param_shapes(models.build(cfg, part))
         parts[part] = {name: draw(name, shape) for name, shape in shapes.items()}
     write_vocab(path.parent / f"{path.name}-tokenizer")
     return model_dir.save_model_dir(path, cfg, parts, tokenizer=path.parent / f"{path.name}-tokenizer",

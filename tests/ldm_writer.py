@@ -1,7 +1,7 @@
 """Writes diffusers/transformers state dicts as an original-Stable-Diffusion (LDM) single-file checkpoint, and
 diffusers motion adapters as AnimateDiff/PIA motion-module checkpoints (mm_sd_v15_v2.ckpt, pia.ckpt).
 
-Test-side and deliberately independent of pia_jax.convert: one `re.fullmatch` per diffusers key, written from
+Test-side and deliberately independent of pia_jax.weights.convert: one `re.fullmatch` per diffusers key, written from
 the LDM module layout (the semantics of diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, for
 any number of blocks and layers) and AnimateDiff's module names. Its output is checked by diffusers' own
 single-file loaders in the tests.

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pia_jax import affinity
 from pia_jax.data import affinity_scores
+from pia_jax.sampling import affinity
 
 # PIA animatediff/utils/util.py RANGE_LIST @ 73f06d7, in its order: PIA index i (and -1/-2/-3 = 8/7/6).
 PIA_RANGE_LIST = [

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pia_jax import attention
+from pia_jax.models import attention
 from tests.oracle import assert_close
 
 TOL = 1e-6

@@ -30,14 +30,14 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextModel
 
 import convert_torch_weights
-from pia_jax import model_dir
-from pia_jax.config import SD15_PIA, TINY
-from pia_jax.convert.build import Request, convert
-from pia_jax.text_encoder import CLIPTextModel as JaxText
-from pia_jax.tokenizer import load_tokenizer, tokenize
-from pia_jax.unet import UNetMotionModel as JaxUNet
-from pia_jax.vae import AutoencoderKL as JaxVAE
-from pia_jax.weights import param_shapes
+from pia_jax.models.abstract import abstract_model
+from pia_jax.models.config import SD15_PIA, TINY
+from pia_jax.models.text_encoder import CLIPTextModel as JaxText
+from pia_jax.models.tokenizer import load_tokenizer, tokenize
+from pia_jax.models.unet import UNetMotionModel as JaxUNet
+from pia_jax.models.vae import AutoencoderKL as JaxVAE
+from pia_jax.weights import model_dir, param_shapes
+from pia_jax.weights.convert.build import Request, convert
 from tests import ldm_writer
 from tests import torch_models as tm
 from tests.assets import write_vocab
@@ -574,7 +574,7 @@ def test_full_sd15_civitai_file_and_pia_ckpt(big_tmp):
                            ("text_encoder", JaxText, config.text)):
         with safe_open(str(out / f"{part}.safetensors"), "np") as f:
             assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == param_shapes(
-                model_dir.abstract_model(cls, cfg)), part
+                abstract_model(cls, cfg)), part
     unet_key, vae_key = "model.diffusion_model.", "first_stage_model."
     text_key, mm = "cond_stage_model.transformer.text_model.", "temporal_transformer.transformer_blocks.0."
     expected = {"unet": {

@@ -14,8 +14,8 @@ import torch
 from diffusers import MotionAdapter
 
 from pia_jax import weights
-from pia_jax.config import SD15_PIA, TINY
-from pia_jax.convert.animatediff import convert_motion_checkpoint
+from pia_jax.models.config import SD15_PIA, TINY
+from pia_jax.weights.convert.animatediff import convert_motion_checkpoint
 from tests import torch_models as tm
 from tests.ldm_writer import animatediff_checkpoint
 from tests.oracle import numpy_state, randomize

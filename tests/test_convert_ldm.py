@@ -17,8 +17,8 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from transformers import CLIPTextModel
 
 from pia_jax import weights
-from pia_jax.config import SD15_PIA, TINY
-from pia_jax.convert.ldm import convert_ldm_vae, split_ldm_checkpoint
+from pia_jax.models.config import SD15_PIA, TINY
+from pia_jax.weights.convert.ldm import convert_ldm_vae, split_ldm_checkpoint
 from tests import ldm_writer
 from tests import torch_models as tm
 from tests.oracle import numpy_state, randomize
@@ -161,8 +161,8 @@ def test_converted_parts_load_strictly_into_our_models(tiny):
     above, and test_weights loads those; building our UNet here would cost ~10 s of tracing.)"""
     from flax import nnx
 
-    from pia_jax.text_encoder import CLIPTextModel as OurText
-    from pia_jax.vae import AutoencoderKL as OurVAE
+    from pia_jax.models.text_encoder import CLIPTextModel as OurText
+    from pia_jax.models.vae import AutoencoderKL as OurVAE
     parts, _ = split(tiny["ldm"])
     for cls, config, keymap in ((OurVAE, TINY.vae, weights.DIFFUSERS_VAE),
                                 (OurText, TINY.text, weights.TRANSFORMERS_CLIP_TEXT)):

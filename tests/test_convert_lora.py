@@ -11,9 +11,9 @@ import pytest
 from peft import LoraConfig
 from safetensors.numpy import save_file
 
-from pia_jax.config import TINY
-from pia_jax.convert.lora import merge_loras, read_lora
+from pia_jax.models.config import TINY
 from pia_jax.weights import WeightLoadError
+from pia_jax.weights.convert.lora import merge_loras, read_lora
 from tests.oracle import numpy_state, randomize, rel_err
 from tests.torch_models import clip_text, unet2d
 

@@ -15,13 +15,24 @@ import av
 import numpy as np
 import pytest
 
+from pia_jax.data import (
+    DataConfig,
+    Loader,
+    VideoError,
+    decode_frames,
+    draw,
+    generic_rows,
+    open_dataset,
+    probe,
+    sample_window,
+    transform_clip,
+    webvid_rows,
+)
 from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
-from pia_jax.data import (DataConfig, Loader, VideoError, decode_frames, draw, generic_rows, open_dataset, probe,
-                          sample_window, transform_clip, webvid_rows)
 from pia_jax.data.builder import prepare
 from pia_jax.data.clips import PIXEL_VALUES, crop_offset, quantize, resized_size
 from pia_jax.data.loader import sample_rng
-from pia_jax.tokenizer import load_tokenizer, tokenize
+from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from tests.assets import all_frames, mp4, write_vocab
 
 CFG = DataConfig(n_frames=8, stride=2, resolution=32)

@@ -10,11 +10,13 @@ import pytest
 import torch
 from flax import nnx
 
-from pia_jax import model_dir, weights
+from pia_jax import weights
 from pia_jax.eval.clip import TRANSFORMERS_CLIP, CLIPConfig, CLIPModel, normalize
 from pia_jax.eval.clip_dir import ClipDirError, convert_clip, load_clip
 from pia_jax.eval.preprocess import clip_preprocess
 from pia_jax.eval.scores import CLIPScorer
+from pia_jax.models.abstract import abstract_model
+from pia_jax.weights import model_dir
 from tests.eval_assets import TINY_CLIP, random_ids, torch_clip, write_transformers_clip
 from tests.oracle import assert_close, numpy_state
 
@@ -57,7 +59,7 @@ def check_parity(model, ref, cfg: CLIPConfig, images, lengths, seed, length=77, 
 def test_tiny_parity_and_strict_keys():
     ref = torch_clip(TINY_CLIP, seed=3)
     state = numpy_state(ref)
-    abstract = lambda: model_dir.abstract_model(CLIPModel, TINY_CLIP)  # noqa: E731
+    abstract = lambda: abstract_model(CLIPModel, TINY_CLIP)  # noqa: E731
     model = weights.load_state_dict(abstract(), state, TRANSFORMERS_CLIP)
     check_parity(model, ref, TINY_CLIP, 3, [5, 20, 76], seed=0)
     # strict: a missing tensor and an unknown one are both reported, in one error
@@ -73,7 +75,7 @@ def test_full_size_parity():
     start = time.perf_counter()
     ref = torch_clip(cfg, seed=1)
     assert sum(p.numel() for p in ref.parameters()) > 427e6
-    model = weights.load_state_dict(model_dir.abstract_model(CLIPModel, cfg), numpy_state(ref), TRANSFORMERS_CLIP)
+    model = weights.load_state_dict(abstract_model(CLIPModel, cfg), numpy_state(ref), TRANSFORMERS_CLIP)
     # one image (~160 GFLOP per side) and two 16-token texts keep this at the cost of a few forward passes
     check_parity(model, ref, cfg, 1, [5, 12], seed=1, length=16, jit=False)
     print(f"full-size parity in {time.perf_counter() - start:.1f} s")

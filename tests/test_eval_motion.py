@@ -4,9 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pia_jax import affinity, media
+from pia_jax import media
 from pia_jax.eval import motion
 from pia_jax.eval.video import fit_image, read_video
+from pia_jax.sampling import affinity
 
 H, W = 64, 96  # VBench's threshold at this size: 6 * 64 / 256 = 1.5 px per frame
 

@@ -18,7 +18,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from pia_jax import media
-from pia_jax.model_dir import ModelDirError, read_config
+from pia_jax.weights.model_dir import ModelDirError, read_config
 
 
 class FakeGCS(MemoryFileSystem):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pia_jax import attention, config
-from pia_jax.unet import UNetMotionModel
+from pia_jax.models import attention, config
+from pia_jax.models.unet import UNetMotionModel
 from tests.oracle import assert_close
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
@@ -67,9 +67,9 @@ def test_bf16_unet_close_to_fp32():
 def test_no_weight_work_inside_the_sampling_loop():
     """On a GPU the convolutions want their kernels in cuDNN's layout: the compiled denoising loop must re-lay the
     weights once, before the loop, not in every step (the detector of tests/test_sampling.py)."""
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.vae import AutoencoderKL
     from pia_jax.sampling import Animator, SampleOptions
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.vae import AutoencoderKL
     from tests.hlo import weight_shapes, weight_work_in_loop_body
     cfg, make = config.TINY, dict(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),

@@ -7,8 +7,7 @@ import pytest
 import torch
 from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
 
-from pia_jax import affinity
-from pia_jax.sampling import keyframes, prompt_travel
+from pia_jax.sampling import affinity, keyframes, prompt_travel
 
 
 def pia_nearest(video_length, cond_frames):

@@ -13,16 +13,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pia_jax import config as model_config
-from pia_jax.data import (PIXEL_VALUES, DataConfig, LatentMismatch, Loader, dataset_metadata, draw, generic_rows,
-                          make_example, open_dataset, transform_clip)
+from pia_jax.data import (
+    PIXEL_VALUES,
+    DataConfig,
+    LatentMismatch,
+    Loader,
+    dataset_metadata,
+    draw,
+    generic_rows,
+    make_example,
+    open_dataset,
+    transform_clip,
+)
 from pia_jax.data import latents as latents_lib
 from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores, score_matrix
 from pia_jax.data.builder import prepare
 from pia_jax.data.loader import sample_rng
-from pia_jax.model_dir import save_model_dir
-from pia_jax.training import config as config_lib, loop, state as state_lib
+from pia_jax.models import config as model_config
+from pia_jax.training import config as config_lib
+from pia_jax.training import loop
+from pia_jax.training import state as state_lib
 from pia_jax.training.step import Trainer, pia_loss
+from pia_jax.weights.model_dir import save_model_dir
 from tests.assets import all_frames, mp4, write_vocab
 
 # test_train.py's SMALL cut to one UNet block: every kind of layer, the shortest compilations
@@ -126,7 +138,7 @@ def test_latent_loader_draws_clip_condition_and_dropout(dataset, tmp_path):
     path, _ = dataset
     records = open_dataset(path)
     write_vocab(tmp_path / "tok")
-    from pia_jax.tokenizer import load_tokenizer, tokenize
+    from pia_jax.models.tokenizer import load_tokenizer, tokenize
     tok = load_tokenizer(tmp_path / "tok")
     with Loader(records, tok, CFG, batch_size=3, seed=5, num_workers=2) as loader:
         batches = [next(loader) for _ in range(2)]

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.activations import GEGLU as TorchGEGLU
 from flax import nnx
 
-from pia_jax.layers import GEGLU, Builder, GroupNorm
+from pia_jax.models.layers import GEGLU, Builder, GroupNorm
 from pia_jax.weights import DIFFUSERS_UNET, load_state_dict
 from tests.oracle import assert_close
 

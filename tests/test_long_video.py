@@ -22,11 +22,12 @@ import pytest
 import torch
 from flax import nnx
 
-from pia_jax import config, schedulers, weights
-from pia_jax.sampling import prompt_travel, windows
-from pia_jax.text_encoder import CLIPTextModel
-from pia_jax.tokenizer import load_tokenizer, tokenize
-from pia_jax.unet import UNetMotionModel
+from pia_jax import weights
+from pia_jax.models import config
+from pia_jax.models.text_encoder import CLIPTextModel
+from pia_jax.models.tokenizer import load_tokenizer, tokenize
+from pia_jax.models.unet import UNetMotionModel
+from pia_jax.sampling import prompt_travel, schedulers, windows
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close, numpy_state
@@ -179,10 +180,11 @@ def test_text_to_video_cli_matches_diffusers_animatediff(models, tmp_path, capsy
     noise, against AnimateDiffPipeline with the same prompt dict (free noise on, one window of all frames, so nothing
     is rescheduled). Frames are written as 8-bit PNGs: the float frames agree to ~1e-5 (the module's TOL covers the
     latents), so the written values differ by at most one level where the rounding falls between them."""
-    import sample
     from diffusers import AnimateDiffPipeline, DDIMScheduler
     from PIL import Image
     from transformers import CLIPTokenizer
+
+    import sample
 
     frames = 8
     vae = tm.vae(CFG.vae, seed=2)

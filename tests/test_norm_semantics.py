@@ -8,7 +8,7 @@ test_unet.py: only summation order differs).
 
 import dataclasses
 
-from pia_jax import config
+from pia_jax.models import config
 from tests import torch_models as tm
 from tests.oracle import assert_close, rel_err
 from tests.test_unet import TOL, inputs, jitted, load_ours

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import sample
-from pia_jax import config
+from pia_jax.models import config
 from tests import torch_models as tm
 from tests.assets import write_vocab
 

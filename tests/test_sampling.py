@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pia_jax import affinity, config
-from pia_jax.sampling import Animator, SampleOptions
+from pia_jax.models import config
+from pia_jax.sampling import Animator, SampleOptions, affinity
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close
@@ -153,6 +153,7 @@ def test_batches_equal_videos_one_by_one(tiny, tmp_path, monkeypatch):
     """A batch file of 4 videos on 2 devices with memory for one video per device runs as 2 batches through the same
     programs, and every video equals the same video made alone (bit for bit: the same program on the same data)."""
     from jax.sharding import Mesh
+
     from pia_jax.sampling import cases, memory
     Image.fromarray(image(3)).save(tmp_path / "img.png")
     (tmp_path / "cases.yaml").write_text(f"""
@@ -190,6 +191,7 @@ def test_no_weight_work_inside_the_loop(animator):
     convolution with its operands swapped, reversing that (tiny) kernel every step, and activations of such
     sizes share shapes with weights, which the detector cannot tell apart."""
     import jax.numpy as jnp
+
     from tests.hlo import weight_shapes, weight_work_in_loop_body
     (_, _), (exe, _), (_, _) = animator._executables(animator.devices, 24, 40, 3, SampleOptions())
     assert "while" in exe.as_text()
@@ -237,7 +239,8 @@ def test_persistent_compilation_cache(tiny, tmp_path):
 def test_freenoise_shuffles_have_their_own_key(animator, monkeypatch):
     """Each random use of a seed has its own key: the FreeNoise shuffles' key is neither of the noise keys nor any
     step's DDIM noise key (it used to be step 1's), and adding it left the noise keys, so every video, unchanged."""
-    from pia_jax.sampling import animator as animator_lib, noise
+    from pia_jax.sampling import animator as animator_lib
+    from pia_jax.sampling import noise
     seed = 12345
     init, post, step, shuffles = noise.video_keys(seed)
     old = jax.random.split(noise.seed_key(seed), 3)  # the keys the videos were made with before

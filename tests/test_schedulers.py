@@ -1,4 +1,4 @@
-"""pia_jax.schedulers against diffusers' DDIMScheduler and DPMSolverMultistepScheduler, step by step.
+"""pia_jax.sampling.schedulers against diffusers' DDIMScheduler and DPMSolverMultistepScheduler, step by step.
 
 Both sides run float32 with the same coefficient formulas; ours precomputes the per-step scalars in numpy float32
 and folds a few products (DPM's (1/r0)·0.5·phi) into one, so every step differs by a few float32 roundings (~1e-7
@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from pia_jax import schedulers as S
+from pia_jax.sampling import schedulers as S
 from tests.oracle import assert_close
 
 TOL = 2e-5

@@ -8,13 +8,13 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.assets import write_vocab
-from tests.torch_models import clip_text
-from tests.oracle import assert_close, numpy_state
 from pia_jax import weights
-from pia_jax.config import SD15_PIA, TINY, TextConfig
-from pia_jax.text_encoder import CLIPTextModel
-from pia_jax.tokenizer import load_tokenizer, tokenize
+from pia_jax.models.config import SD15_PIA, TINY, TextConfig
+from pia_jax.models.text_encoder import CLIPTextModel
+from pia_jax.models.tokenizer import load_tokenizer, tokenize
+from tests.assets import write_vocab
+from tests.oracle import assert_close, numpy_state
+from tests.torch_models import clip_text
 
 # fp32 on both sides with the same math; only summation order and the sigmoid/rsqrt implementations differ, so
 # errors sit at fp32 rounding accumulated over the layers: measured 2e-7..9e-7 (tiny) and 1.2e-6 (12 layers) of the

@@ -11,12 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from pia_jax import config as model_config, media
-from pia_jax.model_dir import load_model_dir
+from pia_jax import media
+from pia_jax.models import config as model_config
+from pia_jax.models.tokenizer import load_tokenizer
 from pia_jax.sharding import make_mesh
-from pia_jax.tokenizer import load_tokenizer
 from pia_jax.toy import evaluate, vocab, world
-from pia_jax.training import config as config_lib, loop, state as state_lib, tasks
+from pia_jax.training import config as config_lib
+from pia_jax.training import loop, tasks
+from pia_jax.training import state as state_lib
+from pia_jax.weights.model_dir import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "toy"
@@ -223,10 +226,10 @@ def micro_data(root: str) -> tuple[Path, Path]:
     """(model directory of MICRO with random weights, prepared dataset of 16 world clips) under root. The weights
     are numpy draws (state.random_weights, motion-module outputs zeroed as AnimateDiff starts): flax's own
     initialisers dispatch op by op and take ~45 s here."""
-    from pia_jax import schedulers
     from pia_jax.data import builder, generic_rows
-    from pia_jax.model_dir import save_model_dir
+    from pia_jax.sampling import schedulers
     from pia_jax.training import state as state_lib
+    from pia_jax.weights.model_dir import save_model_dir
 
     root = Path(root)
     csv = world.write_world(root / "world", 16, seed=0)
@@ -363,10 +366,10 @@ def test_probe_recovers_the_clips_motion_from_an_oracle_denoiser(tmp_path, capsy
     # where sqrt(a) = 0.045), and the shift is the same at every t and for either caption; it is the VAE
     # reconstruction's, which keeps ~90 % of the 10.3 px the clips move (its blurred edges pull the tracked
     # centroids in), hence the 80 % bound.
-    from pia_jax import schedulers
-    from pia_jax.model_dir import read_config
+    from pia_jax.sampling import schedulers
     from pia_jax.toy import probe
     from pia_jax.toy.__main__ import main
+    from pia_jax.weights.model_dir import read_config
 
     assert main(["probe", "--model", str(tmp_path)]) == 2 and "error:" in capsys.readouterr().err  # no model there
     assert probe.opposite_caption("a red circle moves left on a gray background").split()[4] == "right"
@@ -394,9 +397,9 @@ def test_trajectory_follows_ddim_from_noise_to_an_oracle_clip():
     # in the probe test), every video moves as prompted, and the shift is the reconstruction's (>= 80 % of the
     # clips' 10.3 px; tracked blur pulls it in). A trajectory that measured x instead of x0, or mixed up the
     # schedule's alpha and sigma, would be pure noise at the first step.
-    from pia_jax import schedulers
-    from pia_jax.model_dir import read_config
+    from pia_jax.sampling import schedulers
     from pia_jax.toy import probe
+    from pia_jax.weights.model_dir import read_config
 
     scheduler = schedulers.from_dict(read_config(SHIPPED)[1])
     a = schedulers.alphas_cumprod(scheduler)

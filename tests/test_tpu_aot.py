@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pia_jax import attention
+from pia_jax.models import attention
 from pia_jax.sharding import batch_sharding, make_mesh
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install libtpu)")

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pia_jax.model_dir import save_model_dir
 from pia_jax.sharding import make_mesh
-from pia_jax.training import config as config_lib, metrics, state as state_lib
+from pia_jax.training import config as config_lib
+from pia_jax.training import metrics
+from pia_jax.training import state as state_lib
 from pia_jax.training.step import Trainer
 from pia_jax.training.synthetic import SyntheticLoader
+from pia_jax.weights.model_dir import save_model_dir
 from tests.assets import SMALL, write_vocab
 
 FRAMES, SIZE, BATCH = 2, 8, 8  # one clip per fake device
@@ -183,7 +185,7 @@ def test_a_v_prediction_model_regresses_the_velocity():
     import torch
     from diffusers import DDPMScheduler
 
-    from pia_jax import schedulers
+    from pia_jax.sampling import schedulers
     from pia_jax.training.step import denoising_loss
 
     model = train_config().model

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pia_jax.training import config as config_lib, state as state_lib
+from pia_jax.training import config as config_lib
+from pia_jax.training import state as state_lib
 from tests.test_train import model_dir, train_config
 
 ROOT = Path(__file__).parent.parent

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from pia_jax.model_dir import flat_params, load_model_dir
 from pia_jax.training import config as config_lib
+from pia_jax.weights.model_dir import flat_params, load_model_dir
 from tests.test_train import max_rel, train_config
 from tests.test_train_run import STEPS, uninterrupted  # noqa: F401  (a fixture: the single-process run)
 

@@ -33,11 +33,13 @@ import torch
 
 from pia_jax import weights
 from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
+from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from pia_jax.sharding import make_mesh
-from pia_jax.tokenizer import load_tokenizer, tokenize
-from pia_jax.training import config as config_lib, state as state_lib, step as step_lib
-from tests import torch_models as tm
+from pia_jax.training import config as config_lib
+from pia_jax.training import state as state_lib
+from pia_jax.training import step as step_lib
 from tests import assets
+from tests import torch_models as tm
 from tests.assets import write_vocab
 
 # One pytest-xdist worker runs the module, so its three compiled trainers are built once.
@@ -321,7 +323,7 @@ def storage_rounding(w: dict, lr: float) -> float:
 # The rule: ours (fp32) may be FACTOR x as far from the float64 referee as torch-fp32 is, plus a floor. Both fp32
 # sides round about equally (so FACTOR only absorbs the luck of which values round which way), except for one
 # difference of ours, measured and kept: our GroupNorm takes its variance in one pass (E[d^2] - E[d]^2, d shifted by
-# the group's first value; pia_jax/layers.py), torch in two. Over a 16-frame clip a group pools 2048 values, and the
+# the group's first value; pia_jax/models/layers.py), torch in two. Over a 16-frame clip a group pools 2048 values, and the
 # rounding of those sums, ~1e-7 of the variance, scales a whole video's output coherently, so it does not average
 # out in the loss: ours is then 0.4-0.7e-6 from the referee, torch-fp32 0.003-0.12e-6 (a two-pass variance,
 # patched in for a measurement, brings ours to 2.2e-8). The floors cover that, with ~3x to spare:

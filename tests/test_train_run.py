@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from pia_jax.model_dir import flat_params, load_model_dir
 from pia_jax.training import loop
-from pia_jax.training.checkpoint import CheckpointError, Checkpointer
+from pia_jax.training.checkpoint import Checkpointer, CheckpointError
+from pia_jax.weights.model_dir import flat_params, load_model_dir
 from tests.test_train import host, loader, max_rel, setup, train_config, trainer
 
 STEPS = 4
@@ -217,6 +217,7 @@ def test_validation_writes_videos(tmp_path):
     """The validation hook samples fixed image/prompt pairs with the current weights through pia_jax.sampling, logs
     their scores, and a later validation reuses the compiled sampler with the new weights."""
     from PIL import Image
+
     from pia_jax.training.metrics import Writer
     from pia_jax.training.validation import _ANIMATORS, validate
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8)).save(tmp_path / "image.png")
@@ -254,6 +255,7 @@ def test_trains_on_a_prepared_dataset(tmp_path):
     """The whole data path into the step: videos -> prepare_dataset's ArrayRecord shards -> the real Loader (clips,
     affinity, dropout, tokens) -> 2 sharded steps; the checkpoint records where the loader stands."""
     import csv
+
     from pia_jax.data import generic_rows
     from pia_jax.data.builder import prepare
     from tests.test_data import encode

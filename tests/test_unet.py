@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pia_jax import config, weights
-from pia_jax.unet import UNetMotionModel
+from pia_jax import weights
+from pia_jax.models import config
+from pia_jax.models.unet import UNetMotionModel
 from tests import torch_models as tm
 from tests.oracle import assert_close
 

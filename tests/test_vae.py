@@ -1,4 +1,4 @@
-"""Parity of pia_jax.vae.AutoencoderKL with diffusers' PyTorch AutoencoderKL, both with the same random weights.
+"""Parity of pia_jax.models.vae.AutoencoderKL with diffusers' PyTorch AutoencoderKL, both with the same random weights.
 
 Tolerances are max abs error relative to the output scale (oracle.rel_err). Both sides compute in fp32 on CPU, so
 they differ only in summation order (convolution algorithms, GroupNorm reductions, the attention matmuls); that
@@ -12,11 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
+from pia_jax.models.config import SD15_PIA, TINY, VAEConfig
+from pia_jax.models.vae import AutoencoderKL, sample_posterior
+from pia_jax.weights import DIFFUSERS_VAE, load_state_dict
 from tests.oracle import assert_close, numpy_state
 from tests.torch_models import vae as torch_vae
-from pia_jax.config import SD15_PIA, TINY, VAEConfig
-from pia_jax.vae import AutoencoderKL, sample_posterior
-from pia_jax.weights import DIFFUSERS_VAE, load_state_dict
 
 FP32_TOL = 1e-4  # fp32 vs fp32, summation order only (see the module docstring); measured ~1e-6
 BF16_TOL = 5e-2  # bf16 keeps 8 mantissa bits (~4e-3 per rounding); errors add up over ~20 layers to ~1e-2

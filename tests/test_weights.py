@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pia_jax import config, weights
-from pia_jax.unet import UNetMotionModel
-from pia_jax.vae import AutoencoderKL
+from pia_jax import weights
+from pia_jax.models import config
+from pia_jax.models.unet import UNetMotionModel
+from pia_jax.models.vae import AutoencoderKL
 from tests import torch_models as tm
 
 CFG = dataclasses.replace(config.TINY.unet, norm_semantics="diffusers")

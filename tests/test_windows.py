@@ -14,8 +14,8 @@ from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
 from flax import nnx
 
 from pia_jax import weights
-from pia_jax.motion import TemporalTransformerBlock
-from pia_jax.layers import Builder
+from pia_jax.models.layers import Builder
+from pia_jax.models.motion import TemporalTransformerBlock
 from pia_jax.sampling import windows
 from tests.oracle import assert_close, numpy_state, randomize, rel_err
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax import config
-from pia_jax.layers import Builder
-from pia_jax.motion import MotionModule
-from pia_jax.unet import UNetMotionModel, widen_conv_in
+from pia_jax.models import config
+from pia_jax.models.layers import Builder
+from pia_jax.models.motion import MotionModule
+from pia_jax.models.unet import UNetMotionModel, widen_conv_in
 from tests.oracle import assert_close
 from tests.test_unet import inputs, jitted
 

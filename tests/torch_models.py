@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from pia_jax.config import PIAConfig, TextConfig, UNetConfig, VAEConfig
+from pia_jax.models.config import PIAConfig, TextConfig, UNetConfig, VAEConfig
 from tests.oracle import numpy_state, randomize
 
 _2D = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D",
@@ -150,10 +150,13 @@ def write_model_dir(path, cfg: PIAConfig, unet, vae_model, text_model, tokenizer
     """Our converted model directory from torch modules (UNetMotionModel, AutoencoderKL, CLIPTextModel), through
     the strict loaders; the conversion CLI is tested on its own."""
     from flax import nnx
-    from pia_jax import model_dir, schedulers, weights
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
+
+    from pia_jax import weights
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.unet import UNetMotionModel
+    from pia_jax.models.vae import AutoencoderKL
+    from pia_jax.sampling import schedulers
+    from pia_jax.weights import model_dir
 
     def flat(cls, c, module, keymap):
         abstract = nnx.eval_shape(lambda: cls(c, rngs=nnx.Rngs(0)))

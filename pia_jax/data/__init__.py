@@ -3,8 +3,16 @@
 Needs the `train` extra (PyAV, OpenCV, Pillow, tensorflow-datasets); the model code never imports this package.
 """
 
-from pia_jax.data.clips import (PIXEL_VALUES, DataConfig, Draws, draw, make_example, quantize, sample_window,
-                                transform_clip)
+from pia_jax.data.clips import (
+                                PIXEL_VALUES,
+                                DataConfig,
+                                Draws,
+                                draw,
+                                make_example,
+                                quantize,
+                                sample_window,
+                                transform_clip,
+)
 from pia_jax.data.latents import LatentMismatch, LatentSpec, make_latent_example
 from pia_jax.data.loader import Loader, Records, dataset_metadata, open_dataset
 from pia_jax.data.sources import Row, generic_rows, rows_from, webvid_rows

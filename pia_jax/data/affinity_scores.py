@@ -1,11 +1,11 @@
 """Training affinity: each frame's HSV + edge difference to the condition frame (the score), mapped to the mask
 value the UNet is trained with through per-distance dataset statistics (PIA's dataset `get_score` and
-`prepare_mask_coef_by_score`). Inference uses presets instead (`pia_jax.affinity`).
+`prepare_mask_coef_by_score`). Inference uses presets instead (`pia_jax.sampling.affinity`).
 """
 
 import numpy as np
 
-from pia_jax.affinity import _check_frames
+from pia_jax.sampling.affinity import _check_frames
 
 # Per-distance [lo, hi] of the training score over the dataset, row d = |f - cond_frame| (PIA train.yaml
 # `statistic`). float32 because the reference turns the list into a default-dtype torch tensor.

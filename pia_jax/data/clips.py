@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from pia_jax import media
-from pia_jax.config import opt
 from pia_jax.data.video import VideoError, decode_frames
+from pia_jax.models.config import opt
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ class LatentSpec:
 def vae_identity(model_dir) -> dict:
     """{"vae": the VAE config (scaling factor included) as JSON data, "vae_sha256": of vae.safetensors}: what a
     latent cache records of its VAE and `check` compares with the model a run trains."""
-    from pia_jax.model_dir import read_config, sha256
+    from pia_jax.weights.model_dir import read_config, sha256
     config, _, _ = read_config(model_dir)
     return {"vae": json.loads(json.dumps(asdict(config.vae))),
             "vae_sha256": sha256(Path(model_dir) / "vae.safetensors")}
@@ -124,7 +124,7 @@ class Encoder:
         import jax
         from flax import nnx
 
-        from pia_jax.model_dir import load_model_dir
+        from pia_jax.weights.model_dir import load_model_dir
         md = load_model_dir(model_dir, parts=("vae",), tokenizer=False)
         graph, state = nnx.split(md.vae)
         self._state, self.batch = state, batch

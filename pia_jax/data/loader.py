@@ -19,7 +19,7 @@ import numpy as np
 from pia_jax.data.clips import DataConfig, make_example
 from pia_jax.data.latents import make_latent_example
 from pia_jax.data.video import VideoError
-from pia_jax.tokenizer import tokenize
+from pia_jax.models.tokenizer import tokenize
 
 STATE_VERSION = 1
 
@@ -97,7 +97,7 @@ class Loader:
         latent_mean, latent_logvar  (B, F, h, w, 4) at the cache's dtype: the VAE posterior of a cached clip
 
     records: random access (`len`, `[i]`) to dicts with video bytes, caption, num_frames, pts (see `open_dataset`).
-    tokenizer: a CLIP tokenizer (`pia_jax.tokenizer.load_tokenizer`). batch_size: examples per host and step.
+    tokenizer: a CLIP tokenizer (`pia_jax.models.tokenizer.load_tokenizer`). batch_size: examples per host and step.
     process_index, process_count: this host and the number of hosts (jax.process_index(), jax.process_count()).
     num_workers: threads making examples. prefetch: batches in flight beyond the one being handed out.
     max_attempts: consecutive unusable records tolerated for one example before the dataset counts as broken.

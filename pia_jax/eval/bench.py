@@ -21,9 +21,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pia_jax import affinity, media
+from pia_jax import media
 from pia_jax.eval import motion
 from pia_jax.eval.video import VIDEO_SUFFIXES, read_video
+from pia_jax.sampling import affinity
 
 DEFAULT_SEED = 42
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -1,5 +1,5 @@
 """CLIP ViT-L/14 as the metric model (transformers' `CLIPModel`): the vision tower, the text tower SD1.5 already
-uses (`pia_jax.text_encoder`), and the two linear projections into the shared embedding space.
+uses (`pia_jax.models.text_encoder`), and the two linear projections into the shared embedding space.
 
 Attribute paths mirror transformers' parameter names (text_model.*, vision_model.embeddings.patch_embedding,
 vision_model.pre_layrnorm [sic], vision_model.encoder.layers[i].*, visual_projection, text_projection), so
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 from flax import nnx
 
-from pia_jax.config import TextConfig
-from pia_jax.layers import Builder
-from pia_jax.text_encoder import CLIPEncoderLayer, CLIPTextModel
+from pia_jax.models.config import TextConfig
+from pia_jax.models.layers import Builder
+from pia_jax.models.text_encoder import CLIPEncoderLayer, CLIPTextModel
 from pia_jax.weights import KeyMap
 
 

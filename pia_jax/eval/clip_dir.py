@@ -16,9 +16,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from pia_jax import files, model_dir, weights
-from pia_jax.config import TextConfig
+from pia_jax import files, weights
 from pia_jax.eval.clip import TRANSFORMERS_CLIP, CLIPConfig, CLIPModel, VisionConfig
+from pia_jax.models.abstract import abstract_model
+from pia_jax.models.config import TextConfig
+from pia_jax.weights import model_dir
 
 FORMAT, VERSION = "pia-jax-clip", 1
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -94,12 +96,12 @@ def convert_clip(src, out, force: bool = False) -> Path:
     weight_file = next((src / f for f in WEIGHT_FILES if (src / f).is_file()), None)
     if weight_file is None:
         raise ClipDirError(f"{src} holds none of {WEIGHT_FILES}")
-    from pia_jax.tokenizer import load_tokenizer
+    from pia_jax.models.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(src)  # fails early, before any weight is read
     config = dataclasses.replace(config_from_transformers(src), eos_token_id=int(tokenizer.eos_token_id))
     if Path(out).exists() and not force:
         raise FileExistsError(f"{str(out)!r} already exists; pass --force to replace it")
-    abstract = model_dir.abstract_model(CLIPModel, config)
+    abstract = abstract_model(CLIPModel, config)
     model = weights.load_state_dict(abstract, read_weights(weight_file), TRANSFORMERS_CLIP)
     with files.atomic_write(out, directory=True, force=force, mark="config.json") as tmp:
         model_dir.write_safetensors(tmp / "clip.safetensors", model_dir.flat_params(model))
@@ -131,9 +133,9 @@ def read_clip_config(path) -> CLIPConfig:
 
 def load_clip(path, dtype=jnp.float32):
     """(CLIPModel with its weights, tokenizer) of a converted directory."""
-    from pia_jax.tokenizer import load_tokenizer
+    from pia_jax.models.tokenizer import load_tokenizer
     config = read_clip_config(path)
-    abstract = model_dir.abstract_model(CLIPModel, config, dtype=dtype)
+    abstract = abstract_model(CLIPModel, config, dtype=dtype)
     expected = weights.param_shapes(abstract)
     from safetensors.numpy import load_file
     try:

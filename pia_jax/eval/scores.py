@@ -50,7 +50,7 @@ class CLIPScorer:
                                for i in range(0, len(padded), BATCH)])[:n]
 
     def embed_texts(self, prompts) -> np.ndarray:
-        from pia_jax.tokenizer import tokenize
+        from pia_jax.models.tokenizer import tokenize
         ids = tokenize(self.tokenizer, list(prompts), self.config.text.max_position_embeddings)
         return np.asarray(self._texts(self._state, ids))
 

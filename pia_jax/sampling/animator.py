@@ -26,19 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from pia_jax import attention, schedulers
-from pia_jax.config import PIAConfig, VAEConfig
-from pia_jax.sampling import compile_cache, memory, noise as noise_lib
+from pia_jax.models import attention
+from pia_jax.models.config import PIAConfig, VAEConfig
+from pia_jax.models.tokenizer import tokenize
+from pia_jax.sampling import compile_cache, memory, schedulers
+from pia_jax.sampling import noise as noise_lib
 from pia_jax.sampling.decode import decode
 from pia_jax.sampling.encode import encode
 from pia_jax.sampling.keyframes import nearest_keyframe
 from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
-from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
 from pia_jax.sampling.options import Result, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
-from pia_jax.tokenizer import tokenize
+from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
 
 
 def accelerator_default_dtype():
@@ -94,7 +96,7 @@ class Animator:
     def __init__(self, config: PIAConfig, unet: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module, tokenizer,
                  scheduler: schedulers.SchedulerConfig = schedulers.PIA_DDIM, mesh: Mesh | None = None, *,
                  compile_cache_dir=None):
-        """`tokenizer`: a CLIP tokenizer (pia_jax.tokenizer.load_tokenizer); `mesh`: devices to split videos over
+        """`tokenizer`: a CLIP tokenizer (pia_jax.models.tokenizer.load_tokenizer); `mesh`: devices to split videos over
         (default: this host's); `compile_cache_dir`: None (default) leaves jax's settings alone, as a library
         should; 'default', a folder or 'off' turn the persistent compilation cache on or off for the whole process
         (the CLIs do: see compile_cache.py)."""
@@ -122,7 +124,7 @@ class Animator:
              compile_cache_dir=None) -> "Animator":
         """An animator from a converted model directory (the only code here that knows that format); `dtype`
         defaults to bf16 on accelerators, fp32 on CPU."""
-        from pia_jax.model_dir import load_model_dir
+        from pia_jax.weights.model_dir import load_model_dir
         dtype = dtype or accelerator_default_dtype()
         kwargs = {"unet": {"attention_kernels": attention_kernels}} if attention_kernels else None
         md = load_model_dir(path, dtype=dtype, param_dtype=param_dtype or dtype, model_kwargs=kwargs)

@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pia_jax import media, model_dir, schedulers
-from pia_jax.config import PIAConfig
+from pia_jax import media
+from pia_jax.models.config import PIAConfig
 from pia_jax.sampling import keyframes as keyframes_lib
-from pia_jax.sampling.keyframes import parse_keyed, validate_keys
+from pia_jax.sampling import schedulers
 from pia_jax.sampling.animator import latent_factor, latent_shape
+from pia_jax.sampling.keyframes import parse_keyed, validate_keys
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
+from pia_jax.weights import model_dir
 
 FORMATS = ("gif", "mp4", "png")
 MAX_FPS = {"gif": 50, "mp4": 240, "png": math.inf}  # what media.write_gif / write_mp4 accept

@@ -7,8 +7,8 @@ what it needs), and the VAE posterior *sample* of the image times the scaling fa
 import jax
 import jax.numpy as jnp
 
+from pia_jax.models.vae import sample_posterior
 from pia_jax.sampling.prompt_travel import interpolate
-from pia_jax.vae import sample_posterior
 
 
 def encode(text_encoder, vae, scaling_factor: float, ids_Bx2xL, pixels_BxHxWx3, post_noise_Bxhxwx4,

@@ -4,7 +4,7 @@ Rule (decided after reading PIA's unused helpers in `animatediff/utils/util.py`)
   * condition latent: each frame takes the latent of its nearest keyframe, ties going to the earlier keyframe.
     This is PIA's `prepare_masked_latent_cond`.
   * affinity: a preset's value at the distance to the nearest keyframe, coef[f] = values[min_k |f - key_k|], the
-    single-image rule (values[|f - cond_frame|], `pia_jax.affinity.preset_coefficients`) with the distance taken to
+    single-image rule (values[|f - cond_frame|], `pia_jax.sampling.affinity.preset_coefficients`) with the distance taken to
     the nearest keyframe, so every keyframe shows its image (affinity values[0]) and motion grows away from it.
     PIA's `prepare_mask_coef_multi_cond` is not used: it folds the keyframes' linear ramps by repeated absolute
     differences and rescales to [min, max] of its range. For two keyframes that is a linear ramp in the distance to
@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from pia_jax import affinity
+from pia_jax.sampling import affinity
 
 
 def parse_keyed(spec, what: str) -> dict:

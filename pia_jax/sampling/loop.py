@@ -1,4 +1,4 @@
-"""Denoise: the sampling loop as one program, `lax.fori_loop` over a padded schedule (pia_jax.schedulers) from step
+"""Denoise: the sampling loop as one program, `lax.fori_loop` over a padded schedule (pia_jax.sampling.schedulers) from step
 `begin` to `end`, both data. So one executable per (shape, scheduler kind, guidance on/off) serves every step count,
 strength, guidance scale, eta and Karras setting; and the loop-invariant work on the weights (re-layouts for the
 convolution kernels, dtype casts) is hoisted out of the loop body by XLA, so it runs once per call, not per step
@@ -11,7 +11,7 @@ windows over long videos), then the scheduler's pure `step`.
 import jax
 import jax.numpy as jnp
 
-from pia_jax import schedulers
+from pia_jax.sampling import schedulers
 from pia_jax.sampling.noise import step_noise
 from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 

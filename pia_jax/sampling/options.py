@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pia_jax import schedulers
-from pia_jax.config import PIAConfig
+from pia_jax.models.config import PIAConfig
+from pia_jax.sampling import schedulers
 from pia_jax.sampling.windows import NOISE_TYPES, WindowSchedule, check_window
 
 DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
@@ -27,7 +27,7 @@ class SampleOptions:
     """Everything but `scheduler`, `clip_skip`, `decode_chunk` and whether guidance is on (> 1) is data of the
     compiled programs: changing it compiles nothing."""
     steps: int = 25
-    scheduler: str = "ddim"  # ddim | dpmpp_2m (see pia_jax.schedulers; the model directory holds the config)
+    scheduler: str = "ddim"  # ddim | dpmpp_2m (see pia_jax.sampling.schedulers; the model directory holds the config)
     karras: bool = False  # Karras sigmas for dpmpp_2m
     guidance_scale: float = 7.5  # <= 1 turns classifier-free guidance off (a batch of half the size)
     strength: float = 1.0  # < 1: start from the condition image noised to step int(steps * (1 - strength))

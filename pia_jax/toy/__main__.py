@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     compile_cache.enable("default")  # the sampler's programs are kept on disk (a library's Animator leaves it off)
 
     if args.command in ("evaluate", "probe"):  # a wrong --model fails here, before anything is loaded
-        from pia_jax.model_dir import ModelDirError, read_config
+        from pia_jax.weights.model_dir import ModelDirError, read_config
         try:
             read_config(args.model)
         except ModelDirError as e:

@@ -41,7 +41,7 @@ class _Cases:
         import jax.numpy as jnp
 
         from pia_jax.data.clips import transform_clip
-        from pia_jax.model_dir import load_model_dir
+        from pia_jax.weights.model_dir import load_model_dir
 
         self.md = md = load_model_dir(model_dir, tokenizer=True)
         self.clips = [c["clip"] for c in cases(seed) if c["kind"] == "direction" and c["preset"] == "moderate"]
@@ -57,7 +57,7 @@ class _Cases:
     def context(self, captions):
         import jax.numpy as jnp
 
-        from pia_jax.tokenizer import tokenize
+        from pia_jax.models.tokenizer import tokenize
         return self.md.text_encoder(jnp.asarray(tokenize(self.md.tokenizer, captions)))
 
     def decoded(self, x0) -> np.ndarray:
@@ -88,7 +88,7 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pia_jax import affinity, schedulers
+    from pia_jax.sampling import affinity, schedulers
 
     cs = _Cases(model_dir, seed)
     md, latents, clips = cs.md, cs.latents, cs.clips
@@ -135,7 +135,7 @@ def trajectory(model_dir, guidance: float = 4.0, steps: int = 25, seed: int = 0,
     import jax
     import jax.numpy as jnp
 
-    from pia_jax import affinity, schedulers
+    from pia_jax.sampling import affinity, schedulers
     from pia_jax.sampling.loop import guided_eps
 
     cs = _Cases(model_dir, seed)

@@ -41,11 +41,13 @@ def write_init(path, seed: int = 0, model_config=None, prediction_type: str = PR
 
     from flax import nnx
 
-    from pia_jax import config, model_dir, schedulers
-    from pia_jax.text_encoder import CLIPTextModel
+    from pia_jax.models import config
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.unet import UNetMotionModel
+    from pia_jax.models.vae import AutoencoderKL
+    from pia_jax.sampling import schedulers
     from pia_jax.toy.vocab import write_tokenizer
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
+    from pia_jax.weights import model_dir
 
     cfg, rngs = model_config or config.TOY, nnx.Rngs(seed)
     models = {"unet": UNetMotionModel(cfg.unet, rngs=rngs), "vae": AutoencoderKL(cfg.vae, rngs=rngs),

@@ -1,6 +1,6 @@
 """A CLIP-format BPE tokenizer learned from the toy world's words, so every caption word is one token.
 
-CLIP's vocabulary layout (as `pia_jax.demo`): the 256 byte characters, their end-of-word forms, one token per merge,
+CLIP's vocabulary layout (as `pia_jax.toy.demo`): the 256 byte characters, their end-of-word forms, one token per merge,
 then <|startoftext|> and <|endoftext|>. The merges are learned by plain BPE on the distinct words (the most
 frequent adjacent pair first, ties broken alphabetically), which encodes each of those words back to one token;
 any other text still tokenizes, character by character.
@@ -10,7 +10,7 @@ import collections
 import json
 from pathlib import Path
 
-from pia_jax.demo import byte_chars
+from pia_jax.toy.demo import byte_chars
 
 
 def learn_merges(words) -> list[tuple[str, str]]:

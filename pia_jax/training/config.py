@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pia_jax.attention import KERNELS
-from pia_jax.config import DTYPES, MODELS, ConfigError, from_dict, opt, to_dict, type_name  # noqa: F401  (API)
 from pia_jax.data.clips import DataConfig
-from pia_jax.unet import REMAT_POLICIES
+from pia_jax.models.attention import KERNELS
+from pia_jax.models.config import DTYPES, MODELS, ConfigError, from_dict, opt, to_dict, type_name  # noqa: F401  (API)
+from pia_jax.models.unet import REMAT_POLICIES
 
 
 def section(cls, help: str):
@@ -23,7 +23,7 @@ def section(cls, help: str):
 class ModelConfig:
     model_dir: str | None = opt(None, "a converted model directory (convert_torch_weights.py); its UNet may take "
                                       "4 channels (widened with zero condition channels) or 9")
-    init: str | None = opt(None, "without model_dir: random weights of this pia_jax.config model (smoke runs)",
+    init: str | None = opt(None, "without model_dir: random weights of this pia_jax.models.config model (smoke runs)",
                            (None, *MODELS))
     trainable: tuple[str, ...] = opt((r"^conv_in\.", r"\.motion_modules\."),
                                      "regexes searched in UNet parameter paths: a match trains, the rest (and the "
@@ -35,7 +35,7 @@ class ModelConfig:
                                          "none, as the recipe's 4 clips x 16 x 256² fit 80-95 GiB chips without it "
                                          "(BENCHMARKS.md: TPU table); 16-32 GiB chips need one or fewer clips",
                                    (None, *REMAT_POLICIES))
-    attention: str = opt("auto", "kernel for spatial self/cross attention (pia_jax/attention.py)", KERNELS)
+    attention: str = opt("auto", "kernel for spatial self/cross attention (pia_jax/models/attention.py)", KERNELS)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ValidationConfig:
     every: int = opt(0, "optimizer steps between validation videos; 0: off")
     images: tuple[str, ...] = opt((), "condition images, paired with prompts")
     prompts: tuple[str, ...] = opt((), "one prompt per image")
-    affinity: str = opt("moderate", "pia_jax.affinity preset for the mask channel")
+    affinity: str = opt("moderate", "pia_jax.sampling.affinity preset for the mask channel")
     steps: int = opt(25, "DDIM steps")
     guidance_scale: float = opt(7.5, "classifier-free guidance scale")
     seed: int = opt(0, "seed of the first video (then seed + 1, ...)")

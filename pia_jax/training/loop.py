@@ -25,12 +25,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from pia_jax import schedulers
-from pia_jax.model_dir import save_model_dir
+from pia_jax.sampling import schedulers
 from pia_jax.training import metrics as metrics_lib
 from pia_jax.training.checkpoint import Checkpointer
 from pia_jax.training.config import TrainConfig
 from pia_jax.training.step import Trainer, TrainState
+from pia_jax.weights.model_dir import save_model_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -81,8 +81,8 @@ def check_data(cfg: TrainConfig) -> dict | None:
 
 def _latent_side(cfg: TrainConfig) -> tuple[int, int]:
     """(latent side, channels) of the model's VAE at data.resolution."""
-    from pia_jax import config as model_config
-    from pia_jax.model_dir import read_config
+    from pia_jax.models import config as model_config
+    from pia_jax.weights.model_dir import read_config
     vae = (read_config(cfg.model.model_dir)[0] if cfg.model.model_dir else model_config.MODELS[cfg.model.init]).vae
     return cfg.data.resolution // 2 ** (len(vae.block_out_channels) - 1), vae.latent_channels
 

@@ -18,16 +18,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pia_jax import config as model_config
-from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS
-from pia_jax import schedulers
-from pia_jax.abstract import abstract_model
-from pia_jax.model_dir import PARTS, flat_params, load_model_dir, read_config
-from pia_jax.text_encoder import CLIPTextModel
+from pia_jax.models import config as model_config
+from pia_jax.models.abstract import abstract_model
+from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS
+from pia_jax.models.text_encoder import CLIPTextModel
+from pia_jax.models.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
+from pia_jax.models.vae import AutoencoderKL
+from pia_jax.sampling import schedulers
 from pia_jax.training.config import ModelConfig, OptimConfig
-from pia_jax.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
-from pia_jax.vae import AutoencoderKL
 from pia_jax.weights import param_shapes
+from pia_jax.weights.model_dir import PARTS, flat_params, load_model_dir, read_config
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,14 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from pia_jax import attention, config as model_config, media, schedulers
+from pia_jax import media
+from pia_jax.models import attention
+from pia_jax.models import config as model_config
+from pia_jax.models.vae import sample_posterior
+from pia_jax.sampling import schedulers
 from pia_jax.sharding import BATCH_AXES, batch_sharding, param_shardings, replicated
 from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
-from pia_jax.vae import sample_posterior
 
 # every key a batch may hold; a batch has pixel_values or (latent_mean, latent_logvar), and all the others
 BATCH_KEYS = ("pixel_values", "latent_mean", "latent_logvar", "input_ids", "mask_coef", "cond_frame", "use_condition")

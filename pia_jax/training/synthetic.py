@@ -10,7 +10,6 @@ batches put together are the single-host batch. Pixels are uint8 levels as the r
 import numpy as np
 
 
-
 class SyntheticLoader:
     def __init__(self, *, batch_size: int, n_frames: int, resolution: int, seed: int = 0, num_clips: int = 64,
                  vocab_size: int = 49408, process_index: int = 0, process_count: int = 1,

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pia_jax import media, schedulers
-from pia_jax.model_dir import flat_params, load_model_dir, save_model_dir
-from pia_jax.training import loop, state as state_lib
+from pia_jax import media
+from pia_jax.models.vae import sample_posterior
+from pia_jax.sampling import schedulers
+from pia_jax.training import loop
+from pia_jax.training import state as state_lib
 from pia_jax.training.step import Trainer, diffusion_inputs, float_pixels, pia_loss
-from pia_jax.vae import sample_posterior
+from pia_jax.weights.model_dir import flat_params, load_model_dir, save_model_dir
 
 TASKS = ("pia", "vae", "t2i")
 PART = {"vae": "vae", "t2i": "unet"}  # the model part each base task trains

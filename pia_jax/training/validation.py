@@ -14,7 +14,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from pia_jax import affinity, media
+from pia_jax import media
+from pia_jax.sampling import affinity
 from pia_jax.training.state import merge, weights_to_export
 
 _ANIMATORS = weakref.WeakKeyDictionary()  # trainer -> its Animator

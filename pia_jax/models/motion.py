@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.layers import Attention, Builder, FeedForward
+from pia_jax.models.layers import Attention, Builder, FeedForward
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

@@ -19,51 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("ddim", "dpmpp_2m")
-_CHOICES = dict(
-    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
-    timestep_spacing=("leading", "trailing", "linspace"),
-    prediction_type=("epsilon", "v_prediction", "sample"),
-    solver_order=(1, 2),
-    algorithm_type=("dpmsolver++",),
-    solver_type=("midpoint", "heun"),
-    final_sigmas_type=("zero", "sigma_min"),
-)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Keys and meanings as in diffusers' scheduler configs; defaults = the PIA reference (DDIM, linear betas)."""
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "linear"
-    steps_offset: int = 1
-    timestep_spacing: str = "leading"
-    prediction_type: str = "epsilon"
-    # DDIM
-    set_alpha_to_one: bool = True
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
-    eta: float = 0.0  # an argument of diffusers' step(); here part of the schedule
-    # DPM-Solver++ (multistep)
-    solver_order: int = 2
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
-    lower_order_final: bool = True
-    euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    final_sigmas_type: str = "zero"
-
-    def __post_init__(self):
-        for key, allowed in _CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose from {allowed}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-
-
-PIA_DDIM = SchedulerConfig()
+# The scheduler's config is data stored with a model (config.json), so it is defined beside the model configs.
+from pia_jax.models.config import PIA_DDIM, SchedulerConfig  # noqa: F401
+from pia_jax.models.config import SCHEDULER_KINDS as KINDS
 
 
 def to_dict(config: SchedulerConfig) -> dict:

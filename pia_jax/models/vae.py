@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pia_jax.config import VAEConfig
-from pia_jax.layers import Attention, Builder, nearest_resize
+from pia_jax.models.config import VAEConfig
+from pia_jax.models.layers import Attention, Builder, nearest_resize
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range
 

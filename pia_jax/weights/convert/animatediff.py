@@ -12,9 +12,9 @@ from typing import Mapping
 
 import numpy as np
 
-from pia_jax.convert.ldm import guess_kind, key_list
-from pia_jax.motion import sinusoidal_positions
+from pia_jax.models.motion import sinusoidal_positions
 from pia_jax.weights import WeightLoadError
+from pia_jax.weights.convert.ldm import guess_kind, key_list
 
 MOTION_KEY = re.compile(r"((?:down|up)_blocks\.(\d+)|mid_block)\.motion_modules\.(\d+)\.(.+)")
 RENAMES = ((r"^temporal_transformer\.", ""), (r"\.attention_blocks\.0\.", ".attn1."),

@@ -75,6 +75,11 @@ class VAEConfig:
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
 
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along each side (each VAE block after the first halves the image)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -134,6 +139,55 @@ TOY = PIAConfig(
                     num_attention_heads=4),
 )
 MODELS = {"sd15": SD15_PIA, "tiny": TINY, "toy": TOY}  # by name, for random-weight runs
+
+
+# The noise scheduler's config is stored with a model (config.json), so it lives with the model configs;
+# the schedulers themselves are pia_jax.sampling.schedulers.
+SCHEDULER_KINDS = ("ddim", "dpmpp_2m")
+_SCHEDULER_CHOICES = dict(
+    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    timestep_spacing=("leading", "trailing", "linspace"),
+    prediction_type=("epsilon", "v_prediction", "sample"),
+    solver_order=(1, 2),
+    algorithm_type=("dpmsolver++",),
+    solver_type=("midpoint", "heun"),
+    final_sigmas_type=("zero", "sigma_min"),
+)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Keys and meanings as in diffusers' scheduler configs; defaults = the PIA reference (DDIM, linear betas)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    steps_offset: int = 1
+    timestep_spacing: str = "leading"
+    prediction_type: str = "epsilon"
+    # DDIM
+    set_alpha_to_one: bool = True
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    eta: float = 0.0  # an argument of diffusers' step(); here part of the schedule
+    # DPM-Solver++ (multistep)
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    use_karras_sigmas: bool = False
+    final_sigmas_type: str = "zero"
+
+    def __post_init__(self):
+        for key, allowed in _SCHEDULER_CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose from {allowed}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+PIA_DDIM = SchedulerConfig()
 
 
 def to_dict(config) -> dict:

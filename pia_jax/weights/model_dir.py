@@ -26,12 +26,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from pia_jax import config as config_lib
 from pia_jax import files, weights
-from pia_jax.abstract import abstract_model
+from pia_jax.models import PARTS, build
+from pia_jax.models import config as config_lib
 
 FORMAT, VERSION = "pia-jax-model", 1
-PARTS = ("unet", "vae", "text_encoder")
 
 
 class ModelDirError(ValueError):
@@ -42,7 +41,7 @@ class ModelDirError(ValueError):
 class ModelDir:
     path: Path
     config: config_lib.PIAConfig
-    scheduler: dict  # a SchedulerConfig as data (pia_jax.schedulers.from_dict)
+    scheduler: dict  # a SchedulerConfig as data (pia_jax.sampling.schedulers.from_dict)
     unet: nnx.Module | None = None
     vae: nnx.Module | None = None
     text_encoder: nnx.Module | None = None
@@ -154,14 +153,6 @@ def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
     return config, meta.get("scheduler", {}), meta
 
 
-def _builders(config: config_lib.PIAConfig):
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
-    return {"unet": (UNetMotionModel, config.unet), "vae": (AutoencoderKL, config.vae),
-            "text_encoder": (CLIPTextModel, config.text)}
-
-
 def open_part(path, part: str):
     """The `safe_open` handle of one part's weights: shapes from the header, each tensor read when asked for
     (safetensors checks at opening that the header fits the file, so truncated files fail here)."""
@@ -200,15 +191,13 @@ def check_model_dir(path, *, parts=PARTS, tokenizer: bool = True) -> tuple[confi
     """Everything `load_model_dir` would find wrong, found without reading a weight: the config, each part's
     safetensors header against the shapes its config implies (a truncated file fails to open), and the tokenizer
     files. Returns (model config, scheduler dict)."""
-    from pia_jax.tokenizer import _is_tokenizer_dir
+    from pia_jax.models.tokenizer import _is_tokenizer_dir
     config, scheduler, meta = read_config(path)
-    builders = _builders(config)
     for part in parts:
         if part not in meta["parts"]:
             raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
-        cls, cfg = builders[part]
         with open_part(path, part) as handle:
-            _check_header(path, part, handle, abstract_model(cls, cfg))
+            _check_header(path, part, handle, build(config, part))
     if tokenizer and not _is_tokenizer_dir(Path(path) / "tokenizer"):
         raise ModelDirError(f"model directory {str(path)!r} has no tokenizer (tokenizer/vocab.json + merges.txt or "
                             "tokenizer/tokenizer.json); convert it again or copy SD1.5's tokenizer/ folder there")
@@ -222,17 +211,15 @@ def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.floa
     `model_kwargs` maps a part to extra constructor arguments (e.g. attention kernels)."""
     config, scheduler, meta = read_config(path)
     out = ModelDir(Path(path), config, scheduler)
-    builders = _builders(config)
     for part in parts:
         if part not in meta["parts"]:
             raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
-        cls, cfg = builders[part]
-        abstract = abstract_model(cls, cfg, dtype=dtype, param_dtype=param_dtype,
-                                  **(model_kwargs or {}).get(part, {}))
+        abstract = build(config, part, dtype=dtype, param_dtype=param_dtype,
+                                **(model_kwargs or {}).get(part, {}))
         with open_part(path, part) as handle:
             _check_header(path, part, handle, abstract)
             setattr(out, part, weights.fill(abstract, _Tensors(handle), sharding))
     if tokenizer:
-        from pia_jax.tokenizer import load_tokenizer
+        from pia_jax.models.tokenizer import load_tokenizer
         out.tokenizer = load_tokenizer(Path(path) / "tokenizer")
     return out

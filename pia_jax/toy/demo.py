@@ -1,6 +1,6 @@
 """A tiny random-weight PIA model directory and an input image, so the sampler runs end to end with no downloads.
 
-    python -m pia_jax.demo demo      # writes demo/model (TINY config, random weights) and demo/image.png
+    python -m pia_jax.toy.demo demo      # writes demo/model (TINY config, random weights) and demo/image.png
 
 The tokenizer is a hand-made CLIP-style byte-level BPE vocabulary (real CLIP files cannot be fetched here); the
 videos it makes are noise-like, since the weights are random. For real results, convert real weights with
@@ -48,10 +48,12 @@ def write_demo(root) -> tuple[Path, Path]:
     from flax import nnx
     from PIL import Image
 
-    from pia_jax import config, model_dir, schedulers
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
+    from pia_jax.models import config
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.unet import UNetMotionModel
+    from pia_jax.models.vae import AutoencoderKL
+    from pia_jax.sampling import schedulers
+    from pia_jax.weights import model_dir
 
     root = Path(root)
     write_vocab(root / "tokenizer")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.attention import dot_product_attention
+from pia_jax.models.attention import dot_product_attention
 
 
 class Builder:

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
-from pia_jax.layers import Attention, Builder, FeedForward, nearest_resize
-from pia_jax.motion import MotionModule
+from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
+from pia_jax.models.layers import Attention, Builder, FeedForward, nearest_resize
+from pia_jax.models.motion import MotionModule
 
 # Attention kernel per call site (see attention.py): temporal sequences are short, so XLA wins there.
 DEFAULT_KERNELS = {"self": "auto", "cross": "auto", "temporal": "xla"}

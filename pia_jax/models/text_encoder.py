@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pia_jax.attention import dot_product_attention
-from pia_jax.config import TextConfig
-from pia_jax.layers import Builder
+from pia_jax.models.attention import dot_product_attention
+from pia_jax.models.config import TextConfig
+from pia_jax.models.layers import Builder
 
 
 def quick_gelu(x):

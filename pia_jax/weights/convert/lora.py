@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pia_jax.convert import ldm
 from pia_jax.weights import WeightLoadError, read_state_dict
+from pia_jax.weights.convert import ldm
 
 # Kinds of files we recognise but cannot merge: (key pattern, what it is). Checked before anything else so that the
 # error names the kind instead of listing hundreds of unknown keys.

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pia_jax import config as config_lib
-from pia_jax import model_dir, weights
-from pia_jax.abstract import abstract_model
-from pia_jax.convert import animatediff, ldm, lora
-from pia_jax.convert import diffusers_folder as dfolder
-from pia_jax.weights import WeightLoadError
+from pia_jax import weights
+from pia_jax.models import config as config_lib
+from pia_jax.models.abstract import abstract_model
+from pia_jax.weights import WeightLoadError, model_dir
+from pia_jax.weights.convert import animatediff, ldm, lora
+from pia_jax.weights.convert import diffusers_folder as dfolder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -222,7 +222,7 @@ def attach_motion(unet: dict, conv_in_before_lora: np.ndarray, motion: dict, inf
     if info["conv_in_channels"] is None or mode == "base":
         merged = weights.merge_unet_and_adapter(unet, motion)
         if widen:  # PIA's training start: zero condition channels
-            from pia_jax.unet import widen_conv_in_kernel
+            from pia_jax.models.unet import widen_conv_in_kernel
             merged["conv_in.weight"] = widen_conv_in_kernel(np.asarray(merged["conv_in.weight"]), in_axis=1)
         return merged
     merged = weights.merge_unet_and_adapter(unet, {k: v for k, v in motion.items() if not k.startswith("conv_in.")})
@@ -272,10 +272,9 @@ def convert(req: Request, log=print) -> Path:
 
 
 def _convert(req: Request, sources: Sources, log) -> Path:
-    from pia_jax import schedulers
-    from pia_jax.text_encoder import CLIPTextModel
-    from pia_jax.unet import UNetMotionModel
-    from pia_jax.vae import AutoencoderKL
+    from pia_jax.models.text_encoder import CLIPTextModel
+    from pia_jax.models.unet import UNetMotionModel
+    from pia_jax.models.vae import AutoencoderKL
 
     start, report = time.perf_counter(), {}
     parts, cfg, tokenizer_dir = read_base(req, report, sources)
@@ -320,7 +319,7 @@ def _convert(req: Request, sources: Sources, log) -> Path:
     report["converted"] = {part: len(v) for part, v in flat.items()}
     log(ignored_summary(report))
     out = model_dir.save_model_dir(req.out, cfg, flat, tokenizer=tokenizer_dir,
-                                   scheduler=schedulers.to_dict(schedulers.PIA_DDIM), sources=sources.records,
+                                   scheduler=config_lib.to_dict(config_lib.PIA_DDIM), sources=sources.records,
                                    report=report, dtype=req.dtype, force=req.force)
     log(f"wrote {out} ({', '.join(f'{k} {v} tensors' for k, v in report['converted'].items())}, {req.dtype}) "
         f"in {time.perf_counter() - start:.1f} s")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pia_jax import config as config_lib
+from pia_jax.models import config as config_lib
 from pia_jax.weights import WeightLoadError, read_state_dict
 
 # weight file stems per component, in order of preference (safetensors first: no torch, no pickle)
