@@ -65,18 +65,8 @@ def _layout(modules: Mapping[tuple[str, int], set]) -> int:
     return down[0]
 
 
-def convert_motion_checkpoint(sd: Mapping[str, np.ndarray]):
-    """An AnimateDiff/PIA motion checkpoint (or a diffusers MotionAdapter dict, or a full PIA-trained UNet) ->
-    (motion, spatial, info).
-
-    motion: diffusers MotionAdapter-named dict, with PIA's `conv_in` when the file has a wider-than-4-channel one.
-    spatial: the spatial UNet2DConditionModel weights of a full UNet (its conv_in cut to the 4 latent channels, so
-    `weights.merge_unet_and_adapter(spatial, motion)` rebuilds the trained UNet), else {}.
-    info: conv_in_channels (None without conv_in in motion), block_out_channels (per down block), mid_block,
-    max_seq_length (frames the stored position tables cover; None without tables), layers_per_block (motion modules
-    per down block), ignored ({rule: tensors}).
-    """
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DataParallel / DDP wrappers
+def _check_is_motion(sd: Mapping[str, np.ndarray]) -> None:
+    """WeightLoadError unless `sd` holds motion modules (a motion LoRA or another kind of checkpoint says so)."""
     loras = [k for k in sd if "lora" in k.lower()]
     if loras and any(MOTION_KEY.search(k) for k in loras):
         raise WeightLoadError(f"this is a motion LoRA (LoRA weights on the motion modules, e.g. {loras[0]!r}), not "
@@ -84,6 +74,12 @@ def convert_motion_checkpoint(sd: Mapping[str, np.ndarray]):
     if not any(MOTION_KEY.match(k) for k in sd):
         raise WeightLoadError(f"no motion-module keys (down_blocks.N.motion_modules.M...): this looks like "
                               f"{guess_kind(sd)}, not AnimateDiff/PIA motion modules")
+
+
+def _sort_keys(sd: Mapping[str, np.ndarray]):
+    """Each tensor of a motion checkpoint into its pile: motion-module parameters (diffusers names), spatial UNet
+    weights, conv_in, unknown keys and position tables; with the motion modules found per block and the channels
+    of each down block."""
     motion, spatial, conv_in, unknown, tables = {}, {}, {}, [], []
     modules, channels = {}, {}  # {(side, block): motion-module indices}, {down block: channels}
     for key, value in sd.items():
@@ -108,6 +104,23 @@ def convert_motion_checkpoint(sd: Mapping[str, np.ndarray]):
             motion[name] = value
             if rest == "norm.weight" and side == "down_blocks":
                 channels[number] = value.shape[0]
+    return motion, spatial, conv_in, unknown, tables, modules, channels
+
+
+def convert_motion_checkpoint(sd: Mapping[str, np.ndarray]):
+    """An AnimateDiff/PIA motion checkpoint (or a diffusers MotionAdapter dict, or a full PIA-trained UNet) ->
+    (motion, spatial, info).
+
+    motion: diffusers MotionAdapter-named dict, with PIA's `conv_in` when the file has a wider-than-4-channel one.
+    spatial: the spatial UNet2DConditionModel weights of a full UNet (its conv_in cut to the 4 latent channels, so
+    `weights.merge_unet_and_adapter(spatial, motion)` rebuilds the trained UNet), else {}.
+    info: conv_in_channels (None without conv_in in motion), block_out_channels (per down block), mid_block,
+    max_seq_length (frames the stored position tables cover; None without tables), layers_per_block (motion modules
+    per down block), ignored ({rule: tensors}).
+    """
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DataParallel / DDP wrappers
+    _check_is_motion(sd)
+    motion, spatial, conv_in, unknown, tables, modules, channels = _sort_keys(sd)
     block_out = tuple(channels[i] for i in sorted(channels))
     if block_out == SDXL_CHANNELS:
         raise WeightLoadError(f"these are SDXL motion modules (blocks {block_out}, e.g. mm_sdxl_v10_beta.ckpt); "
