@@ -181,6 +181,27 @@ def test_seeds_are_pooled_but_each_prompt_is_ordered_within_its_seed():
     assert summary["direction_accuracy"] == 0.5 and summary["direction_accuracy_by_seed"] == {"0": 1.0, "1000": 0.0}
 
 
+def test_a_clips_presets_share_one_noise_seed(tmp_path, monkeypatch):
+    # The preset ordering compares a clip's small / moderate / large videos: they must differ only in the preset,
+    # not in the noise. Each other video keeps the seed it always had (noise seed + its index).
+    calls = []
+
+    def fake_animate(model_dir, images, prompts, motions, seeds, **kw):
+        calls.append(list(seeds))
+        return np.zeros((len(images), world.FRAMES, world.TRAIN_SIZE, world.TRAIN_SIZE, 3), np.float32)
+    monkeypatch.setattr("pia_jax.toy.animate.animate", fake_animate)
+    evaluate.evaluate("unused", tmp_path, limit=1, seeds=2, long_frames=0)
+    todo = evaluate._of_combinations(evaluate.cases(), 1)
+    assert len(calls) == 2
+    for k, seeds in enumerate(calls):
+        by_clip = {}
+        for i, (case, s) in enumerate(zip(todo, seeds)):
+            by_clip.setdefault(id(case["clip"]), set()).add(s)
+            if case["preset"] == "moderate":
+                assert s == 1000 * k + i
+        assert all(len(s) == 1 for s in by_clip.values()) and len(set(seeds)) == len(by_clip)
+
+
 def test_long_videos_judge_the_direction_at_the_horizon():
     # A square moving right 0.03 canvas per frame for 20 frames at 32 px: at frame LONG_HORIZON it is 16 x 0.96 =
     # 15.36 px right of frame 0, and it never moves up or down (the tracker's error is < 0.1 px at 32 px, above).
@@ -354,7 +375,8 @@ def test_shipped_model_moves_held_out_objects_as_prompted():
             and (c["clip"].shape, c["clip"].colour, c["clip"].background) == combo]
     images = np.stack([evaluate.first_frame(c["clip"]) for c in todo])
     from pia_jax.toy.animate import animate
-    videos = animate(SHIPPED, images, [c["prompt"] for c in todo], ["moderate"] * len(todo), steps=25, batch=8)
+    videos = animate(SHIPPED, images, [c["prompt"] for c in todo], ["moderate"] * len(todo), range(len(todo)),
+                     steps=25, batch=8)
     rows = [evaluate.measure(c, v, im) for c, v, im in zip(todo, videos, images)]
     assert [r["correct"] for r in rows] == [True] * 4, [(r["prompt"], r["along"], r["across"]) for r in rows]
 

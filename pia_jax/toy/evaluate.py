@@ -78,6 +78,13 @@ def cases(seed: int = 0) -> list[dict]:
     return out
 
 
+def noise_offsets(todo: list[dict]) -> list[int]:
+    """Video i's noise seed offset: i, except that a clip's presets all take its moderate video's, so that the
+    preset ordering compares presets under one noise (as eval/bench.py does) and the moderate videos keep theirs."""
+    moderate = {id(c["clip"]): i for i, c in enumerate(todo) if c["preset"] == "moderate"}
+    return [moderate.get(id(c["clip"]), i) for i, c in enumerate(todo)]
+
+
 def long_cases(seed: int = 0) -> list[dict]:
     """The long-video cases: per held-out combination one direction (slowly; the directions in turn) and one
     still clip, moderate preset."""
@@ -217,9 +224,10 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
     images = np.stack([first_frame(c["clip"]) for c in todo])
     rows = []
     for k in range(seeds):
-        noise_seed = seed + 1000 * k  # video i uses noise_seed + i
+        noise_seed = seed + 1000 * k
         sampled = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
-                          frames=world.FRAMES, steps=steps, guidance=guidance, seed=noise_seed, strength=strength)
+                          [noise_seed + o for o in noise_offsets(todo)], frames=world.FRAMES, steps=steps,
+                          guidance=guidance, strength=strength)
         rows += [measure(c, v, im) | {"seed": noise_seed} for c, v, im in zip(todo, sampled, images)]
         if k == 0:
             videos = sampled  # the pictures show the first seed
@@ -236,7 +244,7 @@ def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: in
         long = _of_combinations(long_cases(seed), limit)
         long_images = np.stack([first_frame(c["clip"]) for c in long])
         long_videos = animate(model_dir, long_images, [c["prompt"] for c in long], [c["preset"] for c in long],
-                              frames=long_frames, steps=steps, guidance=guidance, seed=seed,
+                              [seed + i for i in range(len(long))], frames=long_frames, steps=steps, guidance=guidance,
                               context_length=world.FRAMES, context_stride=CONTEXT_STRIDE, strength=strength)
         long_rows = [measure(c, v, im, at=min(LONG_HORIZON, long_frames - 1))
                      for c, v, im in zip(long, long_videos, long_images)]
