@@ -253,7 +253,7 @@ def test_coefficients_by_hand_at_the_clamps():
              lo: 1 - 0.8 * lo / hi, down: 1 - 0.8 * lo / hi, 0.0: 1 - 0.8 * lo / hi,
              (lo + hi) / 2: 1 - 0.8 * (lo + hi) / 2 / hi}
     for score, expected in cases.items():
-        coef = affinity_scores.coefficients_from_scores([5.0, score], 0)  # the condition frame is 1 whatever its score
+        coef = affinity_scores.affinity_from_scores([5.0, score], 0)  # the condition frame is 1 whatever its score
         assert coef.dtype == np.float32
         np.testing.assert_allclose(coef, [1.0, expected], rtol=1e-7, err_msg=f"score {score}")
 
@@ -263,18 +263,18 @@ def test_coefficients_by_hand_at_the_clamps():
 def test_coefficients_match_oracle(cond, sim_range):
     scores = np.random.default_rng(cond).uniform(0, 60, 16)
     expected = oracle_coefficients(scores, cond, TRAIN_STATISTIC, sim_range)
-    got = affinity_scores.coefficients_from_scores(scores, cond, sim_range=sim_range)
+    got = affinity_scores.affinity_from_scores(scores, cond, sim_range=sim_range)
     np.testing.assert_allclose(got, expected, rtol=1e-7)
     span = max(sim_range) - min(sim_range)
     assert got[cond] == 1 and np.all(got >= np.float32(1 - span))
     # the statistic rows may come in either order and as plain lists
     swapped = [row[::-1] for row in TRAIN_STATISTIC]
-    np.testing.assert_array_equal(affinity_scores.coefficients_from_scores(scores, cond, swapped, sim_range), got)
+    np.testing.assert_array_equal(affinity_scores.affinity_from_scores(scores, cond, swapped, sim_range), got)
 
 
 def test_scores_to_coefficients_end_to_end():
     frames = moving_square()
-    coef = affinity_scores.coefficients_from_scores(affinity_scores.frame_scores(frames, 4), 4)
+    coef = affinity_scores.affinity_from_scores(affinity_scores.frame_scores(frames, 4), 4)
     others = np.delete(coef, 4)
     assert coef[4] == 1 and np.all((others >= 0.2) & (others < 1))
 
@@ -287,4 +287,4 @@ def test_scores_to_coefficients_end_to_end():
     (dict(scores=np.zeros(4), cond_frame=0, sim_range=(0.2,)), "sim_range must be")])
 def test_coefficient_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        affinity_scores.coefficients_from_scores(**kwargs)
+        affinity_scores.affinity_from_scores(**kwargs)

@@ -28,7 +28,7 @@ from pia_jax.data import (
     transform_clip,
     webvid_rows,
 )
-from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
+from pia_jax.data.affinity_scores import affinity_from_scores, frame_scores
 from pia_jax.data.builder import prepare
 from pia_jax.data.clips import PIXEL_VALUES, crop_offset, quantize, resized_size
 from pia_jax.data.loader import sample_rng
@@ -335,7 +335,7 @@ def test_batches_follow_the_reference_recipe(dataset, tokenizer):
     (b0, b1), _ = batches(records, tokenizer, 2)
     assert b0["pixel_values"].shape == (2, 8, 32, 32, 3) and b0["pixel_values"].dtype == np.uint8
     assert b0["input_ids"].shape == (2, 77) and b0["input_ids"].dtype == np.int32
-    assert b0["mask_coef"].dtype == np.float32 and b0["cond_frame"].dtype == np.int32
+    assert b0["affinity"].dtype == np.float32 and b0["cond_frame"].dtype == np.int32
     assert b0["use_condition"].dtype == bool
     # Rebuild each sample of the first batches from its draws, independently decoded and scored.
     perm = np.random.default_rng([0, 0]).permutation(len(records))
@@ -349,9 +349,9 @@ def test_batches_follow_the_reference_recipe(dataset, tokenizer):
             assert batch["cond_frame"][i] == d.cond_frame and batch["use_condition"][i] == d.use_condition
             caption = "" if d.drop_caption else record["caption"]
             np.testing.assert_array_equal(batch["input_ids"][i], tokenize(tokenizer, [caption])[0])
-            coef = (coefficients_from_scores(frame_scores((pixels / 2 + 0.5) * 255, d.cond_frame), d.cond_frame)
+            coef = (affinity_from_scores(frame_scores((pixels / 2 + 0.5) * 255, d.cond_frame), d.cond_frame)
                     if d.use_condition else np.zeros(8, np.float32))
-            np.testing.assert_array_equal(batch["mask_coef"][i], coef)
+            np.testing.assert_array_equal(batch["affinity"][i], coef)
 
 
 def test_determinism_and_host_sharding(dataset, tokenizer):

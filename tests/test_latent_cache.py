@@ -26,7 +26,7 @@ from pia_jax.data import (
     transform_clip,
 )
 from pia_jax.data import latents as latents_lib
-from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores, score_matrix
+from pia_jax.data.affinity_scores import affinity_from_scores, frame_scores, score_matrix
 from pia_jax.data.builder import prepare
 from pia_jax.data.loader import sample_rng
 from pia_jax.models import config as model_config
@@ -129,7 +129,7 @@ def test_prepared_latents_round_trip(dataset, model_dir):
             np.testing.assert_array_equal(ex["pixel_values"], pixels)
             if ex["use_condition"]:
                 c = ex["cond_frame"]
-                np.testing.assert_array_equal(ex["mask_coef"], coefficients_from_scores(r["latent_scores"][j][:, c], c))
+                np.testing.assert_array_equal(ex["affinity"], affinity_from_scores(r["latent_scores"][j][:, c], c))
                 compared += 1
     assert compared >= 3
 
@@ -142,7 +142,7 @@ def test_latent_loader_draws_clip_condition_and_dropout(dataset, tmp_path):
     tok = load_tokenizer(tmp_path / "tok")
     with Loader(records, tok, CFG, batch_size=3, seed=5, num_workers=2) as loader:
         batches = [next(loader) for _ in range(2)]
-    assert set(batches[0]) == {"latent_mean", "latent_logvar", "input_ids", "mask_coef", "cond_frame", "use_condition"}
+    assert set(batches[0]) == {"latent_mean", "latent_logvar", "input_ids", "affinity", "cond_frame", "use_condition"}
     perm = [np.random.default_rng([5, e]).permutation(3) for e in (0, 1)]  # one step per epoch
     for epoch, batch in enumerate(batches):
         for i in range(3):
@@ -151,9 +151,9 @@ def test_latent_loader_draws_clip_condition_and_dropout(dataset, tmp_path):
             np.testing.assert_array_equal(batch["latent_mean"][i], r["latent_mean"][d.clip])
             np.testing.assert_array_equal(batch["latent_logvar"][i], r["latent_logvar"][d.clip])
             assert batch["cond_frame"][i] == d.cond_frame and batch["use_condition"][i] == d.use_condition
-            coef = (coefficients_from_scores(r["latent_scores"][d.clip][:, d.cond_frame], d.cond_frame)
+            coef = (affinity_from_scores(r["latent_scores"][d.clip][:, d.cond_frame], d.cond_frame)
                     if d.use_condition else np.zeros(FRAMES, np.float32))
-            np.testing.assert_array_equal(batch["mask_coef"][i], coef)
+            np.testing.assert_array_equal(batch["affinity"][i], coef)
             np.testing.assert_array_equal(batch["input_ids"][i],
                                           tokenize(tok, ["" if d.drop_caption else r["caption"]])[0])
 
@@ -180,7 +180,7 @@ def test_latent_step_equals_the_pixel_step(model_dir):
     encode = jit(lambda weights, x: state_lib.merge(s.graphs.vae, weights).encode(x))
     mean, logvar = jax.device_get(encode(s.frozen["vae"], PIXEL_VALUES[levels[0]]))  # what the cache stores
     common = {"input_ids": rng.integers(1, 100, (1, 77)).astype(np.int32),
-              "mask_coef": np.array([[1.0, 0.6]], np.float32), "cond_frame": np.array([0], np.int32),
+              "affinity": np.array([[1.0, 0.6]], np.float32), "cond_frame": np.array([0], np.int32),
               "use_condition": np.array([True])}
     keys = jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(jax.random.key(7), 1))
     loss_and_grads = jit(jax.value_and_grad(functools.partial(pia_loss, graphs=s.graphs, scheduler=s.scheduler,

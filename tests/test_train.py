@@ -155,7 +155,7 @@ def one_block_inputs(model):
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((1, FRAMES, SIZE, SIZE, 4), np.float32)
     context = rng.standard_normal((1, 77, SMALL.text.hidden_size), np.float32)
-    batch = {"use_condition": np.array([True]), "mask_coef": np.full((1, FRAMES), 0.7, np.float32),
+    batch = {"use_condition": np.array([True]), "affinity": np.full((1, FRAMES), 0.7, np.float32),
              "cond_frame": np.array([1], np.int32)}
     return s, latents, context, batch
 

@@ -4,7 +4,7 @@ PyTorch side: diffusers' UNetMotionModel (9-channel conv_in) rewired to PIA's Gr
 transformers' CLIPTextModel, DDPMScheduler (PIA's linear betas) for add_noise / get_velocity, autograd on conv_in and
 the motion modules only, loss / k per micro-batch, clip_grad_norm_, AdamW with diffusers' warmup schedule, diffusers'
 EMAModel. Our side: the real `Trainer` on a model directory written from those torch modules. Both get the same
-clips, token ids, affinity mask (our loader's `frame_scores` + `coefficients_from_scores`), condition frame and
+clips, token ids, affinity mask (our loader's `frame_scores` + `affinity_from_scores`), condition frame and
 use_condition, and the same posterior noise, timesteps and diffusion noise: the test re-derives the step's per-video
 draws with the same jax.random calls and feeds them to torch, so a change in how the step derives them fails here.
 Compared: loss, every trainable gradient, the global norm before and after clipping, the learning rate, the weights
@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from pia_jax import weights
-from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores
+from pia_jax.data.affinity_scores import affinity_from_scores, frame_scores
 from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from pia_jax.sharding import make_mesh
 from pia_jax.training import config as config_lib
@@ -102,10 +102,10 @@ def batches(case: Case):
             pixels = np.stack([make_clip(rng, case.frames, case.size) for _ in range(case.batch)])
             cond = rng.integers(0, case.frames, case.batch).astype(np.int32)
             use = (np.arange(case.batch) + j * case.batch) % 3 != 2
-            coef = np.stack([coefficients_from_scores(frame_scores((p / 2 + 0.5) * 255, c), c) if u else
+            coef = np.stack([affinity_from_scores(frame_scores((p / 2 + 0.5) * 255, c), c) if u else
                              np.zeros(case.frames, np.float32) for p, c, u in zip(pixels, cond, use)])
             captions = [CAPTIONS[i] for i in rng.integers(0, len(CAPTIONS), case.batch)]
-            micro.append({"pixel_values": pixels, "input_ids": tokenize(tokenizer, captions), "mask_coef": coef,
+            micro.append({"pixel_values": pixels, "input_ids": tokenize(tokenizer, captions), "affinity": coef,
                           "cond_frame": cond, "use_condition": use})
         steps.append(micro)
     return steps
@@ -190,7 +190,7 @@ def torch_loss(unet, vae, text, ddpm, mb, post, t, noise):
     use = torch.from_numpy(mb["use_condition"]).to(dt)
     cond = z[torch.arange(b), :, torch.from_numpy(mb["cond_frame"]).long()] * use[:, None, None, None]
     cond = cond[:, :, None].expand(-1, -1, f, -1, -1)  # the clean latent of the condition frame, on every frame
-    mask = (as_t(mb["mask_coef"]) * use[:, None])[:, None, :, None, None].expand(b, 1, f, *z.shape[3:])
+    mask = (as_t(mb["affinity"]) * use[:, None])[:, None, :, None, None].expand(b, 1, f, *z.shape[3:])
     eps, t = as_t(noise).permute(0, 4, 1, 2, 3), torch.from_numpy(np.array(t)).long()
     target = eps if ddpm.config.prediction_type == "epsilon" else ddpm.get_velocity(z, eps, t)
     x = torch.cat([ddpm.add_noise(z, eps, t), mask, cond], dim=1)  # [noisy latent | mask | condition]

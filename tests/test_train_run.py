@@ -137,7 +137,7 @@ def test_sigterm_saves_and_stops(tmp_path):
 def nan_at_batch(n):
     def hook(count, batch):
         if count == n:  # a NaN affinity reaches the UNet's input (conditioned clip or not: NaN x 0 is NaN)
-            return {**batch, "mask_coef": np.full_like(batch["mask_coef"], np.nan)}
+            return {**batch, "affinity": np.full_like(batch["affinity"], np.nan)}
     return hook
 
 

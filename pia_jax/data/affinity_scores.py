@@ -107,7 +107,7 @@ def score_matrix(frames: np.ndarray) -> np.ndarray:
     return np.stack([_scores(planes, edges, c) for c in range(len(edges))], axis=1)
 
 
-def coefficients_from_scores(scores, cond_frame: int, statistic=STATISTIC, sim_range=(0.2, 1.0)) -> np.ndarray:
+def affinity_from_scores(scores, cond_frame: int, statistic=STATISTIC, sim_range=(0.2, 1.0)) -> np.ndarray:
     """(F,) float32 training affinity from `frame_scores` (PIA's prepare_mask_coef_by_score for one clip).
 
     With [lo, hi] = the statistic row of each frame's distance: scores above hi become 0.95 hi (a discontinuity

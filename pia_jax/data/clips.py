@@ -131,20 +131,20 @@ def make_example(record: dict, config: DataConfig, rng: np.random.Generator, pix
     """One example from a dataset record (`video` bytes, `caption`, `num_frames`, `pts`).
 
     Keys: pixel_values (F, S, S, 3) uint8 (`quantize`; float32 in [-1, 1] with pixel_dtype=np.float32), caption str
-    (after dropout), mask_coef (F,) float32, cond_frame int, use_condition bool. Where use_condition is False the
-    reference zeroes the mask and the condition latent; here mask_coef is 0 (and the affinity is not computed).
+    (after dropout), affinity (F,) float32, cond_frame int, use_condition bool. Where use_condition is False the
+    reference zeroes the mask and the condition latent; here the affinity is 0 (and not computed).
     Raises VideoError when the video cannot be used.
     """
-    from pia_jax.data.affinity_scores import coefficients_from_scores, frame_scores  # needs OpenCV
+    from pia_jax.data.affinity_scores import affinity_from_scores, frame_scores  # needs OpenCV
 
     d = draw(int(record["num_frames"]), config, rng)
     pixels = transform_clip(decode_frames(record["video"], d.indices, record.get("pts")), d.flip, config.resolution)
     if d.use_condition:
         scores = frame_scores((pixels / 2 + 0.5) * 255, d.cond_frame)  # the reference scores the augmented clip
-        mask_coef = coefficients_from_scores(scores, d.cond_frame, sim_range=config.sim_range)
+        affinity = affinity_from_scores(scores, d.cond_frame, sim_range=config.sim_range)
     else:
-        mask_coef = np.zeros(config.n_frames, np.float32)
+        affinity = np.zeros(config.n_frames, np.float32)
     if np.dtype(pixel_dtype) == np.uint8:
         pixels = quantize(pixels)
-    return {"pixel_values": pixels, "caption": "" if d.drop_caption else record["caption"], "mask_coef": mask_coef,
+    return {"pixel_values": pixels, "caption": "" if d.drop_caption else record["caption"], "affinity": affinity,
             "cond_frame": d.cond_frame, "use_condition": d.use_condition}

@@ -11,7 +11,7 @@ per video, `--latent-clips N` clips, each drawn with the pixel path's own random
     latent_indices (N, F) int64, latent_flip (N,) bool   what was drawn (to trace a clip to its frames)
 
 With `data.latents=true` the loader draws one of a video's cached clips, then the condition frame, caption dropout
-and condition dropout as the pixel path draws them (`draw_latent`), and mask_coef = coefficients_from_scores(
+and condition dropout as the pixel path draws them (`draw_latent`), and affinity = affinity_from_scores(
 scores[:, cond], cond), the value `make_example` computes for that clip and condition frame. The batch carries
 latent_mean and latent_logvar instead of pixel_values; the step samples the posterior from them with the pixel
 path's noise draw (times the scaling factor), so the objective is unchanged and only the encode moves to preparation.
@@ -42,6 +42,7 @@ import numpy as np
 
 from pia_jax.data.clips import DataConfig, draw, transform_clip
 from pia_jax.data.video import decode_frames
+from pia_jax.models import config as model_config
 
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 FEATURES = ("latent_mean", "latent_logvar", "latent_scores", "latent_indices", "latent_flip")
@@ -79,8 +80,10 @@ def vae_identity(model_dir) -> dict:
 
 
 def latent_shape(spec: LatentSpec, vae: dict) -> tuple[int, int, int, int]:
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return spec.n_frames, spec.resolution // factor, spec.resolution // factor, vae["latent_channels"]
+    """(F, h, w, channels) of a cached clip; `vae`: the VAE config as JSON data (`vae_identity`)."""
+    config = model_config.from_dict(model_config.VAEConfig, vae)
+    side = spec.resolution // config.latent_factor
+    return spec.n_frames, side, side, config.latent_channels
 
 
 def describe(spec: LatentSpec, identity: dict | None = None) -> dict:
@@ -197,15 +200,15 @@ def draw_latent(num_clips: int, config: DataConfig, rng: np.random.Generator) ->
 
 def make_latent_example(record: dict, config: DataConfig, rng: np.random.Generator) -> dict:
     """One example from a record with cached latents: latent_mean, latent_logvar (F, h, w, 4) at their stored
-    dtype, caption, mask_coef (F,) float32, cond_frame, use_condition (as `clips.make_example`, without decoding)."""
-    from pia_jax.data.affinity_scores import coefficients_from_scores
+    dtype, caption, affinity (F,) float32, cond_frame, use_condition (as `clips.make_example`, without decoding)."""
+    from pia_jax.data.affinity_scores import affinity_from_scores
 
     d = draw_latent(len(record["latent_mean"]), config, rng)
     if d.use_condition:
         scores = record["latent_scores"][d.clip]
-        mask_coef = coefficients_from_scores(scores[:, d.cond_frame], d.cond_frame, sim_range=config.sim_range)
+        affinity = affinity_from_scores(scores[:, d.cond_frame], d.cond_frame, sim_range=config.sim_range)
     else:
-        mask_coef = np.zeros(config.n_frames, np.float32)
+        affinity = np.zeros(config.n_frames, np.float32)
     return {"latent_mean": record["latent_mean"][d.clip], "latent_logvar": record["latent_logvar"][d.clip],
-            "caption": "" if d.drop_caption else record["caption"], "mask_coef": mask_coef,
+            "caption": "" if d.drop_caption else record["caption"], "affinity": affinity,
             "cond_frame": d.cond_frame, "use_condition": d.use_condition}

@@ -88,7 +88,7 @@ class Loader:
         pixel_values  uint8   (B, F, S, S, 3): levels of [-1, 1] (clips.quantize; the step maps them back with
                               media.PIXEL_VALUES)
         input_ids     int32   (B, max_length)
-        mask_coef     float32 (B, F), 0 where use_condition is False
+        affinity      float32 (B, F), 0 where use_condition is False
         cond_frame    int32   (B,)
         use_condition bool    (B,)
 
@@ -184,7 +184,7 @@ class Loader:
         return {
             **{k: np.stack([e[k] for e in examples]) for k in clips},
             "input_ids": tokenize(self.tokenizer, [e["caption"] for e in examples], self.config.max_length),
-            "mask_coef": np.stack([e["mask_coef"] for e in examples]),
+            "affinity": np.stack([e["affinity"] for e in examples]),
             "cond_frame": np.array([e["cond_frame"] for e in examples], np.int32),
             "use_condition": np.array([e["use_condition"] for e in examples], bool),
         }

@@ -38,7 +38,7 @@ from pia_jax.training.metrics import count_flops
 from pia_jax.training.state import Graphs, Setup, abstract_models, make_graphs, merge
 
 # every key a batch may hold; a batch has pixel_values or (latent_mean, latent_logvar), and all the others
-BATCH_KEYS = ("pixel_values", "latent_mean", "latent_logvar", "input_ids", "mask_coef", "cond_frame", "use_condition")
+BATCH_KEYS = ("pixel_values", "latent_mean", "latent_logvar", "input_ids", "affinity", "cond_frame", "use_condition")
 
 
 class TrainState(NamedTuple):
@@ -80,7 +80,7 @@ def denoising_loss(params, frozen_unet, graph, latents, context, batch, t, noise
     condition frame on every frame; both are zero where use_condition is False."""
     unet = merge(graph, params, frozen_unet)
     use = batch["use_condition"].astype(jnp.float32)
-    mask = (batch["mask_coef"] * use[:, None])[:, :, None, None, None]
+    mask = (batch["affinity"] * use[:, None])[:, :, None, None, None]
     cond = jnp.take_along_axis(latents, batch["cond_frame"][:, None, None, None, None], axis=1)
     cond = cond * use[:, None, None, None, None]
     pred = unet(schedulers.add_noise(scheduler, latents, noise, t), t, context, mask=mask, condition=cond)
@@ -225,14 +225,14 @@ class Trainer:
         """The global batch of `micro_batches` x `clips` clips of frames x size² pixels as shapes with the step's
         shardings: what `lower` takes to compile without data (bench/tpu_aot.py). Pixels are uint8, as loaders
         make them; `latents` (a dtype, e.g. jnp.float32 or jnp.bfloat16) gives a latent-cache batch instead: the
-        VAE posterior of each frame, (size / 2^(VAE blocks - 1))² x latent channels."""
+        VAE posterior of each frame, (size / the VAE's latent factor)² x latent channels."""
         k, b, f = micro_batches, clips, frames
         vae = self.setup.config.vae
-        side = size // 2 ** (len(vae.block_out_channels) - 1)
+        side = size // vae.latent_factor
         clip = ({"latent_mean": ((k, b, f, side, side, vae.latent_channels), latents),
                  "latent_logvar": ((k, b, f, side, side, vae.latent_channels), latents)} if latents is not None
                 else {"pixel_values": ((k, b, f, size, size, 3), jnp.uint8)})
-        shapes = {**clip, "input_ids": ((k, b, 77), jnp.int32), "mask_coef": ((k, b, f), jnp.float32),
+        shapes = {**clip, "input_ids": ((k, b, 77), jnp.int32), "affinity": ((k, b, f), jnp.float32),
                   "cond_frame": ((k, b), jnp.int32), "use_condition": ((k, b), jnp.bool_)}
         return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=self.batch_shardings) for key in BATCH_KEYS
                 if key in shapes}

@@ -31,7 +31,7 @@ class SyntheticLoader:
         else:
             clip = {"pixel_values": rng.integers(0, 256, (f, self.size, self.size, 3), dtype=np.uint8)}
         ids = rng.integers(1, self.vocab, 77).astype(np.int32)
-        return {**clip, "input_ids": ids, "mask_coef": rng.uniform(0.2, 1.0, f).astype(np.float32),
+        return {**clip, "input_ids": ids, "affinity": rng.uniform(0.2, 1.0, f).astype(np.float32),
                 "cond_frame": np.int32(rng.integers(f)), "use_condition": bool(rng.uniform() >= 0.2)}
 
     def __iter__(self):
