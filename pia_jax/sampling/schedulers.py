@@ -6,7 +6,7 @@ and shape, whatever they are.
 
 The parity target is diffusers' DDIMScheduler and DPMSolverMultistepScheduler (same config keys, same timesteps, same
 float32 formulas; tests/test_schedulers.py runs both). Sampling convention: sample = alpha·x0 + sigma·ε at every step.
-Not implemented (rejected by `from_diffusers`): dynamic thresholding, zero-terminal-SNR rescaling, trained betas,
+Not implemented (`SchedulerConfig` rejects their settings where it has the key): dynamic thresholding, zero-terminal-SNR rescaling, trained betas,
 learned variance, SDE and third-order solvers, exponential/beta/lu/flow sigmas.
 """
 
@@ -30,32 +30,6 @@ def to_dict(config: SchedulerConfig) -> dict:
 
 def from_dict(data: dict) -> SchedulerConfig:
     return SchedulerConfig(**data)
-
-
-# diffusers' class defaults, for keys that an older scheduler_config.json lacks (DDIM's; DPM differs in one key).
-_DIFFUSERS_DEFAULTS = dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
-    timestep_spacing="leading", prediction_type="epsilon", set_alpha_to_one=True, clip_sample=True,
-    clip_sample_range=1.0, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-    lower_order_final=True, euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero")
-# diffusers features not implemented here, with the value each key must have.
-_UNSUPPORTED = dict(
-    trained_betas=None, rescale_betas_zero_snr=False, thresholding=False, variance_type=None,
-    use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
-    lambda_min_clipped=-math.inf, use_dynamic_shifting=False)
-
-
-def from_diffusers(data: dict, kind: str = "ddim") -> SchedulerConfig:
-    """The config from a diffusers `scheduler/scheduler_config.json` dict (of any scheduler class), as diffusers'
-    `from_config` into the class of `kind` builds it: missing keys take that class's defaults, keys that do not
-    apply (`_class_name`, `skip_prk_steps`, ...) are ignored, and features not implemented here raise."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    for key, required in _UNSUPPORTED.items():
-        if data.get(key, required) != required:
-            raise ValueError(f"{key}={data[key]!r} is not supported (only {required!r})")
-    defaults = dict(_DIFFUSERS_DEFAULTS, timestep_spacing="linspace" if kind == "dpmpp_2m" else "leading")
-    return SchedulerConfig(**{k: data.get(k, v) for k, v in defaults.items()})
 
 
 def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
