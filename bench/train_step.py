@@ -65,14 +65,12 @@ def bench_jax(args):
           f"peak memory {peak_memory()}, loss {float(m['loss']):.4f}")
 
 
-def bench_torch(cfg: config.PIAConfig, args):
-    import torch
+def torch_models(cfg: config.PIAConfig, device: str, remat: bool):
+    """diffusers/transformers models of `cfg` with random weights; only conv_in and the motion modules train."""
     from diffusers import AutoencoderKL, UNetMotionModel
     from transformers import CLIPTextModel
 
     from tests.torch_models import clip_text_config, motion_adapter, unet2d
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    amp = torch.bfloat16 if args.dtype == "bf16" else None
     n = len(cfg.vae.block_out_channels)
     vae = AutoencoderKL(block_out_channels=cfg.vae.block_out_channels, layers_per_block=cfg.vae.layers_per_block,
                         norm_num_groups=cfg.vae.norm_num_groups, latent_channels=4,
@@ -83,8 +81,36 @@ def bench_torch(cfg: config.PIAConfig, args):
     params = [p for name, p in unet.named_parameters() if name.startswith("conv_in.") or "motion_modules" in name]
     for p in params:
         p.requires_grad_(True)
-    if args.remat:
+    if remat:
         unet.enable_gradient_checkpointing()
+    return vae, text, unet, params
+
+
+def time_torch(fn, label: str, iters: int, device: str, clips: int, amp) -> None:
+    """Prints the median time of `fn` after two warm-up calls (synchronised on CUDA) and the peak memory."""
+    import torch
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "n/a"
+    print(f"torch   {label} (autocast {amp}, one device): {ms:.1f} ms/step, {clips * 1e3 / ms:.2f} clips/s, "
+          f"peak memory {peak}")
+
+
+def bench_torch(cfg: config.PIAConfig, args):
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    vae, text, unet, params = torch_models(cfg, device, args.remat)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     b, f, s = args.batch_per_device, args.frames, args.size
     pixels = torch.rand(b * f, 3, s, s, device=device) * 2 - 1
@@ -111,27 +137,10 @@ def bench_torch(cfg: config.PIAConfig, args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def run(fn, label):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(args.iters):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        ms = 1e3 * statistics.median(times)
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else "n/a"
-        print(f"torch   {label} (autocast {amp}, one device): {ms:.1f} ms/step, {b * 1e3 / ms:.2f} clips/s, "
-              f"peak memory {peak}")
-
-    run(step, "diffusers, eager")
+    time_torch(step, "diffusers, eager", args.iters, device, b, amp)
     if args.torch_compile:
         unet.forward = torch.compile(unet.forward)
-        run(step, "diffusers, torch.compile (UNet)")
+        time_torch(step, "diffusers, torch.compile (UNet)", args.iters, device, b, amp)
 
 
 def main():
