@@ -45,7 +45,7 @@ def part_arg(text: str) -> tuple[int, int]:
     return k, n
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=("webvid", "csv"), help="source kind")
     p.add_argument("--csv", required=True, help="the CSV listing the videos")
@@ -78,6 +78,11 @@ def main(argv=None) -> int:
                  "encode_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         check_source(args.kind, args.csv, args.videos)
         if args.latents:

@@ -127,40 +127,55 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from pia_jax import files
     from pia_jax.sharding import make_mesh
-    from pia_jax.training import loop, tasks
-    from pia_jax.training.checkpoint import Checkpointer, CheckpointError
-    from pia_jax.training.state import weights_to_export
-
+    from pia_jax.training import tasks
     if cfg.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache)
     if jax.process_index() == 0 and not args.export:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
+        with files.atomic_write(workdir / "config.json") as tmp:  # a resumed run compares it with its config
+            tmp.write_text(json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
     print(f"building the model from {cfg.model.model_dir or 'random weights: ' + cfg.model.init} on "
           f"{jax.device_count()} {jax.devices()[0].platform} devices (the first step then compiles, minutes for "
           "SD1.5)...", flush=True)
     trainer = tasks.make_trainer(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+    return export_latest(cfg, workdir, trainer, args.export) if args.export else train(cfg, workdir, trainer)
 
-    if args.export:
-        ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep)
-        try:
-            step, restored = ckpt.restore_latest(trainer.abstract_state(), cfg.checkpoint.on_corrupt, data=False)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        finally:
-            ckpt.close()
-        if step is None:
-            print(f"error: no checkpoint in {ckpt.directory}", file=sys.stderr)
-            return 2
-        tasks.export(args.export, trainer, weights_to_export(restored[0]), cfg)
-        print(f"exported step {step} to {args.export}")
-        return 0
 
+def export_latest(cfg, workdir, trainer, out) -> int:
+    """--export: the newest checkpoint of the workdir as a model directory in `out`."""
+    from pia_jax.training import tasks
+    from pia_jax.training.checkpoint import Checkpointer, CheckpointError
+    from pia_jax.training.state import weights_to_export
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep)
+    try:
+        step, restored = ckpt.restore_latest(trainer.abstract_state(), cfg.checkpoint.on_corrupt, data=False)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ckpt.close()
+    if step is None:
+        print(f"error: no checkpoint in {ckpt.directory}", file=sys.stderr)
+        return 2
+    tasks.export(out, trainer, weights_to_export(restored[0]), cfg)
+    print(f"exported step {step} to {out}")
+    return 0
+
+
+def train(cfg, workdir, trainer) -> int:
+    """The run, validated with a `Validator` where configured, then exported to {workdir}/model."""
+    import jax
+
+    from pia_jax.training import loop, tasks
+    from pia_jax.training.checkpoint import CheckpointError
+    from pia_jax.training.state import weights_to_export
+    from pia_jax.training.validation import Validator
+    validate = Validator(cfg, trainer) if cfg.validation.every else None
     loader = loop.make_loader(cfg, trainer.setup.tokenizer, trainer.setup.config.text.vocab_size)
     try:
-        result = loop.run(cfg, trainer, loader)
+        result = loop.run(cfg, trainer, loader, validate)
         if result.status != "preempted":  # the VAE task's export measures its latent scale on the loader's clips
             tasks.export(workdir / "model", trainer, weights_to_export(result.state), cfg, loader)
     except (loop.NonFiniteError, CheckpointError) as e:

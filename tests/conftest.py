@@ -62,3 +62,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in rank:
             item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A whole training run of tests.helpers' model (STEPS steps on a 4 x 2 mesh): (workdir, its final weights on the
+    host, the clips it drew in order)."""
+    from pia_jax.training import loop
+    from tests.helpers import STEPS, host, loader, train_config, trainer
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    data = loader()
+    result = loop.run(train_config(workdir, steps=STEPS), trainer(4, 2), data)
+    return workdir, host(result.state.params), data.seen

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
@@ -33,17 +32,13 @@ from pia_jax.data.builder import prepare
 from pia_jax.data.clips import PIXEL_VALUES, crop_offset, quantize, resized_size
 from pia_jax.data.loader import sample_rng
 from pia_jax.models.tokenizer import load_tokenizer, tokenize
-from tests.assets import all_frames, mp4, write_vocab
+from tests.assets import all_frames, write_vocab
+from tests.helpers import encode_video
 
 CFG = DataConfig(n_frames=8, stride=2, resolution=32)
-CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"  # x264's B-frames exercise pts reordering
 # WebVid-style rows: name -> frame count (None: no such file); v4 sits in a page_dir subfolder.
 LENGTHS = {"v0": 40, "v1": 57, "v2": 80, "v3": 66, "v4": 70, "short": 5, "garbage": None, "truncated": None,
            "nowhere": None}
-
-
-def encode(num_frames: int) -> bytes:
-    return mp4(num_frames, 48, 64, CODEC, gop=12)  # several keyframes, so decoding seeks
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def source(tmp_path_factory):
     (root / "page").mkdir()
     for name, n in LENGTHS.items():
         if n is not None:
-            (root / ("page" if name == "v4" else "") / f"{name}.mp4").write_bytes(encode(n))
+            (root / ("page" if name == "v4" else "") / f"{name}.mp4").write_bytes(encode_video(n))
     (root / "garbage.mp4").write_bytes(b"not a video " * 100)
     whole = (root / "v2.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(whole[:len(whole) // 2])  # mp4 keeps its index at the end

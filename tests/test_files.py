@@ -48,11 +48,11 @@ def gcs(monkeypatch, tmp_path):
 
 
 def test_training_export_to_a_bucket(gcs):
-    from pia_jax.training import loop
-    from tests.test_train import setup
+    from pia_jax.training import tasks
+    from tests.helpers import setup, train_config
     params, trainer = jax.device_put(setup().trainable), types.SimpleNamespace(setup=setup())  # all export uses
     for _ in range(2):  # the second export replaces the first
-        loop.export("gs://bucket/run/model", trainer, params, dtype="fp32")
+        tasks.export("gs://bucket/run/model", trainer, params, train_config(export_dtype="fp32"))
         keys = [k for k in gcs if k.startswith("bucket/run/model/")]
         names = [k.removeprefix("bucket/run/model/") for k in keys]
         assert set(names) >= {"unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "sources.json",

@@ -308,7 +308,7 @@ def test_vae_task_resumes_exactly_and_exports_the_latent_scale(micro, tmp_path):
     optim = dataclasses.replace(toy_config("vae", tmp_path, init, data).optim, ema_decay=0.9)
     cfg = lambda workdir, steps: toy_config("vae", workdir, init, data, steps=steps, optim=optim)  # noqa: E731
     trainer = tasks.make_trainer(cfg(tmp_path / "a", 4), make_mesh())
-    assert set(trainer.setup.trainable) == set(tasks.build(cfg(tmp_path / "a", 4)).trainable)
+    assert trainer.setup.part == "vae" and set(trainer.setup.trainable).isdisjoint(trainer.setup.frozen["vae"])
     make_loader = lambda c: loop.make_loader(c, trainer.setup.tokenizer, MICRO.text.vocab_size)  # noqa: E731
     once = loop.run(cfg(tmp_path / "a", 4), trainer, make_loader(cfg(tmp_path / "a", 4)))
     loop.run(cfg(tmp_path / "b", 2), trainer, make_loader(cfg(tmp_path / "b", 2)))  # stopped after step 2

@@ -13,7 +13,7 @@ import pytest
 
 from pia_jax.training import config as config_lib
 from pia_jax.training import state as state_lib
-from tests.test_train import model_dir, train_config
+from tests.helpers import model_dir, setup, train_config
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
@@ -175,9 +175,8 @@ def test_export_needs_the_model_not_the_data(capsys, tmp_path, good):
 def test_sigterm_exit_code_and_build_line(capsys, tmp_path, good, monkeypatch):
     """After a pre-emption train.py exits with sigterm_exit_code; before building it says what it is doing."""
     from pia_jax.training import loop
-    from tests.test_train import setup
     built = setup()
-    monkeypatch.setattr(state_lib, "build", lambda model, seed: built)  # the same model, built once per session
-    monkeypatch.setattr(loop, "run", lambda cfg, trainer, loader: loop.Result(None, "preempted", 0))
+    monkeypatch.setattr(state_lib, "build", lambda model, seed, task: built)  # the same model, built once per session
+    monkeypatch.setattr(loop, "run", lambda cfg, trainer, loader, validate: loop.Result(None, "preempted", 0))
     code, out, _ = run_cli(capsys, good, "sigterm_exit_code=143")
     assert code == 143 and f"building the model from {model_dir()}" in out

@@ -1,5 +1,6 @@
 """The training run on 8 fake CPU devices: kill-and-resume, resuming on another mesh, pre-emption (SIGTERM),
-non-finite steps, an interrupted save, metrics, validation videos and export. Uses test_train.py's cached trainers."""
+non-finite steps, an interrupted save, metrics, validation videos and export. Uses tests/helpers.py's cached trainers
+and conftest.py's `uninterrupted` run."""
 
 import os
 import re
@@ -10,12 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from pia_jax.training import loop
+from pia_jax.training import loop, tasks
 from pia_jax.training.checkpoint import Checkpointer, CheckpointError
 from pia_jax.weights.model_dir import flat_params, load_model_dir
-from tests.test_train import host, loader, max_rel, setup, train_config, trainer
-
-STEPS = 4
+from tests.helpers import STEPS, encode_video, host, loader, max_rel, setup, train_config, trainer
 
 
 class Hooked:
@@ -41,14 +40,6 @@ def saved_params(workdir, step, tr):
     state, data_state = ckpt.restore(step, tr.abstract_state())
     ckpt.close()
     return host(state.params), data_state
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    data = loader()
-    result = loop.run(train_config(workdir, steps=STEPS), trainer(4, 2), data)
-    return workdir, host(result.state.params), data.seen
 
 
 def test_kill_and_resume_is_exact(tmp_path, uninterrupted):
@@ -219,7 +210,7 @@ def test_validation_writes_videos(tmp_path):
     from PIL import Image
 
     from pia_jax.training.metrics import Writer
-    from pia_jax.training.validation import _ANIMATORS, validate
+    from pia_jax.training.validation import Validator
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), np.uint8)).save(tmp_path / "image.png")
     cfg = train_config(tmp_path, **{"validation.images": f"[{tmp_path / 'image.png'}]",
                                     "validation.prompts": "[a cat]", "validation.steps": 2})
@@ -227,22 +218,23 @@ def test_validation_writes_videos(tmp_path):
     writer = Writer(tmp_path, 1, 1, 0, tensorboard=False, progress_bar=False)
     logged = []
     writer.scalars = lambda step, values, force=False: logged.append((step, values))
-    validate(cfg, tr, tr.init_state(0), 7, writer)
+    validate = Validator(cfg, tr)
+    validate(tr.init_state(0), 7, writer)
     assert (tmp_path / "validation" / "step_0000007" / "0.gif").stat().st_size > 0
     # evaluate.py's motion and fidelity scores of the video, logged at the validation step (no SSIM: the test's
     # frames are smaller than its 11-pixel window)
     (step, scores), = logged
     assert step == 7 and {"validation/flow_mean", "validation/dynamic", "validation/psnr"} <= set(scores), scores
     assert all(np.isfinite(v) for v in scores.values()) and 0 < scores["validation/psnr"] <= 100
-    compiled = _ANIMATORS[tr].compilations
-    validate(cfg, tr, tr.init_state(1), 8, writer)
+    compiled = validate.animator.compilations
+    validate(tr.init_state(1), 8, writer)
     assert (tmp_path / "validation" / "step_0000008" / "0.gif").stat().st_size > 0
-    assert _ANIMATORS[tr].compilations == compiled, "the second validation must not compile again"
+    assert validate.animator.compilations == compiled, "the second validation must not compile again"
 
 
 def test_export_is_a_model_directory(tmp_path, uninterrupted):
     _, params, _ = uninterrupted
-    loop.export(tmp_path / "model", trainer(4, 2), jax.device_put(params), dtype="fp32")
+    tasks.export(tmp_path / "model", trainer(4, 2), jax.device_put(params), train_config(export_dtype="fp32"))
     md = load_model_dir(tmp_path / "model")
     s = setup()
     unet = flat_params(md.unet)
@@ -258,12 +250,11 @@ def test_trains_on_a_prepared_dataset(tmp_path):
 
     from pia_jax.data import generic_rows
     from pia_jax.data.builder import prepare
-    from tests.test_data import encode
     with open(tmp_path / "clips.csv", "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["path", "caption"])
         for i in range(10):
-            (tmp_path / f"v{i}.mp4").write_bytes(encode(12 + i))
+            (tmp_path / f"v{i}.mp4").write_bytes(encode_video(12 + i))
             rows.writerow([f"v{i}.mp4", "hello cat" if i % 2 else "a cat"])
     path, report = prepare(generic_rows(tmp_path / "clips.csv"), tmp_path / "ds", min_frames=4, workers=2)
     assert report["examples"] == 10

@@ -91,10 +91,14 @@ class ValidationConfig:
                                  "alignment scores to the motion and fidelity scores logged for each validation")
 
 
+# task -> the model part it trains (pia_jax/training/tasks.py has their objectives)
+TASK_PARTS = {"pia": "unet", "vae": "vae", "t2i": "unet"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     task: str = opt("pia", "the objective and trained part (pia_jax/training/tasks.py): PIA's recipe, or a "
-                           "base-model stage of the toy world (vae, t2i)", ("pia", "vae", "t2i"))
+                           "base-model stage of the toy world (vae, t2i)", tuple(TASK_PARTS))
     workdir: str = opt("runs/pia", "checkpoints/, tensorboard/, validation/, model/ (the export), config.json; "
                                    "local or gs://")
     steps: int = opt(31_250, "optimizer steps (the reference's 500k micro-steps / 16)")

@@ -1,4 +1,5 @@
-"""The training run: resume, step, log, checkpoint, validate, survive pre-emption, export.
+"""The training run (`run`): resume, step, log, checkpoint, validate, survive pre-emption; and the run's loader
+(`make_loader`, `check_data`). The export of a finished run is `tasks.export`.
 
 A run resumes from the newest complete, readable checkpoint in `{workdir}/checkpoints` if there is one (see
 `Checkpointer.restore_latest`). SIGTERM (pre-emption) finishes the steps already dispatched (at most two), saves a
@@ -25,12 +26,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from pia_jax.sampling import schedulers
 from pia_jax.training import metrics as metrics_lib
 from pia_jax.training.checkpoint import Checkpointer
 from pia_jax.training.config import TrainConfig
 from pia_jax.training.step import Trainer, TrainState
-from pia_jax.weights.model_dir import save_model_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -84,7 +83,7 @@ def _latent_side(cfg: TrainConfig) -> tuple[int, int]:
     from pia_jax.models import config as model_config
     from pia_jax.weights.model_dir import read_config
     vae = (read_config(cfg.model.model_dir)[0] if cfg.model.model_dir else model_config.MODELS[cfg.model.init]).vae
-    return cfg.data.resolution // 2 ** (len(vae.block_out_channels) - 1), vae.latent_channels
+    return cfg.data.resolution // vae.latent_factor, vae.latent_channels
 
 
 def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
@@ -106,109 +105,119 @@ def make_loader(cfg: TrainConfig, tokenizer, vocab_size: int):
     return data.Loader(data.open_dataset(d.path), tokenizer, d, num_workers=d.workers, **common)
 
 
-def run(cfg: TrainConfig, trainer: Trainer, loader) -> Result:
-    workdir = epath.Path(cfg.workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+def run(cfg: TrainConfig, trainer: Trainer, loader, validate=None) -> Result:
+    """Trains `cfg.steps` steps from the newest checkpoint of `cfg.workdir` (or from the start); `validate` (a
+    `validation.Validator`, made by the caller) runs every `validation.every` steps."""
+    run_ = _Run(cfg, trainer, loader, validate)
     try:
-        latest, restored = ckpt.restore_latest(trainer.abstract_state(), cfg.checkpoint.on_corrupt,
-                                               log=lambda m: print(f"warning: {m}", flush=True))
-    except BaseException:
-        ckpt.close()
-        raise
-    writer = metrics_lib.Writer(cfg.log.dir or workdir / "tensorboard", cfg.log.every, cfg.steps, latest or 0,
-                                cfg.log.tensorboard, cfg.log.progress_bar)
-    if latest is None:
-        state = trainer.init_state(cfg.seed)
-    else:
-        state, data_state = restored
-        loader.set_state(data_state)
-        writer.log(f"resumed from step {latest} of {ckpt.directory}")
-    step, skipped, status = latest or 0, 0, "done"  # step: the steps dispatched so far
-    clips = cfg.data.batch_size * cfg.optim.grad_accum
-    peak = metrics_lib.peak_flops(jax.devices()[0], cfg.log.peak_tflops)
-    preemption = Preemption()
-    flops, last = None, None
+        run_.loop()
+    finally:
+        run_.close()
+    return Result(run_.state, run_.status, run_.skipped)
 
-    def draw():
+
+class _Run:
+    """One run's moving parts: checkpointer, writer, the state, the steps dispatched, the batch drawn ahead."""
+
+    def __init__(self, cfg: TrainConfig, trainer: Trainer, loader, validate):
+        self.cfg, self.trainer, self.loader, self.validate = cfg, trainer, loader, validate
+        workdir = epath.Path(cfg.workdir)
+        self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        try:
+            latest, restored = self.ckpt.restore_latest(trainer.abstract_state(), cfg.checkpoint.on_corrupt,
+                                                        log=lambda m: print(f"warning: {m}", flush=True))
+        except BaseException:
+            self.ckpt.close()
+            raise
+        self.writer = metrics_lib.Writer(cfg.log.dir or workdir / "tensorboard", cfg.log.every, cfg.steps,
+                                         latest or 0, cfg.log.tensorboard, cfg.log.progress_bar)
+        self.ahead = None  # (batch, loader state) of the next step, drawn while the current one runs
+        if latest is None:
+            self.state = trainer.init_state(cfg.seed)
+        else:
+            self.state, data_state = restored
+            loader.set_state(data_state)
+            self.writer.log(f"resumed from step {latest} of {self.ckpt.directory}")
+        self.step, self.skipped, self.status = latest or 0, 0, "done"  # step: the steps dispatched so far
+        self.clips = cfg.data.batch_size * cfg.optim.grad_accum
+        self.peak = metrics_lib.peak_flops(jax.devices()[0], cfg.log.peak_tflops)
+        self.flops = self.last = None  # FLOPs per step (known once compiled); when the last step's metrics came
+        self.consumed = None  # the loader state after the data of the last dispatched step
+        self.preemption = Preemption()
+
+    def draw(self):
         """The next step's batch on the devices, and the loader state after it (what a checkpoint of it holds)."""
-        return trainer.put_batch([next(loader) for _ in range(cfg.optim.grad_accum)]), loader.get_state()
+        batches = [next(self.loader) for _ in range(self.cfg.optim.grad_accum)]
+        return self.trainer.put_batch(batches), self.loader.get_state()
 
-    def finish(n: int, metrics) -> bool:
+    def compile(self, batch):
+        """Compiles (or finds compiled) the step before the first one runs, and counts its FLOPs."""
+        start = time.perf_counter()
+        self.trainer.compile(self.state, batch)
+        self.flops, mesh = self.trainer.count_flops(batch), self.trainer.mesh
+        self.writer.log(f"compiled the step in {time.perf_counter() - start:.1f} s; {self.flops / 1e12:.4g} TFLOP "
+                        f"per step of {self.clips} clips on {mesh.size} devices (mesh {dict(mesh.shape)})")
+        self.last = time.perf_counter()
+
+    def loop(self):
+        cfg, pending, stop = self.cfg, None, False  # pending: (step, metrics) dispatched, metrics not read yet
+        while self.step < cfg.steps and not stop:
+            batch, data_state = self.ahead or self.draw()
+            self.ahead = None
+            if self.flops is None:
+                self.compile(batch)
+            self.state, metrics = self.trainer.step(self.state, batch)  # runs on the devices while the host goes on
+            self.step, self.consumed = self.step + 1, data_state
+            del batch
+            if pending is not None:  # the step before, which ran while this one was dispatched
+                stop = self.finish(*pending)
+            pending = (self.step, metrics)
+            save = self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps
+            validate = (self.validate is not None and bool(cfg.validation.every)
+                        and self.step % cfg.validation.every == 0)
+            if not (save or validate or stop):
+                self.ahead = self.draw()  # the next batch, made and placed while this step runs
+                continue
+            stop = self.finish(*pending) or stop  # this step's state is needed now: nothing more is dispatched first
+            pending = None
+            self.after(save or stop, validate, stop, data_state)
+
+    def finish(self, n: int, metrics) -> bool:
         """Reads step n's metrics (blocking until it is done), logs them, applies on_nonfinite; then whether any
         process got SIGTERM."""
-        nonlocal skipped, last
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        seconds, last = now - last, now
+        seconds, self.last = now - self.last, now
         if not metrics["finite"]:
             message = (f"step {n}: non-finite loss ({metrics['loss']}) or gradient norm "
                        f"({metrics['grad_norm']}); the step was not applied")
-            if cfg.on_nonfinite == "stop":
-                ckpt.wait()
+            if self.cfg.on_nonfinite == "stop":
+                self.ckpt.wait()
                 raise NonFiniteError(f"{message}. Stopping; the last good checkpoint is step "
-                                     f"{ckpt.latest_step()} in {ckpt.directory} (set on_nonfinite=skip to skip "
-                                     "such steps instead)")
-            skipped += 1
-            writer.log(f"{message}; skipped ({skipped} so far)")
-        writer.scalars(n, metrics_lib.step_scalars(metrics, seconds, clips, flops, peak, trainer.mesh.size))
-        return preemption.requested()
+                                     f"{self.ckpt.latest_step()} in {self.ckpt.directory} (set on_nonfinite=skip to "
+                                     "skip such steps instead)")
+            self.skipped += 1
+            self.writer.log(f"{message}; skipped ({self.skipped} so far)")
+        self.writer.scalars(n, metrics_lib.step_scalars(metrics, seconds, self.clips, self.flops, self.peak,
+                                                        self.trainer.mesh.size))
+        return self.preemption.requested()
 
-    pending = None  # (step, metrics) dispatched, metrics not read yet
-    ahead = None  # (batch, loader state) of the next step, drawn while the current one runs
-    consumed = None  # the loader state after the data of the last dispatched step
-    stop = False
-    try:
-        while step < cfg.steps and not stop:
-            batch, data_state = ahead or draw()
-            ahead = None
-            if flops is None:  # the first step: compile (or find compiled) ahead of running
-                start = time.perf_counter()
-                trainer.compile(state, batch)
-                flops = trainer.count_flops(batch)
-                writer.log(f"compiled the step in {time.perf_counter() - start:.1f} s; {flops / 1e12:.4g} TFLOP per "
-                           f"step of {clips} clips on {trainer.mesh.size} devices (mesh {dict(trainer.mesh.shape)})")
-                last = time.perf_counter()
-            state, metrics = trainer.step(state, batch)  # dispatched: runs on the devices while the host goes on
-            step, consumed = step + 1, data_state
-            del batch
-            if pending is not None:  # the step before, which ran while this one was dispatched
-                stop = finish(*pending)
-            pending = (step, metrics)
-            save = step % cfg.checkpoint.every == 0 or step == cfg.steps
-            validate_now = bool(cfg.validation.every) and step % cfg.validation.every == 0
-            if not (save or validate_now or stop):
-                ahead = draw()  # the next batch, made and placed while this step runs
-                continue
-            stop = finish(*pending) or stop  # this step's state is needed now: nothing more is dispatched first
-            pending = None
-            if save or stop:
-                ckpt.save(step, state, data_state)
-                writer.flush()  # a kill after this loses no logged step up to the checkpoint
-            if validate_now:
-                from pia_jax.training.validation import validate
-                validate(cfg, trainer, state, step, writer)
-                last = time.perf_counter()
-            if stop:
-                status = "preempted"
-                writer.log(f"SIGTERM: saved step {step} in {ckpt.directory}; stopping")
-    finally:
-        if ahead is not None:  # drawn for a step that never ran: the loader continues after the consumed data
-            loader.set_state(consumed)
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        preemption.restore()
-    return Result(state, status, skipped)
+    def after(self, save: bool, validate: bool, stop: bool, data_state):
+        """Checkpoints, validates and stops after a finished step, as asked."""
+        if save:
+            self.ckpt.save(self.step, self.state, data_state)
+            self.writer.flush()  # a kill after this loses no logged step up to the checkpoint
+        if validate:
+            self.validate(self.state, self.step, self.writer)
+            self.last = time.perf_counter()
+        if stop:
+            self.status = "preempted"
+            self.writer.log(f"SIGTERM: saved step {self.step} in {self.ckpt.directory}; stopping")
 
-
-def export(path, trainer: Trainer, params: dict, *, dtype: str = "fp16", force: bool = True):
-    """Writes the trained UNet (trained weights merged into the frozen ones), the VAE, the text encoder, the
-    tokenizer and the scheduler as a model directory that sample.py loads (process 0 writes)."""
-    setup = trainer.setup
-    params = multihost_utils.process_allgather(params, tiled=True)  # numpy on every process
-    if jax.process_index() != 0:
-        return None
-    models = {**setup.frozen, "unet": {**setup.frozen["unet"], **params}}
-    return save_model_dir(path, setup.config, models, tokenizer=setup.tokenizer,
-                          scheduler=schedulers.to_dict(setup.scheduler), dtype=dtype, force=force,
-                          report={"trained": sorted(params)})
+    def close(self):
+        if self.ahead is not None:  # drawn for a step that never ran: the loader continues after the consumed data
+            self.loader.set_state(self.consumed)
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.writer.close()
+        self.preemption.restore()

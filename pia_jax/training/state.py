@@ -18,14 +18,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pia_jax import models
 from pia_jax.models import config as model_config
-from pia_jax.models.abstract import abstract_model
 from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS
-from pia_jax.models.text_encoder import CLIPTextModel
-from pia_jax.models.unet import UNetMotionModel, widen_conv_in, widen_conv_in_kernel
-from pia_jax.models.vae import AutoencoderKL
+from pia_jax.models.unet import widen_conv_in_kernel
 from pia_jax.sampling import schedulers
-from pia_jax.training.config import ModelConfig, OptimConfig
+from pia_jax.training.config import TASK_PARTS, ModelConfig, OptimConfig
 from pia_jax.weights import param_shapes
 from pia_jax.weights.model_dir import PARTS, flat_params, load_model_dir, read_config
 
@@ -40,15 +38,16 @@ class Graphs:
 
 @dataclass
 class Setup:
-    config: model_config.PIAConfig  # with the (widened) 9-channel UNet
+    config: model_config.PIAConfig  # for PIA with the (widened) 9-channel UNet
     graphs: Graphs
     model: ModelConfig
-    trainable: dict[str, np.ndarray]  # UNet weights that train, fp32
-    # {"unet", "vae", "text_encoder"} -> the weights that do not, at their source precision (the device copies are cast to
-    # model.frozen_dtype; an export writes these)
+    trainable: dict[str, np.ndarray]  # the weights of `part` that train, fp32
+    # {"unet", "vae", "text_encoder"} -> the weights that do not train, at their source precision (the device copies
+    # are cast to model.frozen_dtype; an export writes these)
     frozen: dict[str, dict[str, np.ndarray]]
     scheduler: schedulers.SchedulerConfig
     tokenizer: object = None  # a CLIPTokenizer where the model directory has one
+    part: str = "unet"  # the model part that trains (config.TASK_PARTS)
 
 
 def merge(graph: nnx.GraphDef, *flats: dict) -> nnx.Module:
@@ -59,16 +58,13 @@ def merge(graph: nnx.GraphDef, *flats: dict) -> nnx.Module:
 
 def abstract_models(config: model_config.PIAConfig, cfg: ModelConfig, attention: str | None = None,
                     remat: bool = True) -> dict[str, nnx.Module]:
-    """{"unet", "vae", "text_encoder"} -> abstract models (no memory) in the compute dtype; `attention`/`remat` override the
-    configured kernel and policy (the FLOP count uses all-XLA kernels and no rematerialisation)."""
+    """{"unet", "vae", "text_encoder"} -> abstract models (no memory) in the compute dtype; `attention`/`remat`
+    override the configured kernel and policy (the FLOP count uses all-XLA kernels and no rematerialisation)."""
     dtype, kernel = model_config.dtype(cfg.compute_dtype), attention or cfg.attention
     policy = cfg.remat_policy if remat else None
-    return {
-        "unet": abstract_model(UNetMotionModel, config.unet, dtype=dtype, remat_policy=policy,
-                               attention_kernels={"self": kernel, "cross": kernel}),
-        "vae": abstract_model(AutoencoderKL, config.vae, dtype=dtype, attention_kernel=kernel),
-        "text_encoder": abstract_model(CLIPTextModel, config.text, dtype=dtype),
-    }
+    kwargs = {"unet": dict(remat_policy=policy, attention_kernels={"self": kernel, "cross": kernel}),
+              "vae": dict(attention_kernel=kernel), "text_encoder": {}}
+    return {part: models.build(config, part, dtype=dtype, **kwargs[part]) for part in PARTS}
 
 
 def make_graphs(models: dict[str, nnx.Module]) -> Graphs:
@@ -79,7 +75,7 @@ def split_trainable(flat: dict, patterns) -> tuple[dict, dict]:
     rx = [re.compile(p) for p in patterns]
     trainable = {k: v for k, v in flat.items() if any(r.search(k) for r in rx)}
     if not trainable:
-        raise ValueError(f"no UNet parameter matches the trainable patterns {list(patterns)}")
+        raise ValueError(f"no parameter matches the trainable patterns {list(patterns)}")
     return trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
@@ -99,58 +95,62 @@ def random_weights(model: nnx.Module, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig | None = None) -> Setup:
-    """Loads `cfg.model_dir` (or random weights of `cfg.init`, or of `init_config` if given), widens a 4-channel
-    conv_in with zero condition channels (PIA's training start) and splits the UNet into trainable and frozen
-    weights."""
+def build(cfg: ModelConfig, seed: int = 0, init_config: model_config.PIAConfig | None = None,
+          task: str = "pia") -> Setup:
+    """The setup of `task`: all weights of `cfg.model_dir` (or seeded random weights of `init_config`, else of
+    `cfg.init`), the task's part (`TASK_PARTS`) split into trainable and frozen by `cfg.trainable`. For PIA a
+    4-channel conv_in is widened with zero condition channels (PIA's training start); t2i trains a 4-channel UNet."""
+    if task not in TASK_PARTS:
+        raise ValueError(f"task must be one of {list(TASK_PARTS)}, got {task!r}")
+    flats, tokenizer, scheduler = None, None, schedulers.PIA_DDIM
     if cfg.model_dir:
         md = load_model_dir(cfg.model_dir, tokenizer=(Path(cfg.model_dir) / "tokenizer").is_dir())
         config, tokenizer = md.config, md.tokenizer
-        scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else schedulers.PIA_DDIM
-        if md.unet.config.in_channels == LATENT_CHANNELS:
-            md.unet = widen_conv_in(md.unet, nnx.Rngs(seed))
-            config = dataclasses.replace(config, unet=md.unet.config)
-        unet, vae, text = flat_params(md.unet), flat_params(md.vae), flat_params(md.text_encoder)
+        scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else scheduler
+        flats = {part: flat_params(getattr(md, part)) for part in PARTS}
         del md
     else:
-        if init_config is None and cfg.init not in model_config.MODELS:
-            raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
-                             f"got {cfg.init!r}")
-        config, tokenizer, scheduler = init_config or model_config.MODELS[cfg.init], None, schedulers.PIA_DDIM
-        cin = config.unet.in_channels
+        config = _start_config(cfg, init_config)
+    cin = config.unet.in_channels
+    if task == "t2i" and cin != LATENT_CHANNELS:
+        raise ValueError(f"task t2i trains a 4-channel base UNet; {cfg.model_dir or cfg.init} has {cin} input channels")
+    if task == "pia":
         config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=PIA_IN_CHANNELS))
-        models = abstract_models(config, cfg)
-        unet, vae, text = (random_weights(models[part], seed + i) for i, part in enumerate(PARTS))
-        if cin == LATENT_CHANNELS:  # as a loaded 4-channel model: zero condition channels
-            unet["conv_in.kernel"] = widen_conv_in_kernel(unet["conv_in.kernel"][:, :, :cin], in_axis=2)
-    trainable, frozen_unet = split_trainable(unet, cfg.trainable)
+    abstract = abstract_models(config, cfg)
+    flats = flats or {part: random_weights(abstract[part], seed + i) for i, part in enumerate(PARTS)}
+    if task == "pia" and cin == LATENT_CHANNELS:  # a random start's drawn condition channels are zeroed too
+        kernel = flats["unet"]["conv_in.kernel"][:, :, :LATENT_CHANNELS]
+        flats["unet"]["conv_in.kernel"] = widen_conv_in_kernel(kernel, in_axis=2)
+    part = TASK_PARTS[task]
+    trainable, rest = split_trainable(flats[part], cfg.trainable)
     trainable = {k: v.astype(np.float32) for k, v in trainable.items()}
-    frozen = {"unet": frozen_unet, "vae": vae, "text_encoder": text}
-    graphs = make_graphs(abstract_models(config, cfg) if cfg.model_dir else models)
-    return Setup(config, graphs, cfg, trainable, frozen, scheduler, tokenizer)
+    return Setup(config, make_graphs(abstract), cfg, trainable, {**flats, part: rest}, scheduler, tokenizer, part)
+
+
+def _start_config(cfg: ModelConfig, init_config: model_config.PIAConfig | None) -> model_config.PIAConfig:
+    """The model config of a start without a model directory: `init_config`, else `cfg.init` by name."""
+    if init_config is None and cfg.init not in model_config.MODELS:
+        raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
+                         f"got {cfg.init!r}")
+    return init_config or model_config.MODELS[cfg.init]
 
 
 def abstract_setup(cfg: ModelConfig, init_config: model_config.PIAConfig | None = None) -> Setup:
-    """What `build` returns, with every weight a jax.ShapeDtypeStruct (fp32) and nothing read or allocated: a
-    `Trainer` over it compiles the step, e.g. for a TPU pod from a CPU host (bench/tpu_aot.py). The model comes from
-    `cfg.model_dir`'s config, else `init_config`, else `cfg.init`; a 4-channel UNet is widened as `build` widens it."""
+    """What `build` returns for PIA, with every weight a jax.ShapeDtypeStruct (fp32) and nothing read or allocated:
+    a `Trainer` over it compiles the step, e.g. for a TPU pod from a CPU host (bench/tpu_aot.py). The model comes
+    from `init_config`, else `cfg.model_dir`'s config, else `cfg.init`; the UNet takes PIA's 9 input channels."""
     scheduler = schedulers.PIA_DDIM
-    if init_config is not None:
-        config = init_config
-    elif cfg.model_dir:
+    if cfg.model_dir and init_config is None:
         config, stored, _ = read_config(cfg.model_dir)
         scheduler = schedulers.from_dict(stored) if stored else scheduler
-    elif cfg.init in model_config.MODELS:
-        config = model_config.MODELS[cfg.init]
     else:
-        raise ValueError(f"model.init must be one of {list(model_config.MODELS)} (or give model.model_dir), "
-                         f"got {cfg.init!r}")
+        config = _start_config(cfg, init_config)
     config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=PIA_IN_CHANNELS))
-    models = abstract_models(config, cfg)
-    shapes = {part: {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(models[part]).items()}
+    abstract = abstract_models(config, cfg)
+    shapes = {part: {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(abstract[part]).items()}
               for part in PARTS}
     trainable, frozen_unet = split_trainable(shapes["unet"], cfg.trainable)
-    return Setup(config, make_graphs(models), cfg, trainable, {**shapes, "unet": frozen_unet}, scheduler)
+    return Setup(config, make_graphs(abstract), cfg, trainable, {**shapes, "unet": frozen_unet}, scheduler)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

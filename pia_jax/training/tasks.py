@@ -1,22 +1,23 @@
-"""Training tasks besides PIA, for a world where no pretrained base exists (pia_jax/toy): the base model's stages.
+"""The training tasks, each an objective and the model part it trains (`config.TASK_PARTS`), and the one export.
 
+    task: pia   the PIA recipe (pia_jax/training/step.py): conv_in and the motion modules of the UNet
     task: vae   the autoencoder on frames: pixel MSE + a small KL term; its export measures the latent scale
     task: t2i   the text-to-image UNet on single frames (data.n_frames=1) with their captions: epsilon MSE, the VAE
                 and text encoder frozen, the motion modules left out (identity while their proj_out is zero); on
                 clips with only the motion modules trainable it is AnimateDiff's objective (configs/toy/motion.yaml)
-    task: pia   the PIA recipe itself (pia_jax/training/step.py), unchanged
 
-Each task is the same sharded step, loop, checkpointing and resume as PIA's; only the objective (the `loss_fn`
-given to `Trainer`) and which model part trains differ. `model.trainable` selects the trained weights of that
-part (by regex on NNX paths) and `model.model_dir` is the starting model directory; the export writes a whole
-model directory with the trained part replaced, so the next stage starts from it.
-"""
+vae and t2i are the base model's stages for a world where no pretrained base exists (pia_jax/toy). Every task is
+the same build (`state.build`), sharded step, loop, checkpointing and resume; only the objective (the `loss_fn`
+given to `Trainer`) and the trained part differ. `model.trainable` selects the trained weights of that part (by
+regex on NNX paths) and `model.model_dir` is the starting model directory; `export` writes a whole model directory
+with the trained part replaced, so the next stage starts from it."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pia_jax import media
 from pia_jax.models.vae import sample_posterior
@@ -24,10 +25,8 @@ from pia_jax.sampling import schedulers
 from pia_jax.training import loop
 from pia_jax.training import state as state_lib
 from pia_jax.training.step import Trainer, diffusion_inputs, float_pixels, pia_loss
-from pia_jax.weights.model_dir import flat_params, load_model_dir, save_model_dir
+from pia_jax.weights.model_dir import save_model_dir
 
-TASKS = ("pia", "vae", "t2i")
-PART = {"vae": "vae", "t2i": "unet"}  # the model part each base task trains
 # Weight of the KL term against the per-pixel MSE on [-1, 1] images: small, as in the LDM autoencoders (1e-6 there,
 # with a perceptual loss); it only keeps the posterior from drifting, the latent scale is fixed at export.
 KL_WEIGHT = 1e-6
@@ -56,63 +55,57 @@ def t2i_loss(params, frozen, graphs, mb, keys_Bx3, scheduler, scaling):
     return jnp.mean(jnp.square(pred - schedulers.training_target(scheduler, latents, noise, t)))
 
 
-LOSSES = {"pia": pia_loss, "vae": vae_loss, "t2i": t2i_loss}
-
-
-def build(cfg) -> state_lib.Setup:
-    """The setup of a base task: all weights of `cfg.model.model_dir`, the task's part split by `model.trainable`."""
-    if not cfg.model.model_dir:
-        raise ValueError(f"task {cfg.task!r} needs model.model_dir (a model directory to start from)")
-    md = load_model_dir(cfg.model.model_dir)
-    flats = {"unet": flat_params(md.unet), "vae": flat_params(md.vae), "text_encoder": flat_params(md.text_encoder)}
-    part = PART[cfg.task]
-    trainable, rest = state_lib.split_trainable(flats[part], cfg.model.trainable)
-    if cfg.task == "t2i" and md.config.unet.in_channels != 4:
-        raise ValueError(f"task t2i trains a 4-channel base UNet; {cfg.model.model_dir} has "
-                         f"{md.config.unet.in_channels} input channels")
-    graphs = state_lib.make_graphs(state_lib.abstract_models(md.config, cfg.model))
-    scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else schedulers.PIA_DDIM
-    return state_lib.Setup(md.config, graphs, cfg.model, {k: v.astype(np.float32) for k, v in trainable.items()},
-                           {**flats, part: rest}, scheduler, md.tokenizer)
+LOSSES = {"pia": pia_loss, "vae": vae_loss, "t2i": t2i_loss}  # one per task of config.TASK_PARTS
 
 
 def make_trainer(cfg, mesh) -> Trainer:
-    """The trainer of `cfg.task`: PIA's setup (state.build) or a base task's, with the task's objective."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
-    setup = state_lib.build(cfg.model, cfg.seed) if cfg.task == "pia" else build(cfg)
+    """The trainer of `cfg.task`: its setup (`state.build`) and its objective."""
+    setup = state_lib.build(cfg.model, cfg.seed, task=cfg.task)
     return Trainer(setup, state_lib.make_optimizer(cfg.optim), mesh, loss_fn=LOSSES[cfg.task])
 
 
 def latent_scale(trainer: Trainer, params: dict, batches) -> float:
-    """1 / std of the VAE posterior means over `batches`: unit-variance latents for the diffusion stages (how
-    SD's 0.18215 was chosen)."""
-    vae = state_lib.merge(trainer.setup.graphs.vae, jax.device_get(params), trainer.setup.frozen["vae"])
+    """1 / std of the VAE posterior means over `batches` (`params` on the host): unit-variance latents for the
+    diffusion stages (how SD's 0.18215 was chosen). Every process encodes its own batches; the moments are summed
+    over processes, so all of them get the scale of all their batches together."""
+    vae = state_lib.merge(trainer.setup.graphs.vae, params, trainer.setup.frozen["vae"])
     encode_mean = jax.jit(lambda x: vae.encode(x)[0])
     pixels = [media.PIXEL_VALUES[b["pixel_values"]] if b["pixel_values"].dtype == np.uint8 else b["pixel_values"]
               for b in batches]
-    means = [np.asarray(encode_mean(p.reshape((-1,) + p.shape[2:]))) for p in pixels]
-    return float(1.0 / np.std(np.concatenate(means)))
+    means = np.concatenate([np.asarray(encode_mean(p.reshape((-1,) + p.shape[2:])), np.float64) for p in pixels])
+    moments = np.array([means.size, means.sum(), np.square(means).sum()])
+    if jax.process_count() > 1:
+        moments = multihost_utils.process_allgather(moments).sum(0)
+    n, total, squares = moments
+    return float(1.0 / np.sqrt(squares / n - (total / n) ** 2))
 
 
 def export(path, trainer: Trainer, params: dict, cfg, loader=None):
-    """Writes the model directory of a finished task; for `vae` the config's scaling factor is measured on
-    SCALE_BATCHES batches of `loader` (made from cfg when not given)."""
-    if cfg.task == "pia":
-        return loop.export(path, trainer, params, dtype=cfg.export_dtype)
+    """Writes the model directory of a finished task: the trained part's weights (`params`, global arrays, possibly
+    sharded across hosts) merged into the frozen ones, the other parts, the tokenizer and the scheduler; for `vae`
+    the config's scaling factor is measured on SCALE_BATCHES batches of `loader` (made from cfg when not given).
+    Every process must call it (the weights are gathered from all of them); process 0 writes, the others return
+    None."""
     setup = trainer.setup
-    params = jax.device_get(params)
+    params = multihost_utils.process_allgather(params, tiled=True)  # numpy, whole, on every process
     config = setup.config
     if cfg.task == "vae":
-        made = loader is None
-        loader = loader or loop.make_loader(cfg, setup.tokenizer, config.text.vocab_size)
-        try:
-            scale = latent_scale(trainer, params, [next(loader) for _ in range(SCALE_BATCHES)])
-        finally:
-            if made:
-                getattr(loader, "close", lambda: None)()
+        scale = _measure_scale(trainer, params, cfg, loader)
         config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, scaling_factor=scale))
-    parts = {**setup.frozen, PART[cfg.task]: {**setup.frozen[PART[cfg.task]], **params}}
-    return save_model_dir(path, config, {k: parts[k] for k in ("unet", "vae", "text_encoder")},
-                          tokenizer=setup.tokenizer, scheduler=schedulers.to_dict(setup.scheduler),
-                          dtype=cfg.export_dtype, force=True, report={"task": cfg.task, "trained": sorted(params)})
+    if jax.process_index() != 0:
+        return None
+    part = setup.part
+    models = {**setup.frozen, part: {**setup.frozen[part], **params}}
+    return save_model_dir(path, config, models, tokenizer=setup.tokenizer,
+                          scheduler=schedulers.to_dict(setup.scheduler), dtype=cfg.export_dtype, force=True,
+                          report={"task": cfg.task, "trained": sorted(params)})
+
+
+def _measure_scale(trainer: Trainer, params: dict, cfg, loader) -> float:
+    made = loader is None
+    loader = loader or loop.make_loader(cfg, trainer.setup.tokenizer, trainer.setup.config.text.vocab_size)
+    try:
+        return latent_scale(trainer, params, [next(loader) for _ in range(SCALE_BATCHES)])
+    finally:
+        if made:
+            getattr(loader, "close", lambda: None)()
