@@ -72,7 +72,7 @@ def check_bench(a) -> tuple[list, dict | None]:
     cases = bench.read_cases(a.bench)
     presets = [a.motion, *filter(None, a.presets.split(","))]
     for p in presets:
-        affinity.preset_coefficients(p, a.frames)  # unknown names and bad frame counts fail here
+        affinity.preset_affinity(p, a.frames)  # unknown names and bad frame counts fail here
     if a.devices is not None and a.devices < 1:
         raise ValueError(f"--devices must be at least 1, got {a.devices}")
     if a.out.exists() and not a.force:
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             text = json.dumps(scores, indent=2)
             print(text)
             if a.out:
-                media.check_writable(a.out).write_text(text + "\n")
+                with files.atomic_write(media.check_writable(a.out)) as tmp:  # complete or not at all
+                    Path(tmp).write_text(text + "\n")
             return 0
         cases, models = check_bench(a)
         from pia_jax.sampling import compile_cache

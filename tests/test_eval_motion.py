@@ -82,7 +82,7 @@ def test_psnr_and_ssim():
 
 def test_controllability():
     presets = ["small", "moderate", "large"]
-    requested = [motion.requested_motion(affinity.preset_coefficients(p, 16)) for p in presets]
+    requested = [motion.requested_motion(affinity.preset_affinity(p, 16)) for p in presets]
     assert requested == sorted(requested) and requested[0] > 0  # larger presets ask for more motion
     assert motion.controllability(requested, [0.5, 1.0, 3.0]) == pytest.approx(1.0)
     assert motion.controllability(requested, [3.0, 1.0, 0.5]) == pytest.approx(-1.0)

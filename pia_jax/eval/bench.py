@@ -13,16 +13,15 @@ every affinity preset asked for (same image, prompt and seed), all presets of a 
 
 import csv
 import dataclasses
-import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
 
-from pia_jax import media
+from pia_jax import files, media
 from pia_jax.eval import motion
+from pia_jax.eval.sheet import write_contact_sheet
 from pia_jax.eval.video import VIDEO_SUFFIXES, read_video
 from pia_jax.sampling import affinity
 
@@ -117,34 +116,6 @@ def read_model_map(path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling: the one place the sampler is called.
-
-@functools.lru_cache(maxsize=1)  # cases run style by style, so each model is loaded once
-def _animator(model_dir: str, devices: int | None):
-    import jax
-    from jax.sharding import Mesh
-
-    from pia_jax.sampling import Animator
-    return Animator.load(model_dir, mesh=Mesh(np.array(jax.local_devices()[:devices]), ("data",)))
-
-
-def animate(model_dir, image, prompt: str, coefficients, seed: int, *, negative_prompt: str = "", steps: int = 25,
-            guidance: float = 7.5, size: int = 512, devices: int | None = None) -> np.ndarray:
-    """uint8 (P, F, H, W, 3): one video per row of `coefficients` (P, F) (affinity schedules), all from the same
-    image (uint8, any size; shrunk as sample.py does), prompt and seed; the videos are split over the first
-    `devices` local devices (default all)."""
-    from pia_jax.sampling import SampleOptions
-
-    coefficients = np.atleast_2d(np.asarray(coefficients, np.float32))
-    n = len(coefficients)
-    pixels = media.preprocess_image(np.asarray(image), size)
-    animator = _animator(str(model_dir), devices)
-    result = animator(np.stack([pixels] * n), [prompt] * n, [negative_prompt] * n, coefficients,
-                      SampleOptions(steps=steps, guidance_scale=guidance), seeds=[seed] * n)
-    return result.videos  # uint8
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Existing videos: <videos>/<style>/<case>-<preset>.<ext>, or <case>.<ext> for the main preset; a folder of frame
 # images in place of a file also counts.
 
@@ -181,7 +152,7 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
     from pia_jax.eval.scores import score_video
 
     presets = list(dict.fromkeys([options.motion, *options.presets]))
-    requested = {p: motion.requested_motion(affinity.preset_coefficients(p, options.frames)) for p in presets}
+    requested = {p: motion.requested_motion(affinity.preset_affinity(p, options.frames)) for p in presets}
     rows, curves = [], []
     for case in cases:
         image = media.load_image(case.image)
@@ -202,11 +173,13 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
             r["controllability"] = control
         curves.append((case, [r["requested_motion"] for r in case_rows], measured))
         rows += case_rows
-        write_contact_sheet(out / "sheets" / case.style / f"{case.name}.png", image, list(clips.values()))
+        write_contact_sheet(out / "sheets" / case.style / f"{case.name}.png", [image] * len(clips),
+                            list(clips.values()), columns=8)
         log(f"{case.style}/{case.name}: " + ", ".join(f"{r['motion']} flow {r['flow_mean']:.2f}" for r in case_rows)
             + f"; controllability {control:.2f}")
     write_csv(out / "scores.csv", rows)
-    (out / "summary.md").write_text(summary_markdown(rows))
+    with files.atomic_write(out / "summary.md") as tmp:
+        Path(tmp).write_text(summary_markdown(rows))
     plot_motion(out / "motion.png", curves)
     return rows
 
@@ -214,9 +187,14 @@ def run_bench(cases: list[Case], out: Path, options: BenchOptions, *, scorer=Non
 def _sample(case: Case, image, presets, options: BenchOptions, model, out: Path) -> tuple[dict, dict]:
     """({preset: uint8 video}, {preset: fps}) sampled; each video is also saved as
     out/videos/<style>/<case>-<preset>.gif."""
-    coefs = np.stack([affinity.preset_coefficients(p, options.frames) for p in presets])
-    made = animate(model, image, case.prompt, coefs, case.seed, negative_prompt=case.negative_prompt,
-                   steps=options.steps, guidance=options.guidance, size=options.size, devices=options.devices)
+    from pia_jax.eval.animate import animate
+    from pia_jax.sampling import SampleOptions
+
+    affinities = np.stack([affinity.preset_affinity(p, options.frames) for p in presets])
+    n = len(presets)  # one batch: the same image, prompt and seed with each preset
+    made = animate(model, [media.preprocess_image(np.asarray(image), options.size)] * n, [case.prompt] * n, affinities,
+                   [case.seed] * n, SampleOptions(steps=options.steps, guidance_scale=options.guidance),
+                   negative_prompt=case.negative_prompt, devices=options.devices)
     clips = dict(zip(presets, made))
     for p, clip in clips.items():
         media.write_gif(out / "videos" / case.style / f"{case.name}-{p}.gif", clip)
@@ -231,7 +209,7 @@ def _read(case: Case, presets, main: str, videos: Path) -> tuple[dict, dict]:
 
 def write_csv(path: Path, rows: list[dict]):
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    with files.atomic_write(path) as tmp, open(tmp, "w", newline="") as f:  # complete or not at all
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -252,24 +230,6 @@ def summary_markdown(rows: list[dict]) -> str:
         cells = [f"{_mean([min(r[k], PSNR_CAP) if k == 'psnr' else r[k] for r in group]):.4g}" for k, _ in columns]
         lines.append(f"| {style} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_contact_sheet(path: Path, image, clips: list, columns: int = 8, gap: int = 4):
-    """A PNG grid: one row per video (presets in order), the input image then up to `columns` evenly spaced
-    frames; every tile at the first video's frame size."""
-    from pia_jax.eval.video import fit_image
-
-    h, w = clips[0].shape[1:3]
-    picks = [np.linspace(0, len(c) - 1, min(columns, len(c))).round().astype(int) for c in clips]
-    tiles = [[fit_image(x, h, w) for x in [image, *c[pick]]] for c, pick in zip(clips, picks)]
-    n_cols = max(len(t) for t in tiles)
-    sheet = np.full((len(tiles) * (h + gap) + gap, n_cols * (w + gap) + gap, 3), 255, np.uint8)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            y, x = gap + r * (h + gap), gap + c * (w + gap)
-            sheet[y:y + h, x:x + w] = tile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(path)
 
 
 def plot_motion(path: Path, curves):

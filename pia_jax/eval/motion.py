@@ -50,10 +50,11 @@ def vbench_subsample(frames, fps: float) -> np.ndarray:
     return np.asarray(frames)[::max(1, round(fps / 8))]
 
 
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio in dB of two uint8 images (peak 255); inf when they are equal."""
+def psnr(a, b, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images (uint8: peak 255; in [0, 1]: peak 1); inf when they are
+    equal."""
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
 SSIM_MIN_SIDE = 11  # the 11x11 Gaussian window (sigma 1.5) of Wang et al.'s SSIM

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pia_jax.eval.motion import psnr
 from pia_jax.toy import world
 
 PRESETS = ("small", "moderate", "large")
@@ -111,19 +112,13 @@ def track(video: np.ndarray, colour: str, background: str) -> tuple[np.ndarray, 
     return centroid, area
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """dB between two images in [0, 1]."""
-    mse = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
-
-
 def measure(case: dict, video: np.ndarray, image: np.ndarray, at: int = -1) -> dict:
     """The metrics of one video; a direction is judged by the shift from frame 0 to frame `at`."""
     clip = case["clip"]
     centroid, area = track(video, clip.colour, clip.background)
     shift = centroid - centroid[0]
     row = {"prompt": case["prompt"], "preset": case["preset"], "kind": case["kind"],
-           "psnr": psnr(video[0], image / 255), "area": area.tolist(), "centroid": centroid.tolist(),
+           "psnr": psnr(video[0], image / 255, peak=1.0), "area": area.tolist(), "centroid": centroid.tolist(),
            "displacement": float(np.linalg.norm(shift, axis=1).mean()),
            "step": float(np.linalg.norm(np.diff(centroid, axis=0), axis=1).mean())}
     if case["kind"] in ("direction", "conflict", "centred"):
@@ -180,18 +175,6 @@ def summarize_long(rows: list[dict]) -> dict:
             "cases": {"direction": len(direction), "still": len(rows) - len(direction)}}
 
 
-def contact_sheet(videos, images, scale: int = 3) -> np.ndarray:
-    """uint8 grid: one row per video, the input image then each frame, upscaled `scale`x (nearest)."""
-    pad = 2
-    rows = []
-    for video, image in zip(videos, images):
-        tiles = [image] + [np.round(f * 255).astype(np.uint8) for f in video]
-        tiles = [np.pad(t.repeat(scale, 0).repeat(scale, 1), ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
-                 for t in tiles]
-        rows.append(np.concatenate(tiles, 1))
-    return np.concatenate(rows, 0)
-
-
 def gif_grid(videos, columns: int, scale: int = 3) -> np.ndarray:
     """uint8 (F, H, W, 3): videos tiled `columns` wide, upscaled `scale`x, as one video."""
     pad = 2
@@ -208,52 +191,72 @@ def _of_combinations(todo: list[dict], limit: int | None) -> list[dict]:
     return [c for c in todo if (c["clip"].shape, c["clip"].colour, c["clip"].background) in keep]
 
 
+def _animate(model_dir, todo: list[dict], images, seeds, frames: int, **options) -> np.ndarray:
+    """float32 videos (B, frames, H, W, 3) in [0, 1] of the cases, video i from noise seed seeds[i]; negative prompt
+    "" (the caption-dropout condition the toy model was trained with); in batches of 16, so one program serves all."""
+    from pia_jax.eval.animate import animate
+    from pia_jax.sampling import SampleOptions
+    from pia_jax.sampling.affinity import preset_affinity
+
+    affinities = [preset_affinity(c["preset"], frames) for c in todo]
+    return animate(model_dir, images, [c["prompt"] for c in todo], affinities, seeds, SampleOptions(**options),
+                   batch=16, float_frames=True)
+
+
+def _sheet(path, videos, images):
+    from pia_jax.eval.sheet import write_contact_sheet
+    write_contact_sheet(path, images, np.round(np.asarray(videos) * 255).astype(np.uint8), scale=3)
+
+
+def _write_json(path, value):
+    """Complete or not at all: metrics.json is the evaluation's completion mark (toy/recipe.py)."""
+    from pia_jax import files
+
+    with files.atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, indent=1) + "\n")
+
+
 def evaluate(model_dir, out, *, steps: int = 25, guidance: float = 4.0, seed: int = 0, limit: int | None = None,
              long_frames: int = LONG_FRAMES, strength: float = 1.0, seeds: int = SEEDS):
     """Runs the cases (the first `limit` combinations' only, if given) `seeds` times (noise seeds seed + 1000 k, k <
-    seeds; the metrics pool them), writes metrics.json, cases.json, sheet.png (moderate direction cases and still
-    cases, the first seed's), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0 the long-video cases (the
-    first seed only; their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns the
-    summary."""
-    from PIL import Image
-
+    seeds; the metrics pool them), writes metrics.json (last), cases.json, sheet.png (moderate direction cases and
+    still cases, the first seed's), grid.gif, sheet_text_vs_eye.png, and for `long_frames` > 0 the long-video cases
+    (the first seed only; their metrics under "long", sheet_long.png with every 4th frame, grid_long.gif); returns
+    the summary."""
     from pia_jax import media
-    from pia_jax.toy.animate import animate
 
+    options = dict(steps=steps, guidance_scale=guidance, strength=strength)
     todo = _of_combinations(cases(seed), limit)
     images = np.stack([first_frame(c["clip"]) for c in todo])
     rows = []
     for k in range(seeds):
         noise_seed = seed + 1000 * k
-        sampled = animate(model_dir, images, [c["prompt"] for c in todo], [c["preset"] for c in todo],
-                          [noise_seed + o for o in noise_offsets(todo)], frames=world.FRAMES, steps=steps,
-                          guidance=guidance, strength=strength)
+        sampled = _animate(model_dir, todo, images, [noise_seed + o for o in noise_offsets(todo)], world.FRAMES,
+                           **options)
         rows += [measure(c, v, im) | {"seed": noise_seed} for c, v, im in zip(todo, sampled, images)]
         if k == 0:
             videos = sampled  # the pictures show the first seed
     summary = summarize(rows) | {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
                                  "seeds": seeds, "strength": strength}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shown = [i for i, c in enumerate(todo) if c["preset"] == "moderate" and c["kind"] in ("direction", "still")]
-    Image.fromarray(contact_sheet(videos[shown], images[shown])).save(out / "sheet.png")
+    _sheet(out / "sheet.png", videos[shown], images[shown])
     media.write_gif(out / "grid.gif", gif_grid(videos[shown], columns=5), fps=4)
     conflict = [i for i, c in enumerate(todo) if c["kind"] == "conflict"]
-    Image.fromarray(contact_sheet(videos[conflict], images[conflict])).save(out / "sheet_text_vs_eye.png")
+    _sheet(out / "sheet_text_vs_eye.png", videos[conflict], images[conflict])
     if long_frames:
         long = _of_combinations(long_cases(seed), limit)
         long_images = np.stack([first_frame(c["clip"]) for c in long])
-        long_videos = animate(model_dir, long_images, [c["prompt"] for c in long], [c["preset"] for c in long],
-                              [seed + i for i in range(len(long))], frames=long_frames, steps=steps, guidance=guidance,
-                              context_length=world.FRAMES, context_stride=CONTEXT_STRIDE, strength=strength)
+        long_videos = _animate(model_dir, long, long_images, [seed + i for i in range(len(long))], long_frames,
+                               context_length=world.FRAMES, context_stride=CONTEXT_STRIDE, **options)
         long_rows = [measure(c, v, im, at=min(LONG_HORIZON, long_frames - 1))
                      for c, v, im in zip(long, long_videos, long_images)]
         summary["long"] = summarize_long(long_rows)
-        Image.fromarray(contact_sheet(long_videos[:, ::4], long_images)).save(out / "sheet_long.png")
+        _sheet(out / "sheet_long.png", long_videos[:, ::4], long_images)
         media.write_gif(out / "grid_long.gif", gif_grid(long_videos, columns=4), fps=8)
         rows += long_rows
-    (out / "cases.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _write_json(out / "cases.json", rows)
+    _write_json(out / "metrics.json", summary)
     return summary
 
 

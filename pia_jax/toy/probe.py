@@ -96,7 +96,7 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
     contexts = [cs.context([c.caption for c in clips]), cs.context([opposite_caption(c.caption) for c in clips])]
     if predict is None:
         if cs.animator:
-            mask = jnp.asarray(affinity.preset_coefficients("moderate", f), jnp.float32)
+            mask = jnp.asarray(affinity.preset_affinity("moderate", f), jnp.float32)
             mask = jnp.broadcast_to(mask[None, :, None, None, None], (b, f, 1, 1, 1))
             unet = jax.jit(lambda x, t, c, use: md.unet(x, t, c, mask=mask * use, condition=latents[:, :1] * use))
         else:
@@ -124,6 +124,18 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
     return {"truth": truth, "rows": rows}
 
 
+def guided_unet(unet, text, mask, condition, guidance: float):
+    """The sampler's guided noise prediction `(x, t) -> eps`, jitted; classifier-free guidance is on where the
+    sampler turns it on (`SampleOptions.cfg`: guidance > 1), so guidance <= 1 is the prompt's prediction alone."""
+    import jax
+
+    from pia_jax.sampling import SampleOptions
+    from pia_jax.sampling.loop import guided_eps
+
+    cfg = SampleOptions(guidance_scale=guidance).cfg
+    return jax.jit(lambda x, t: guided_eps(unet, x, t, text, mask, condition, guidance, cfg))
+
+
 def trajectory(model_dir, guidance: float = 4.0, steps: int = 25, seed: int = 0, every: int = 3,
                predict=None) -> list[dict]:
     """Follows the sampler's DDIM trajectories for the moderate held-out direction cases of a PIA model (frame 0's
@@ -136,7 +148,6 @@ def trajectory(model_dir, guidance: float = 4.0, steps: int = 25, seed: int = 0,
     import jax.numpy as jnp
 
     from pia_jax.sampling import affinity, schedulers
-    from pia_jax.sampling.loop import guided_eps
 
     cs = _Cases(model_dir, seed)
     if not cs.animator:
@@ -147,9 +158,8 @@ def trajectory(model_dir, guidance: float = 4.0, steps: int = 25, seed: int = 0,
     schedule = schedulers.make_schedule("ddim", scheduler, steps)
     if predict is None:
         text = jnp.stack([cs.context([""] * b), cs.context([c.caption for c in clips])], 1)  # (B, 2, L, D)
-        mask = jnp.asarray(np.tile(affinity.preset_coefficients("moderate", f), (b, 1)), jnp.float32)
-        guided = jax.jit(lambda x, t: guided_eps(cs.md.unet, x, t, text, mask, latents[:, 0], guidance,
-                                                 guidance != 1.0))
+        mask = jnp.asarray(np.tile(affinity.preset_affinity("moderate", f), (b, 1)), jnp.float32)
+        guided = guided_unet(cs.md.unet, text, mask, latents[:, 0], guidance)
         predict = lambda x, t, _: guided(x, t)  # noqa: E731
     x = jax.random.normal(jax.random.key(seed), latents.shape)
     state = schedulers.init_state(schedule, x)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from pia_jax import files
 from pia_jax.toy import world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +108,7 @@ def train(out, *, clips: int = CLIPS, overrides: dict | None = None, evaluate_ar
         start = time.perf_counter()
         run[stage]()
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+        with files.atomic_write(timings_file) as tmp:  # complete or not at all: a kill keeps the last one
+            Path(tmp).write_text(json.dumps(timings, indent=1) + "\n")
         log(f"{stage}: {timings[stage]:.0f} s")
     return timings

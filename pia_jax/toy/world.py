@@ -202,7 +202,7 @@ def write_world(out, n: int, seed: int = 0, crf: int = 12) -> Path:
     """Writes `n` training clips as MP4 files under out/videos, a CSV (path, caption) that prepare_dataset.py reads,
     and world.json (the clips' parameters and the held-out combinations). Returns the CSV path. Files already
     written are kept (the clips are a function of the seed), so an interrupted write resumes."""
-    from pia_jax import media
+    from pia_jax import files, media
 
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -215,11 +215,10 @@ def write_world(out, n: int, seed: int = 0, crf: int = 12) -> Path:
         rows.append((name, clip.caption))
     info = {"seed": seed, "clips": [dataclasses.asdict(c) for c in clips],
             "held_out": held_out_combinations()}
-    (out / "world.json").write_text(json.dumps(info) + "\n")
-    tmp = out / ".train.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with files.atomic_write(out / "world.json") as tmp:  # complete or not at all, as train.csv, the mark
+        Path(tmp).write_text(json.dumps(info) + "\n")
+    with files.atomic_write(out / "train.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "caption"])
         writer.writerows(rows)
-    tmp.replace(out / "train.csv")
     return out / "train.csv"
