@@ -42,7 +42,7 @@ from tests import ldm_writer
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close, numpy_state, randomize, rel_err
-from tests.test_convert_lora import by_hand, kohya, modules, te_state
+from tests.helpers import by_hand, kohya, modules, te_state
 
 UNET_TOL, VAE_TOL, TEXT_TOL, LORA_TOL = 2e-5, 1e-4, 1e-5, 1e-6
 V2 = dataclasses.replace(TINY.unet, in_channels=4, motion_mid_block=True, motion_max_seq_length=24)  # mm_sd_v15_v2

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from pia_jax.models.config import TINY
 from pia_jax.weights import WeightLoadError
 from pia_jax.weights.convert.lora import merge_loras, read_lora
+from tests.helpers import by_hand, kohya, modules, te_state
 from tests.oracle import numpy_state, randomize, rel_err
 from tests.torch_models import clip_text, unet2d
 
@@ -27,40 +28,10 @@ TOL = 1e-6
 pytestmark = pytest.mark.filterwarnings("ignore:::peft")
 
 
-def te_state(module) -> dict:
-    """Text encoder keys as in SD1.5's text_encoder/model.safetensors (transformers 5 drops `text_model.` in memory)."""
-    return {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in numpy_state(module).items()}
-
-
 @pytest.fixture(scope="module")
 def base():
     unet, text = randomize(unet2d(TINY.unet), seed=0).eval(), clip_text(TINY.text, seed=1)
     return unet, text, numpy_state(unet), te_state(text)
-
-
-def modules(state) -> list[str]:
-    """Every linear/conv module; the text encoder's embeddings are no LoRA targets."""
-    return [k[:-7] for k, v in state.items() if k.endswith(".weight") and v.ndim in (2, 4) and "embeddings." not in k]
-
-
-def kohya(state, prefix, names, seed, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.5, dtype=np.float32,
-          layout_1x1="conv") -> dict:
-    """A random kohya LoRA: 3x3 convs get LoCon factors (down (r, in, 3, 3), up (out, r, 1, 1)) with kohya's separate
-    conv_dim/conv_alpha; 1x1 convs and linears get `layout_1x1` ('conv': (r, in, 1, 1), 'linear': (r, in)) factors
-    where the weight is a 1x1 conv, linear ones where it is a linear. alpha=None writes no `.alpha`."""
-    rng = np.random.default_rng(seed)
-    lora = {}
-    for name in names:
-        out, fan_in, *kernel = state[name + ".weight"].shape
-        r, a = (conv_rank, conv_alpha) if kernel not in ([], [1, 1]) else (rank, alpha)
-        if kernel == [1, 1] and layout_1x1 == "linear":
-            kernel = []
-        key = f"{prefix}_{name.replace('.', '_')}"
-        lora[f"{key}.lora_down.weight"] = (0.1 * rng.standard_normal((r, fan_in, *kernel))).astype(dtype)
-        lora[f"{key}.lora_up.weight"] = (0.1 * rng.standard_normal((out, r) + (1, 1) * bool(kernel))).astype(dtype)
-        if a is not None:
-            lora[f"{key}.alpha"] = np.array(a, dtype)
-    return lora
 
 
 def save(tmp_path, name, lora, metadata=None):
@@ -91,13 +62,6 @@ def assert_merged(ours, expected, original, skip=()):
     assert changed and changed == {k for k in original if not np.array_equal(ours[k], original[k])} - set(skip)
     for k in changed:
         assert ours[k].dtype == original[k].dtype and rel_err(ours[k], expected[k]) <= TOL, k
-
-
-def by_hand(weight, lora, key, multiplier, scale):
-    """W + multiplier * scale * up @ down in float64, for kohya key prefix `key`."""
-    down, up = (np.asarray(lora[f"{key}.lora_{p}.weight"], np.float64) for p in ("down", "up"))
-    delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-    return weight + multiplier * scale * delta.reshape(weight.shape)
 
 
 def test_kohya_locon_lora_on_every_module_matches_diffusers(base, tmp_path):

@@ -11,7 +11,8 @@ import dataclasses
 from pia_jax.models import config
 from tests import torch_models as tm
 from tests.oracle import assert_close, rel_err
-from tests.test_unet import TOL, inputs, jitted, load_ours
+from tests.helpers import UNET_TOL as TOL
+from tests.helpers import inputs, jitted, load_ours
 
 
 def test_pia_norm_semantics_match_reference_computation():

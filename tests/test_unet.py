@@ -7,9 +7,6 @@ while a wrong weight, layout, norm grouping or skip order shows up at 1e-3 or mo
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -17,32 +14,9 @@ from pia_jax import weights
 from pia_jax.models import config
 from pia_jax.models.unet import UNetMotionModel
 from tests import torch_models as tm
+from tests.helpers import UNET_TOL as TOL
+from tests.helpers import inputs, jitted, load_ours
 from tests.oracle import assert_close
-
-TOL = 2e-5
-
-
-def load_ours(cfg, state):
-    abstract = nnx.eval_shape(lambda: UNetMotionModel(cfg, rngs=nnx.Rngs(0)))
-    return weights.load_state_dict(abstract, state, weights.DIFFUSERS_UNET)
-
-
-def jitted(model):
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
-    return lambda *args: np.asarray(fn(state, *args))
-
-
-def inputs(cfg, b, f, h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    return dict(
-        sample=rng.standard_normal((b, f, h, w, 4), np.float32),
-        t=rng.integers(0, 1000, (b,)).astype(np.int64),
-        context=rng.standard_normal((b, 7, cfg.cross_attention_dim), np.float32),
-        mask=rng.uniform(0.2, 1.0, (b, f, 1, 1, 1)).astype(np.float32),
-        condition=rng.standard_normal((b, 1, h, w, 4), np.float32),
-    )
-
 
 @pytest.fixture(scope="module")
 def tiny_pair():

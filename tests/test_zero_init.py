@@ -11,7 +11,7 @@ from pia_jax.models.layers import Builder
 from pia_jax.models.motion import MotionModule
 from pia_jax.models.unet import UNetMotionModel, widen_conv_in
 from tests.oracle import assert_close
-from tests.test_unet import inputs, jitted
+from tests.helpers import inputs, jitted
 
 
 def test_widened_conv_in_ignores_mask_and_condition():
