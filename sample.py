@@ -5,7 +5,9 @@
   python sample.py --model models/pia-sd15 --config cases.yaml --out out/
 
 Every input is checked before any model is loaded or compiled (pia_jax.sampling.cases: the batch-file format,
-output names). Videos of one size and options run in batches of --batch-size videos per local device.
+output names). The flags from --negative-prompt to --free-noise are made from the fields of `cases.Settings` and
+`SampleOptions`, where each is declared once; a batch file takes the same names as keys. Videos of one size and
+options run in batches of --batch-size videos per local device.
 """
 
 import argparse
@@ -18,12 +20,11 @@ import numpy as np
 from pia_jax import media
 from pia_jax.sampling import cases
 from pia_jax.sampling.keyframes import parse_keyed
+from pia_jax.sampling.options import key
 from pia_jax.sampling.prompt_travel import parse_prompt_map
-from pia_jax.sampling.schedulers import KINDS
 
 
 def build_parser():
-    d = cases.Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
     p.add_argument("--image", type=Path, help="condition image (the first frame)")
@@ -33,35 +34,10 @@ def build_parser():
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
     p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
                    help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")
-    p.add_argument("--negative-prompt", help="default: the reference's negative prompt; '' for none")
     p.add_argument("--config", type=Path, help="YAML batch file of cases (instead of --image/--prompt)")
-    p.add_argument("--motion", default=d.motion,
-                   help="affinity preset: small, moderate, large, loop_small, loop_moderate, loop_large, style_small, "
-                        "style_moderate, style_large, or a PIA index (0..5, -1..-3)")
-    p.add_argument("--affinity", help="custom per-frame affinities, e.g. '1,0.9,0.85,...' (one per frame)")
-    p.add_argument("--cond-frame", type=int, help="the frame that shows the image (presets count from it; default 0)")
-    p.add_argument("--frames", type=int, default=d.frames,
-                   help="frames per video; past the motion modules' 32, context windows of --context-length")
-    p.add_argument("--context-length", type=int,
-                   help="context window length (default: 16, windows only past the motion modules' positions)")
-    p.add_argument("--context-stride", type=int, default=d.context_stride, help="frames between window starts")
-    p.add_argument("--context-weighting", default=d.context_weighting,
-                   help="blend weights of overlapping windows: pyramid, flat, delayed_reverse_sawtooth")
-    p.add_argument("--window-batch", type=int, default=d.window_batch, help="windows per UNet call")
-    p.add_argument("--free-noise", default=d.free_noise,
-                   help="FreeNoise noise rescheduling: none, shuffle_context, repeat_context, random")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--scheduler", choices=KINDS, default=d.scheduler)
-    p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (<= 1: off)")
-    p.add_argument("--strength", type=float, default=d.strength, help="< 1 starts from the noised image")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta")
-    p.add_argument("--clip-skip", type=int)
     p.add_argument("--seed", type=int, nargs="+", default=[42])
     p.add_argument("--num-videos", type=int, help="videos with seeds seed, seed+1, ...")
-    p.add_argument("--size", type=int, default=d.size, help="long side of the image (reference preprocessing)")
-    p.add_argument("--height", type=int, help="explicit size (with --width): resize to cover, centre-crop")
-    p.add_argument("--width", type=int)
+    add_settings(p)
     p.add_argument("--out", type=Path, default=Path("outputs"),
                    help="output file (.gif/.mp4; several videos get -<name> suffixes) or folder")
     p.add_argument("--format", default=None, help="comma-separated gif,mp4,png (default: from --out, else gif)")
@@ -71,7 +47,6 @@ def build_parser():
     p.add_argument("--save-noise", action="store_true", help="save the noise used next to each video (.npy)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on GPU/TPU, fp32 on CPU)")
-    p.add_argument("--decode-chunk", type=int, default=d.decode_chunk, help="frames per video decoded at once")
     p.add_argument("--batch-size", type=int,
                    help="videos per device per batch (default: as many as the device memory holds)")
     p.add_argument("--compile-cache", default="default", metavar="DIR|off",
@@ -81,14 +56,23 @@ def build_parser():
     return p
 
 
+def add_settings(p: argparse.ArgumentParser):
+    """A flag per `cases.Settings` field, made from its type, default, help and choices (each declared once)."""
+    for f in cases.FIELDS:
+        choices = f.metadata.get("choices")
+        help = f.metadata["help"] + (f"; one of {', '.join(map(str, choices))}" if choices else "")
+        help += f" (default: {f.default})" if f.default is not None and f.default is not False else ""
+        flag = "--" + key(f).replace("_", "-")
+        if cases.value_type(f) is bool:
+            p.add_argument(flag, dest=f.name, action="store_true", help=help)
+        else:
+            p.add_argument(flag, dest=f.name, type=cases.value_type(f), default=f.default, help=help,
+                           metavar=key(f).upper())
+
+
 def plan(a) -> tuple:
     """Every check that needs no model weights -> (plan, noise, posterior noise)."""
-    settings = cases.Settings(
-        negative_prompt=a.negative_prompt, motion=a.motion, affinity=a.affinity, cond_frame=a.cond_frame,
-        frames=a.frames, steps=a.steps, scheduler=a.scheduler, karras=a.karras, guidance=a.guidance,
-        strength=a.strength, eta=a.eta, clip_skip=a.clip_skip, size=a.size, height=a.height, width=a.width,
-        decode_chunk=a.decode_chunk, context_length=a.context_length, context_stride=a.context_stride,
-        context_weighting=a.context_weighting, window_batch=a.window_batch, free_noise=a.free_noise)
+    settings = cases.Settings(**{f.name: getattr(a, f.name) for f in cases.FIELDS})
     if a.batch_size is not None and a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:
@@ -133,38 +117,48 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    written, single = [], len(p.videos) == 1
+    written = []
     for g, size in zip(p.groups, sizes):
-        progress = None if a.no_progress else Progress(len(g.videos), g.frames)
         try:
             result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
                               np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
-                              noise=noise, posterior_noise=post, progress=progress, batch_size=size,
-                              keyframes=g.keyframes)
+                              noise=noise, posterior_noise=post, batch_size=size, keyframes=g.keyframes,
+                              progress=None if a.no_progress else Progress(len(g.videos), g.frames))
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         for k, v in result.seconds.items():
             seconds[k] = seconds.get(k, 0) + v
-        for i, video in enumerate(g.videos):
-            paths = cases.output_paths(a.out, video.name, single, p.formats)
-            for fmt, path in paths.items():
-                {"gif": lambda q, f: media.write_gif(q, f, a.fps), "mp4": lambda q, f: media.write_mp4(q, f, a.fps),
-                 "png": media.write_png_frames}[fmt](path, result.videos[i])
-                written.append(path)
-            if a.save_noise:
-                noise_path, post_path = cases.noise_paths(paths)
-                np.save(noise_path, result.noise[i:i + 1])
-                np.save(post_path, result.posterior_noise[i:i + 1])
+        written += write_group(a, g, result, single=len(p.videos) == 1, formats=p.formats)
     seconds["compile"] = animator.compile_seconds
     seconds["total"] = time.perf_counter() - start
+    print(summary(written, seconds, animator, cache_before, max(sizes)))
+    return 0
+
+
+def write_group(a, g, result, single: bool, formats) -> list[Path]:
+    """Writes a group's videos (and with --save-noise their noise), each file complete or not at all."""
+    written = []
+    writers = {"gif": lambda q, f: media.write_gif(q, f, a.fps), "mp4": lambda q, f: media.write_mp4(q, f, a.fps),
+               "png": media.write_png_frames}
+    for i, video in enumerate(g.videos):
+        paths = cases.output_paths(a.out, video.name, single, formats)
+        for fmt, path in paths.items():
+            writers[fmt](path, result.videos[i])
+            written.append(path)
+        if a.save_noise:
+            cases.save_noise(paths, result.noise[i:i + 1], result.posterior_noise[i:i + 1])
+    return written
+
+
+def summary(written, seconds: dict, animator, cache_before: dict, batch: int) -> str:
+    from pia_jax.sampling import compile_cache
     counts = {k: v - cache_before[k] for k, v in compile_cache.counts().items()}
     cache = (f"cache {counts['hits']} hit(s), {counts['misses']} miss(es)" if animator.compile_cache
              else "cache off")
     shown = ", ".join(str(q) for q in written[:4]) + (f", ... ({len(written)} files)" if len(written) > 4 else "")
-    print(f"wrote {shown} | " + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-          + f" | {cache} | batch {max(sizes)} video(s) x {animator.devices} device(s)")
-    return 0
+    return (f"wrote {shown} | " + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+            + f" | {cache} | batch {batch} video(s) x {animator.devices} device(s)")
 
 
 class Progress:

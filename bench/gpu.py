@@ -181,7 +181,7 @@ def animate(animator, a):
 
     from pia_jax.sampling import SampleOptions, affinity
     image = np.random.default_rng(0).integers(0, 256, (1, a.size, a.size, 3), np.uint8)
-    mask = affinity.preset_coefficients("moderate", a.frames)[None]
+    mask = affinity.preset_affinity("moderate", a.frames)[None]
     begin = time.perf_counter()
     result = animator(image, ["a cat"], ["ugly"], mask, SampleOptions(steps=a.steps), seeds=[0])
     return result, time.perf_counter() - begin

@@ -25,7 +25,7 @@ import numpy as np
 
 from bench.sample import DTYPES, random_animator, resolve_dtype
 from pia_jax.models import config
-from pia_jax.sampling import Animator, SampleOptions, keyframes, memory
+from pia_jax.sampling import Animator, SampleOptions, affinity, memory
 
 PHASES = ("encode", "denoise", "decode")
 
@@ -42,7 +42,7 @@ def bench_frames(animator: Animator, frames: int, a) -> dict:
                             context_weighting=a.context_weighting, window_batch=a.window_batch,
                             free_noise=a.free_noise)
     images = np.random.default_rng(0).integers(0, 256, (1, a.size, a.size, 3), np.uint8)
-    mask = keyframes.preset_affinity("moderate", frames)[None]  # ignored by a text-to-video (4-channel) model
+    mask = affinity.preset_affinity("moderate", frames)[None]  # ignored by a text-to-video (4-channel) model
     run = lambda: animator(images, ["a cat walking"], [""], mask, options, seeds=[0])  # noqa: E731
     first = run()
     best = min((run() for _ in range(a.repeats)), key=lambda r: sum(r.seconds[k] for k in PHASES))

@@ -1,4 +1,4 @@
-"""Affinity presets against PIA's and diffusers' tables; training scores and coefficients against independent code."""
+"""Affinity presets against PIA's and diffusers' tables; training scores and affinity against independent code."""
 
 import cv2
 import numpy as np
@@ -36,14 +36,17 @@ def reference_preset(values, num_frames, cond_frame):
     return [padded[abs(f - cond_frame)] for f in range(num_frames)]
 
 
-@pytest.mark.parametrize("num_frames,cond_frame", [(16, 0), (24, 0), (16, 5), (24, 23), (1, 0)])
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i,num_frames,cond_frame", [
+    (i, n, c) for i in range(9) for n, c in [(16, 0), (24, 0), (16, 5), (24, 23), (1, 0)]
+    if not (NAMES[i].startswith("loop_") and n > 16)])
 def test_presets_match_pia(i, num_frames, cond_frame):
+    """Every preset as the reference has it, except, on purpose, loop presets past 16 frames (the reference pins
+    every frame from distance 15 on to the image; ours closes the loop at the last frame: test_keyframes.py)."""
     expected = np.float32(reference_preset(PIA_RANGE_LIST[i], num_frames, cond_frame))
-    by_name = affinity.preset_coefficients(NAMES[i], num_frames, cond_frame)
+    by_name = affinity.preset_affinity(NAMES[i], num_frames, [cond_frame])
     assert by_name.dtype == np.float32 and by_name.shape == (num_frames,)
     np.testing.assert_array_equal(by_name, expected)
-    np.testing.assert_array_equal(affinity.preset_coefficients(PIA_INDICES[i], num_frames, cond_frame), expected)
+    np.testing.assert_array_equal(affinity.preset_affinity(PIA_INDICES[i], num_frames, [cond_frame]), expected)
     # PIA indexes its Python list, so its negative indices wrap
     assert PIA_RANGE_LIST[PIA_INDICES[i]] == PIA_RANGE_LIST[i]
 
@@ -52,8 +55,10 @@ def test_presets_match_diffusers():
     pia = pytest.importorskip("diffusers.pipelines.deprecated.pia.pipeline_pia")
     for preset in affinity.PRESETS:
         for num_frames, cond_frame in [(16, 0), (24, 0), (16, 7)]:
+            if preset.name.startswith("loop_") and num_frames > 16:
+                continue  # on purpose: test_presets_match_pia
             expected = pia.prepare_mask_coef_by_statistics(num_frames, cond_frame, preset.motion_scale)
-            np.testing.assert_array_equal(affinity.preset_coefficients(preset.name, num_frames, cond_frame),
+            np.testing.assert_array_equal(affinity.preset_affinity(preset.name, num_frames, [cond_frame]),
                                           np.float32(expected), err_msg=preset.name)
 
 
@@ -70,36 +75,36 @@ def test_preset_table_is_consistent():
 @pytest.mark.parametrize("preset", ["huge", 6, 8, -4, True, 1.0, None])
 def test_unknown_preset(preset):
     with pytest.raises(ValueError, match=r"unknown affinity preset .*small \(0\).*style_large \(-3\)"):
-        affinity.preset_coefficients(preset, 16)
+        affinity.preset_affinity(preset, 16)
 
 
-@pytest.mark.parametrize("num_frames,cond_frame,match", [
-    (0, 0, "num_frames must be in 1..32"), (33, 0, "num_frames must be in 1..32"),
-    (16, 16, r"cond_frame must be in 0..15"), (16, -1, r"cond_frame must be in 0..15")])
-def test_preset_frame_validation(num_frames, cond_frame, match):
+@pytest.mark.parametrize("num_frames,keyframes,match", [
+    (0, [0], "frames must be >= 1"), (-3, [0], "frames must be >= 1"),
+    (16, [16], r"keyframe frame\(s\) \[16\] outside the video: frames are 0..15"),
+    (16, [-1], r"keyframe frame\(s\) \[-1\] outside the video"), (16, [], "at least one keyframe")])
+def test_preset_frame_validation(num_frames, keyframes, match):
     with pytest.raises(ValueError, match=match):
-        affinity.preset_coefficients("small", num_frames, cond_frame)
+        affinity.preset_affinity("small", num_frames, keyframes)
 
 
-def test_custom_coefficients():
+def test_any_length():
+    """No frame limit (context windows lift the motion modules' 32 positions): 33 and 100 frames work."""
+    for n in (33, 100):
+        assert affinity.preset_affinity("moderate", n).shape == (n,)
+        assert affinity.custom_affinity([1.0] * n, n).shape == (n,)
+
+
+def test_custom_affinity():
     values = [1.0, 0.9, 0.5, 1e-3]
-    out = affinity.custom_coefficients(values, 4)
+    out = affinity.custom_affinity(values, 4)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, np.float32(values))
     with pytest.raises(ValueError, match=r"one affinity value per frame \(5\), got shape \(4,\)"):
-        affinity.custom_coefficients(values, 5)
+        affinity.custom_affinity(values, 5)
     with pytest.raises(ValueError, match=r"in \(0, 1\], got \[0.0, nan, 1.5\] at frames \[1, 2, 3\]"):
-        affinity.custom_coefficients([1.0, 0.0, float("nan"), 1.5], 4)
-    with pytest.raises(ValueError, match="num_frames must be in 1..32"):
-        affinity.custom_coefficients([1.0] * 40, 40)
-
-
-@pytest.mark.parametrize("num_frames,cond_frame", [(16, 0), (16, 9), (2, 1), (1, 0)])
-def test_linear_ramp(num_frames, cond_frame):
-    # PIA prepare_mask_coef with sim_range [0.2, 1.0]: coef = 1 - |f - cond| * 0.8 / (F - 1)
-    expected = [1 - abs(f - cond_frame) * 0.8 / max(num_frames - 1, 1) for f in range(num_frames)]
-    np.testing.assert_allclose(affinity.linear_ramp(num_frames, cond_frame), expected, rtol=1e-7)
-    assert affinity.linear_ramp(16, 0)[-1] == np.float32(0.2)
+        affinity.custom_affinity([1.0, 0.0, float("nan"), 1.5], 4)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        affinity.custom_affinity([], 0)
 
 
 def test_statistic_is_the_training_table():

@@ -29,8 +29,15 @@ def test_nearest_keyframe_is_pias_rule(n, keys):
 
 def test_condition_latents_follow_the_nearest_keyframe():
     latents = np.arange(3)[:, None, None, None] * np.ones((3, 2, 2, 4))  # keyframe k's latent is all k
-    cond = keyframes.keyframe_condition(latents, 10, [9, 0, 4])
+    cond = latents[keyframes.nearest_keyframe(10, [9, 0, 4])]
     np.testing.assert_array_equal(cond[:, 0, 0, 0], [1, 1, 1, 2, 2, 2, 2, 0, 0, 0])  # frame 2 ties 0/4: earlier
+
+
+def reference_preset(preset, num_frames, cond_frame):
+    """The reference's rule (PIA prepare_mask_coef_by_statistics): values[|f - cond_frame|], the list padded with
+    its last value."""
+    values = list(affinity.get_preset(preset).values)
+    return np.float32([(values + values[-1:] * num_frames)[abs(f - cond_frame)] for f in range(num_frames)])
 
 
 @pytest.mark.parametrize("preset", [p.name for p in affinity.PRESETS])
@@ -41,21 +48,21 @@ def test_one_keyframe_reproduces_the_reference_presets(preset):
     loop = preset.startswith("loop_")
     for n in (1, 5, 16, 24, 32) if not loop else (1, 5, 12, 16):
         for cond in sorted({0, n // 2, n - 1}):
-            np.testing.assert_array_equal(keyframes.preset_affinity(preset, n, [cond]),
-                                          affinity.preset_coefficients(preset, n, cond))
+            np.testing.assert_array_equal(affinity.preset_affinity(preset, n, [cond]),
+                                          reference_preset(preset, n, cond))
 
 
 def test_presets_extend_to_long_videos():
     values = affinity.get_preset("loop_small").values  # 16 values, back to 1.0 at distance 15
-    ext = keyframes.preset_values("loop_small", 48)
+    ext = affinity.preset_values("loop_small", 48)
     np.testing.assert_array_equal(ext[:8], np.float32(values[:8]))  # the rise
     np.testing.assert_array_equal(ext[-8:], np.float32(values[8:]))  # the return: the last frame is the image
     assert (ext[8:40] == np.float32(values[7])).all()
-    large = keyframes.preset_affinity("large", 128, [0])
+    large = affinity.preset_affinity("large", 128, [0])
     assert large[0] == 1 and (large[13:] == np.float32(0.5)).all()
-    both = keyframes.preset_affinity("moderate", 48, [0, 47])
+    both = affinity.preset_affinity("moderate", 48, [0, 47])
     assert both[0] == both[47] == 1 and np.array_equal(both, both[::-1])  # each keyframe shows its image
-    np.testing.assert_array_equal(keyframes.custom_affinity(np.linspace(1, 0.5, 100), 100),
+    np.testing.assert_array_equal(affinity.custom_affinity(np.linspace(1, 0.5, 100), 100),
                                   np.linspace(1, 0.5, 100).astype(np.float32))
 
 
@@ -79,11 +86,11 @@ def test_why_not_pias_multi_cond_rule():
     nearest-keyframe distance we use orders frames the same way). Three keyframes: its value is no longer a function
     of that distance (equal distances get different values), which is why it is not used."""
     n = 17
-    d2 = keyframes.keyframe_distance(n, [0, 16])
+    d2 = affinity.keyframe_distance(n, [0, 16])
     np.testing.assert_allclose(pia_multi_cond(n, [0, 16]), 1.0 - 0.8 * d2 / d2.max(), atol=1e-12)
-    d3 = keyframes.keyframe_distance(n, [0, 8, 16])
-    coef = pia_multi_cond(n, [0, 8, 16])
-    assert any(np.ptp(coef[d3 == d]) > 0.1 for d in set(d3.tolist()))
+    d3 = affinity.keyframe_distance(n, [0, 8, 16])
+    theirs = pia_multi_cond(n, [0, 8, 16])
+    assert any(np.ptp(theirs[d3 == d]) > 0.1 for d in set(d3.tolist()))
 
 
 def test_prompt_interpolation_matches_diffusers():
@@ -123,9 +130,10 @@ def test_prompt_map_parsing():
     (lambda: keyframes.nearest_keyframe(16, [-1]), "outside the video"),
     (lambda: keyframes.nearest_keyframe(16, [0, 15, 0]), "overlap"),
     (lambda: keyframes.parse_keyed(["0:a.png", "0:b.png"], "keyframe"), "keyframe has frame 0 twice"),
-    (lambda: keyframes.preset_affinity("loop_small", 32, [0, 31]), "loop presets return to a single image"),
-    (lambda: keyframes.custom_affinity([1.0, 0.0], 2), r"affinity values must be in \(0, 1\]"),
-    (lambda: keyframes.custom_affinity([1.0] * 3, 4), "one affinity value per frame"),
+    (lambda: affinity.preset_affinity("loop_small", 32, [0, 31]), "loop presets return to a single image"),
+    (lambda: affinity.preset_affinity("small", 16, [0, 16]), "outside the video"),
+    (lambda: affinity.custom_affinity([1.0, 0.0], 2), r"affinity values must be in \(0, 1\]"),
+    (lambda: affinity.custom_affinity([1.0] * 3, 4), "one affinity value per frame"),
 ])
 def test_bad_inputs_give_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
@@ -133,17 +141,17 @@ def test_bad_inputs_give_clear_errors(call, message):
 
 
 def test_a_videos_preset_follows_one_rule_at_every_length():
-    """The sampler's per-video affinity (sampling.cases.coefficients, what sample.py and batch files use) extends a
+    """The sampler's per-video affinity (sampling.cases.video_affinity, what sample.py and batch files use) extends a
     loop preset by one rule at every length: the loop closes at the last frame and the frames between stay off the
     image, from 17 frames up; it used to pad with 1.0 (frames 15.. pinned to the image) up to 32 frames and switch
     rule at 33."""
     from pia_jax.sampling import cases
     for n in (16, 17, 24, 32, 33, 48):
-        got = cases.coefficients(cases.Settings(motion="loop_moderate", frames=n))
-        np.testing.assert_array_equal(got, keyframes.preset_values("loop_moderate", n))
+        got = cases.video_affinity(cases.Settings(motion="loop_moderate", frames=n))
+        np.testing.assert_array_equal(got, affinity.preset_values("loop_moderate", n))
         assert got[0] == got[-1] == 1 and (got[1:-1] < 1).all()
     # the reference's 16-frame lists, and every non-loop preset, are as before
     for preset in ("small", "large", "loop_small", "style_moderate"):
         for n, cond in ((16, 0), (16, 7), (8, 3)):
-            np.testing.assert_array_equal(cases.coefficients(cases.Settings(motion=preset, frames=n, cond_frame=cond)),
-                                          affinity.preset_coefficients(preset, n, cond))
+            got = cases.video_affinity(cases.Settings(motion=preset, frames=n, cond_frame=cond))
+            np.testing.assert_array_equal(got, reference_preset(preset, n, cond))

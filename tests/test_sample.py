@@ -176,6 +176,7 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}", "--prompt", "x", "--affinity", "1 0.5", "--frames", "2", "--cond-frame", "1"],
      "the condition frame places a motion preset"),
     (["--image", "{img}", "--prompt", "x", "--karras"], "Karras sigmas apply to the dpmpp_2m scheduler"),
+    (["--image", "{img}", "--prompt", "x", "--scheduler", "euler"], "scheduler must be one of ddim, dpmpp_2m"),
     (["--image", "{img}", "--prompt", "a cat", "a cat!"], "the same output name (img-a-cat-42)"),
     # long videos: the window must fit the motion modules' 32 positions and cover the video
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--context-length", "40"],
@@ -255,8 +256,8 @@ def test_one_window_equals_plain_sampler(model):
     path, _ = model
     animator = Animator.load(path, compile_cache_dir=None)
     img = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)[None]
-    coef = np.asarray([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
-    run_ = lambda prompt="a cat", **kw: animator(img, [prompt], ["dog"], coef, SampleOptions(steps=2, **kw),  # noqa
+    affinity = np.asarray([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
+    run_ = lambda prompt="a cat", **kw: animator(img, [prompt], ["dog"], affinity, SampleOptions(steps=2, **kw),  # noqa
                                                  seeds=[3], float_frames=True).videos
     plain = run_()
     np.testing.assert_allclose(run_(context_length=6), plain, atol=1e-5)
@@ -270,7 +271,7 @@ def test_one_window_equals_plain_sampler(model):
     assert np.abs(travel[:, -1] - windows[:, -1]).max() > 1e-3
     # keyframes at 0 and the last frame, through the windows: the same image at both is the one-image video (every
     # frame's condition latent is that image's); another image at the last frame changes it
-    keyed = lambda last: animator(np.stack([img, last], axis=1), ["a cat"], ["dog"], coef,  # noqa: E731
+    keyed = lambda last: animator(np.stack([img, last], axis=1), ["a cat"], ["dog"], affinity,  # noqa: E731
                                   SampleOptions(steps=2, context_length=4, context_stride=2), seeds=[3],
                                   float_frames=True, keyframes=[0, 5]).videos
     np.testing.assert_allclose(keyed(img), windows, atol=1e-5)

@@ -5,7 +5,7 @@ value the UNet is trained with through per-distance dataset statistics (PIA's da
 
 import numpy as np
 
-from pia_jax.sampling.affinity import _check_frames
+from pia_jax.sampling.affinity import check_frames
 
 # Per-distance [lo, hi] of the training score over the dataset, row d = |f - cond_frame| (PIA train.yaml
 # `statistic`). float32 because the reference turns the list into a default-dtype torch tensor.
@@ -124,7 +124,7 @@ def affinity_from_scores(scores, cond_frame: int, statistic=STATISTIC, sim_range
     if len(scores) > len(statistic):
         raise ValueError(f"{len(scores)} frames need statistic rows for distances up to {len(scores) - 1}, "
                          f"got {len(statistic)} rows")
-    _check_frames(len(scores), cond_frame)
+    check_frames(len(scores), cond_frame)
     if len(sim_range) != 2:
         raise ValueError(f"sim_range must be (min, max), got {sim_range}")
     rows = statistic[np.abs(np.arange(len(scores)) - cond_frame)].astype(np.float64)

@@ -80,6 +80,10 @@ class VAEConfig:
         """Pixels per latent pixel along each side (each VAE block after the first halves the image)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def latent_shape(self, height: int, width: int, frames: int) -> tuple[int, int, int, int]:
+        """(F, h, w, c) of one video's latents for images of height x width."""
+        return frames, height // self.latent_factor, width // self.latent_factor, self.latent_channels
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -194,9 +198,10 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def opt(default, help: str, choices=None):
-    """A config field with its meaning (and its valid values, checked by `from_dict`), for command-line help."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices=None, **metadata):
+    """A config field with its meaning (and its valid values, checked by `from_dict`), for command-line help;
+    `metadata` adds other entries (e.g. `pia_jax.sampling.options`' `key`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, **metadata})
 
 
 class ConfigError(ValueError):

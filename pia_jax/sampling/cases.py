@@ -1,9 +1,13 @@
 """Inputs: which videos to make, from command-line values or a YAML batch file, all checked before any model
-weight is read or anything compiled; and where each video goes.
+weight is read or anything compiled; and where each video goes. This module imports no jax (`plan` does, to check
+the model's weights).
 
-A batch file has optional `defaults:` and a list `cases:`; every key is one of `Settings`' fields or `name`,
-`image`, `keyframes`, `prompt`/`prompts`/`prompt_map`, `seed`/`seeds`, typed strictly (a list where a string
-belongs, or "no" where a boolean belongs, is an error naming the case and the key). Each case makes one video per
+What a video is made with is `Settings`: `SampleOptions` and the per-video fields below, each declared once with its
+default and help; `sample.py`'s flags and a batch file's keys are made from them (`options.key`: `guidance` for
+guidance_scale; dashes for underscores on the command line).
+A batch file has optional `defaults:` and a list `cases:`; every key is a `Settings` key or `name`, `image`,
+`keyframes`, `prompt`/`prompts`/`prompt_map`, `seed`/`seeds`, typed strictly (a list where a string belongs, or
+"no" where a boolean belongs, is an error naming the case and the key). Each case makes one video per
 prompt x motion x seed.
 `keyframes:` (instead of `image:` and `cond_frame:`) is a mapping {frame: image path} or a list of 'frame:path'
 strings, as `--keyframe`; image paths are relative to the batch file.
@@ -20,59 +24,73 @@ keyframe's image stem; text-to-video (a 4-channel model, no image) uses the stem
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pia_jax import media
-from pia_jax.models.config import PIAConfig
-from pia_jax.sampling import keyframes as keyframes_lib
-from pia_jax.sampling import schedulers
-from pia_jax.sampling.animator import latent_factor, latent_shape
+from pia_jax import files, media
+from pia_jax.models.config import PIAConfig, SchedulerConfig, opt
+from pia_jax.sampling.affinity import PRESETS, custom_affinity, preset_affinity
 from pia_jax.sampling.keyframes import parse_keyed, validate_keys
-from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions
+from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, SampleOptions, key
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
-from pia_jax.weights import model_dir
 
 FORMATS = ("gif", "mp4", "png")
 MAX_FPS = {"gif": 50, "mp4": 240, "png": math.inf}  # what media.write_gif / write_mp4 accept
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
-class Settings:
-    """What a video is made with, besides its image, prompt and seed: the command line's flags, a batch file's
-    keys (`guidance` is `SampleOptions.guidance_scale`)."""
-    negative_prompt: str | None = None  # None: the reference's DEFAULT_NEGATIVE_PROMPT
-    motion: str | int = "small"  # an affinity preset name or PIA index
-    affinity: str | list | None = None  # custom per-frame affinities (instead of `motion`)
-    cond_frame: int | None = None  # the frame showing the image (presets count from it); None: 0
-    frames: int = 16
-    steps: int = 25
-    scheduler: str = "ddim"
-    karras: bool = False
-    guidance: float = 7.5
-    strength: float = 1.0
-    eta: float = 0.0
-    clip_skip: int | None = None
-    size: int = 512
-    height: int | None = None
-    width: int | None = None
-    decode_chunk: int = 4
-    context_length: int | None = None  # long videos: SampleOptions' window fields
-    context_stride: int = 4
-    context_weighting: str = "pyramid"
-    window_batch: int = 1
-    free_noise: str = "none"
+class Settings(SampleOptions):
+    """What a video is made with, besides its image, prompt and seed: `SampleOptions` and these per-video fields.
+    A field's `metadata["check"]` is (test, what it must be) of a batch file's value where its type does not say."""
+    negative_prompt: str | None = opt(None, "default: the reference's negative prompt; '' for none")
+    motion: str | int = opt(
+        "small", f"affinity preset: {', '.join(p.name for p in PRESETS)}, or a PIA index "
+                 f"({', '.join(str(p.pia_index) for p in PRESETS)}); a batch file may list several (a video each)",
+        check=(lambda v: v != [] and all(isinstance(m, str) or _is_int(m) for m in (v if isinstance(v, list) else [v])),
+               "a preset name or PIA index, or a non-empty list of them"))
+    affinity: str | list | None = opt(
+        None, "custom per-frame affinities instead of a preset, one per frame in (0, 1], e.g. '1,0.9,0.85,...'",
+        check=(lambda v: v is None or isinstance(v, str) or isinstance(v, list) and all(_is_number(x) for x in v),
+               "a list of numbers (one per frame) or a string '1, 0.9, ...'"))
+    cond_frame: int | None = opt(None, "the frame that shows the image (presets count from it; default 0)")
+    frames: int = opt(16, "frames per video; past the motion modules' 32, context windows of --context-length")
+    size: int = opt(512, "long side of the image (reference preprocessing)")
+    height: int | None = opt(None, "explicit size (with --width): resize to cover, centre-crop")
+    width: int | None = opt(None, "explicit size (with --height)")
 
     def options(self) -> SampleOptions:
-        return SampleOptions(steps=self.steps, scheduler=self.scheduler, karras=self.karras,
-                             guidance_scale=float(self.guidance), strength=float(self.strength), eta=float(self.eta),
-                             clip_skip=self.clip_skip, decode_chunk=self.decode_chunk,
-                             context_length=self.context_length, context_stride=self.context_stride,
-                             context_weighting=self.context_weighting, window_batch=self.window_batch,
-                             free_noise=self.free_noise)
+        hints = typing.get_type_hints(SampleOptions)
+        return SampleOptions(**{f.name: float(getattr(self, f.name)) if hints[f.name] is float
+                                else getattr(self, f.name) for f in dataclasses.fields(SampleOptions)})
+
+
+# Every field of Settings, the per-video ones first: the flags of sample.py and the keys of a batch file.
+_SAMPLE = {f.name for f in dataclasses.fields(SampleOptions)}
+FIELDS = tuple(sorted(dataclasses.fields(Settings), key=lambda f: f.name in _SAMPLE))
+
+
+def value_type(f: dataclasses.Field) -> type:
+    """The type a command line gives a Settings field: its type's first non-null member (str for 'str | int')."""
+    tp = typing.get_type_hints(Settings)[f.name]
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return next(a for a in (typing.get_args(tp) if union else (tp,)) if a is not type(None))
+
+
+def _nullable(f: dataclasses.Field) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(Settings)[f.name])
 
 
 @dataclass
@@ -105,7 +123,7 @@ class Plan:
     groups: list  # [Group]
     formats: list  # of FORMATS
     config: PIAConfig
-    scheduler: schedulers.SchedulerConfig
+    scheduler: SchedulerConfig
 
     @property
     def videos(self) -> list:
@@ -132,6 +150,17 @@ def noise_paths(paths: dict) -> tuple[Path, Path]:
     return stem.with_name(stem.name + "_noise.npy"), stem.with_name(stem.name + "_posterior_noise.npy")
 
 
+def save_noise(paths: dict, noise: np.ndarray, posterior_noise: np.ndarray) -> list[Path]:
+    """Writes one video's noise (1, F, h, w, 4) and posterior noise (1, h, w, 4) beside its outputs, each file
+    complete or not at all (`files.atomic_write`). Returns the paths."""
+    written = []
+    for path, array in zip(noise_paths(paths), (noise, posterior_noise)):
+        with files.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save adds no '.npy'
+            np.save(f, array)
+        written.append(path)
+    return written
+
+
 def _numbers(values):
     """Custom affinities from a list or a string '1, 0.9, ...'."""
     if not isinstance(values, str):
@@ -146,29 +175,36 @@ def _preset(motion):
     return int(motion) if str(motion).lstrip("-").isdigit() else motion
 
 
-def coefficients(s: Settings, keyframes=None) -> np.ndarray:
-    """The (F,) affinities of a video: custom values, or a preset counted from the condition frame (or from the
-    nearest of the `keyframes`' frames)."""
+def video_affinity(s: Settings, keyframes=None) -> np.ndarray:
+    """The (F,) affinity of a video: custom values, or a preset counted from the condition frame (or from the
+    nearest of the `keyframes`' frames), by one rule at every length (`affinity.preset_affinity`)."""
     if s.affinity is not None:
         if s.cond_frame is not None and not keyframes:
             raise ValueError("the condition frame places a motion preset; custom affinities give every frame's value "
                              "themselves (put 1.0 where the image should be): drop one of the two")
-        return keyframes_lib.custom_affinity(_numbers(s.affinity), s.frames)
-    # one rule for every length (keyframes.preset_values: a loop closes at the last frame); the reference's up to 16
-    return keyframes_lib.preset_affinity(_preset(s.motion), s.frames, keyframes or [s.cond_frame or 0])
+        return custom_affinity(_numbers(s.affinity), s.frames)
+    return preset_affinity(_preset(s.motion), s.frames, keyframes or [s.cond_frame or 0])
 
 
 # ---- batch files ----
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+_SCALARS = {bool: (lambda v: isinstance(v, bool), "true or false"), int: (_is_int, "an integer"),
+            float: (_is_number, "a number"), str: (lambda v: isinstance(v, str), "a string")}
 
 
-def _is_number(v):
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+def _value_check(f: dataclasses.Field) -> tuple:
+    """(test, what it must be) of a batch file's value for a Settings field, from its metadata or its type."""
+    if "check" in f.metadata:
+        return f.metadata["check"]
+    choices = f.metadata.get("choices")
+    test, must = ((lambda v: v in choices), f"one of {', '.join(map(str, choices))}") if choices is not None \
+        else _SCALARS[value_type(f)]
+    if _nullable(f):
+        return (lambda v: v is None or test(v)), f"{must} or null"
+    return test, must
 
 
-_TYPES = {  # key: (check, what it must be)
+_TYPES = {  # key: (test, what it must be)
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "image": (lambda v: isinstance(v, str) and v != "", "a path (a string)"),
     "keyframes": (lambda v: isinstance(v, dict) and v and all(isinstance(p, str) for p in v.values())
@@ -179,27 +215,12 @@ _TYPES = {  # key: (check, what it must be)
                    "a mapping {frame: prompt} (prompt travel)"),
     "prompts": (lambda v: isinstance(v, list) and v and all(isinstance(p, str) for p in v),
                 "a non-empty list of strings"),
-    "negative_prompt": (lambda v: isinstance(v, str), "a string ('' for none)"),
-    "motion": (lambda v: all(isinstance(m, str) or _is_int(m) for m in (v if isinstance(v, list) else [v]))
-               and v != [], "a preset name or PIA index, or a non-empty list of them"),
-    "affinity": (lambda v: isinstance(v, str) or isinstance(v, list) and all(_is_number(x) for x in v),
-                 "a list of numbers (one per frame) or a string '1, 0.9, ...'"),
     "seed": (lambda v: _is_int(v), "an integer"),
     "seeds": (lambda v: isinstance(v, list) and v and all(_is_int(x) for x in v), "a non-empty list of integers"),
-    "karras": (lambda v: isinstance(v, bool), "true or false"),
-    "scheduler": (lambda v: v in schedulers.KINDS, f"one of {', '.join(schedulers.KINDS)}"),
-    "clip_skip": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "height": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "width": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "cond_frame": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "context_length": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "context_weighting": (lambda v: isinstance(v, str), "a string (flat, pyramid, delayed_reverse_sawtooth)"),
-    "free_noise": (lambda v: isinstance(v, str), "a string (none, shuffle_context, repeat_context, random)"),
-    **{k: (_is_int, "an integer") for k in ("frames", "steps", "size", "decode_chunk", "context_stride",
-                                            "window_batch")},
-    **{k: (_is_number, "a number") for k in ("guidance", "strength", "eta")},
+    **{key(f): _value_check(f) for f in FIELDS},
 }
 CASE_KEYS = set(_TYPES)
+_FIELD_NAMES = {key(f): f.name for f in FIELDS}  # batch-file key -> Settings field
 
 
 def _typed(where: str, raw) -> dict:
@@ -210,16 +231,14 @@ def _typed(where: str, raw) -> dict:
     unknown = sorted(set(raw) - CASE_KEYS, key=str)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(CASE_KEYS)}")
-    for key, value in raw.items():
-        check, must = _TYPES[key]
-        if not check(value):
-            raise ValueError(f"{where}: key '{key}' must be {must}, got {value!r}")
+    for k, value in raw.items():
+        test, must = _TYPES[k]
+        if not test(value):
+            raise ValueError(f"{where}: key '{k}' must be {must}, got {value!r}")
     return raw
 
 
-def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video]:
-    """The videos of a YAML batch file; `base` and `default_seed` fill what neither a case nor `defaults:` sets."""
-    path = Path(path)
+def _read_doc(path: Path) -> dict:
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -229,55 +248,76 @@ def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video
     extra = sorted(set(doc) - {"cases", "defaults"}, key=str)
     if extra:
         raise ValueError(f"{path}: unknown top-level keys {extra}; a batch file has 'defaults:' and 'cases:'")
+    return doc
+
+
+def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video]:
+    """The videos of a YAML batch file; `base` and `default_seed` fill what neither a case nor `defaults:` sets."""
+    path = Path(path)
+    doc = _read_doc(path)
     defaults = _typed(f"{path}: defaults", doc.get("defaults"))
     videos = []
     for i, raw in enumerate(doc["cases"]):
         label = f"case {i}" + (f" ({raw['name']})" if isinstance(raw, dict) and isinstance(raw.get("name"), str)
                                else "")
         where = f"{path}: {label}"
-        case = {**defaults, **_typed(where, raw)}
-        if not ({"prompt", "prompts", "prompt_map"} & set(case)):
-            raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image' "
-                             "(or 'keyframes')")
-        if len({"prompt", "prompts", "prompt_map"} & set(case)) > 1:
-            raise ValueError(f"{where}: give one of 'prompt', 'prompts' and 'prompt_map'")
-        if "prompt_map" in case:
+        videos += _case_videos(path, where, {**defaults, **_typed(where, raw)}, base, default_seed)
+    return videos
+
+
+def _case_prompts(where: str, case: dict) -> list:
+    given = {"prompt", "prompts", "prompt_map"} & set(case)
+    if not given:
+        raise ValueError(f"{where}: needs 'prompt' (or 'prompts' or 'prompt_map') and, for PIA, 'image' "
+                         "(or 'keyframes')")
+    if len(given) > 1:
+        raise ValueError(f"{where}: give one of 'prompt', 'prompts' and 'prompt_map'")
+    if "prompt_map" in case:
+        try:
+            return [parse_prompt_map(case["prompt_map"])]
+        except ValueError as e:
+            raise ValueError(f"{where}: key 'prompt_map': {e}") from None
+    return case.get("prompts") or [case["prompt"]]
+
+
+def _case_images(path: Path, where: str, case: dict, frames: int) -> tuple[Path | None, dict | None]:
+    """(image, keyframes {frame: image path} or None) of a case."""
+    image = _image_path(path, where, "image", case["image"]) if "image" in case else None
+    if "keyframes" not in case:
+        return image, None
+    if image is not None or case.get("cond_frame") is not None:
+        raise ValueError(f"{where}: key 'keyframes' replaces 'image' and 'cond_frame': give one of them")
+    try:
+        keyframes = parse_keyed(case["keyframes"], "keyframe")
+        validate_keys(keyframes, frames)
+    except ValueError as e:
+        raise ValueError(f"{where}: key 'keyframes': {e}") from None
+    keyframes = {k: _image_path(path, where, "keyframes", p) for k, p in keyframes.items()}
+    return keyframes[min(keyframes)], keyframes
+
+
+def _case_videos(path: Path, where: str, case: dict, base: Settings, default_seed: int) -> list[Video]:
+    """The videos of one case: one per prompt x motion x seed."""
+    prompts = _case_prompts(where, case)
+    if "seed" in case and "seeds" in case:
+        raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
+    image, keyframes = _case_images(path, where, case, case.get("frames", base.frames))
+    motions = case.get("motion", base.motion)
+    seeds = case.get("seeds") or [case.get("seed", default_seed)]
+    fields = {_FIELD_NAMES[k]: v for k, v in case.items() if k in _FIELD_NAMES}
+    name = case.get("name", image.stem if image else "t2v")
+    videos = []
+    for prompt in prompts:
+        for motion in motions if isinstance(motions, list) else [motions]:
+            s = dataclasses.replace(base, **{**fields, "motion": motion})
             try:
-                case["prompts"] = [parse_prompt_map(case["prompt_map"])]
+                affinity = video_affinity(s, sorted(keyframes or ()))
             except ValueError as e:
-                raise ValueError(f"{where}: key 'prompt_map': {e}") from None
-        if "seed" in case and "seeds" in case:
-            raise ValueError(f"{where}: give 'seed' or 'seeds', not both")
-        image = _image_path(path, where, "image", case["image"]) if "image" in case else None
-        keyframes = None
-        if "keyframes" in case:
-            if image is not None or case.get("cond_frame") is not None:
-                raise ValueError(f"{where}: key 'keyframes' replaces 'image' and 'cond_frame': give one of them")
-            try:
-                keyframes = parse_keyed(case["keyframes"], "keyframe")
-                validate_keys(keyframes, case.get("frames", base.frames))
-            except ValueError as e:
-                raise ValueError(f"{where}: key 'keyframes': {e}") from None
-            keyframes = {k: _image_path(path, where, "keyframes", p) for k, p in keyframes.items()}
-            image = keyframes[min(keyframes)]
-        prompts = case.get("prompts") or [case["prompt"]]
-        motions = case.get("motion", base.motion)
-        motions = motions if isinstance(motions, list) else [motions]
-        seeds = case.get("seeds") or [case.get("seed", default_seed)]
-        fields = {k: case[k] for k in case if k in {f.name for f in dataclasses.fields(Settings)}}
-        name = case.get("name", image.stem if image else "t2v")
-        for prompt in prompts:
-            for motion in motions:
-                s = dataclasses.replace(base, **{**fields, "motion": motion})
-                try:
-                    coef = coefficients(s, sorted(keyframes or ()))
-                except ValueError as e:
-                    raise ValueError(f"{where}: key '{'affinity' if s.affinity is not None else 'motion'}': {e}") \
-                        from None
-                tag = "custom" if s.affinity is not None else str(motion)
-                for seed in seeds:
-                    videos.append(_video(f"{name}-{slug(prompt)}-{tag}-{seed}", image, prompt, coef, seed, s, where,
-                                         keyframes))
+                raise ValueError(f"{where}: key '{'affinity' if s.affinity is not None else 'motion'}': {e}") \
+                    from None
+            tag = "custom" if s.affinity is not None else str(motion)
+            videos += [_video(f"{name}-{slug(prompt)}-{tag}-{seed}", image, prompt, affinity, seed, s, where,
+                              keyframes) for seed in seeds]
     return videos
 
 
@@ -289,12 +329,12 @@ def _image_path(batch_file: Path, where: str, key: str, image: str) -> Path:
     return image
 
 
-def _video(name, image, prompt, coef, seed, s: Settings, where="", keyframes=None) -> Video:
+def _video(name, image, prompt, affinity, seed, s: Settings, where="", keyframes=None) -> Video:
     if not 0 <= seed < 2 ** 64:
         raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
     negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
     keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
-    return Video(name, image and Path(image), prompt, negative, coef, int(seed), s, keyframes)
+    return Video(name, image and Path(image), prompt, negative, affinity, int(seed), s, keyframes)
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
@@ -312,9 +352,9 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
     if keyframes:
         validate_keys(keyframes, settings.frames)
         image = keyframes[min(keyframes)]
-    coef = coefficients(settings, sorted(keyframes or ()))
+    affinity = video_affinity(settings, sorted(keyframes or ()))
     stem = Path(image).stem if image else "t2v"
-    return [_video(f"{stem}-{slug(p)}-{s}", image, p, coef, s, settings, keyframes=keyframes)
+    return [_video(f"{stem}-{slug(p)}-{s}", image, p, affinity, s, settings, keyframes=keyframes)
             for p in prompts for s in seeds]
 
 
@@ -324,19 +364,9 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     """Checks the model directory (config, weight headers, tokenizer), every video's settings against it, the
     images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
     compiled. Raises ValueError (or OSError) with a message for the user."""
-    config, scheduler_dict = model_dir.check_model_dir(model)
-    text_to_video = config.unet.in_channels == 4  # AnimateDiff motion modules without PIA's condition branch
-    if config.unet.in_channels not in (4, 9):
-        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet; PIA has 9, AnimateDiff 4")
-    scheduler = schedulers.from_dict(scheduler_dict) if scheduler_dict else schedulers.PIA_DDIM
+    config, scheduler = _check_model(model)
     out = Path(out)
-    formats = list(formats) if formats else ([out.suffix[1:]] if out.suffix else ["gif"])
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
-    most = min(MAX_FPS[f] for f in formats)
-    if not 0 < fps <= most:
-        raise ValueError(f"fps must be in (0, {most:g}] for {', '.join(formats)}, got {fps}")
+    formats = _check_formats(out, formats, fps)
     if not videos:
         raise ValueError("nothing to make: no videos")
     names = [v.name for v in videos]
@@ -346,52 +376,84 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
                          "distinct names, prompts or seeds")
     groups, images = {}, {}
     for v in videos:
-        s = v.settings
-        if (s.height is None) != (s.width is None):
-            raise ValueError(f"{v.name}: give both height and width, or neither")
-        if text_to_video != (v.image is None):
-            raise ValueError(f"{v.name}: {model} holds a 4-channel (text-to-video) UNet: give no image" if text_to_video
-                             else f"{v.name}: needs an image ({model} is a PIA model; text-to-video needs a 4-channel "
-                                  "AnimateDiff model directory)")
-        if text_to_video and s.strength < 1:
-            raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
-        if isinstance(v.prompt, dict):
-            try:
-                interpolation(sorted(v.prompt), s.frames)
-            except ValueError as e:
-                raise ValueError(f"{v.name}: {e}") from None
-        options = s.options()
-        try:
-            options.check(config, scheduler)
-            options.check_frames(s.frames, config)
-        except ValueError as e:
-            raise ValueError(f"{v.name}: {e}") from None
-        key = (v.image, s.size, s.height, s.width, tuple(sorted(v.keyframes.items())) if v.keyframes else None)
-        if key not in images and v.keyframes:
-            loaded = [media.preprocess_image(media.load_image(v.keyframes[k]), s.size, s.height, s.width)
-                      for k in sorted(v.keyframes)]
-            if len({x.shape for x in loaded}) > 1:
-                raise ValueError(f"{v.name}: the keyframe images must have one size after preprocessing, got "
-                                 f"{sorted({x.shape[:2] for x in loaded})}; give --height/--width")
-            images[key] = np.stack(loaded)
-        if key not in images and text_to_video:  # a blank image: only its size is used
-            images[key] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
-        if key not in images:
-            images[key] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
-        image = images[key]
+        options = _check_video(v, model, config, scheduler)
+        image = _image(v, images, text_to_video=config.unet.in_channels == 4)
         height, width = image.shape[-3:-1]
-        if height % latent_factor(config.vae) or width % latent_factor(config.vae):
-            raise ValueError(f"{v.name}: image size {width}x{height} is not a multiple of "
-                             f"{latent_factor(config.vae)}")
+        factor = config.vae.latent_factor
+        if height % factor or width % factor:
+            raise ValueError(f"{v.name}: image size {width}x{height} is not a multiple of {factor}")
         frames = sorted(v.keyframes) if v.keyframes else None
-        group = groups.setdefault((image.shape, s.frames, options, tuple(frames or ())),
-                                  Group(height, width, s.frames, options, [], [], frames))
+        group = groups.setdefault((image.shape, v.settings.frames, options, tuple(frames or ())),
+                                  Group(height, width, v.settings.frames, options, [], [], frames))
         group.videos.append(v)
         group.images.append(image)
     for v in videos:
         for path in output_paths(out, v.name, len(videos) == 1, formats).values():
             media.check_writable(path, directory=path.suffix == "")
     return Plan(list(groups.values()), formats, config, scheduler)
+
+
+def _check_model(model) -> tuple[PIAConfig, SchedulerConfig]:
+    from pia_jax.sampling import schedulers  # these two import jax (the weights' shapes come from the models)
+    from pia_jax.weights import model_dir
+    config, scheduler_dict = model_dir.check_model_dir(model)
+    if config.unet.in_channels not in (4, 9):
+        raise ValueError(f"{model} holds a {config.unet.in_channels}-channel UNet; PIA has 9, AnimateDiff 4")
+    return config, schedulers.from_dict(scheduler_dict) if scheduler_dict else schedulers.PIA_DDIM
+
+
+def _check_formats(out: Path, formats, fps: float) -> list:
+    formats = list(formats) if formats else ([out.suffix[1:]] if out.suffix else ["gif"])
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown output format(s) {bad}; choose from {FORMATS}")
+    most = min(MAX_FPS[f] for f in formats)
+    if not 0 < fps <= most:
+        raise ValueError(f"fps must be in (0, {most:g}] for {', '.join(formats)}, got {fps}")
+    return formats
+
+
+def _check_video(v: Video, model, config: PIAConfig, scheduler: SchedulerConfig) -> SampleOptions:
+    """A video's settings against the model (a 4-channel UNet makes videos from text alone); its SampleOptions."""
+    s = v.settings
+    text_to_video = config.unet.in_channels == 4  # AnimateDiff motion modules without PIA's condition branch
+    if (s.height is None) != (s.width is None):
+        raise ValueError(f"{v.name}: give both height and width, or neither")
+    if text_to_video != (v.image is None):
+        raise ValueError(f"{v.name}: {model} holds a 4-channel (text-to-video) UNet: give no image" if text_to_video
+                         else f"{v.name}: needs an image ({model} is a PIA model; text-to-video needs a 4-channel "
+                              "AnimateDiff model directory)")
+    if text_to_video and s.strength < 1:
+        raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
+    try:
+        if isinstance(v.prompt, dict):
+            interpolation(sorted(v.prompt), s.frames)
+        options = s.options()
+        options.check(config, scheduler)
+        options.check_frames(s.frames, config)
+    except ValueError as e:
+        raise ValueError(f"{v.name}: {e}") from None
+    return options
+
+
+def _image(v: Video, images: dict, text_to_video: bool) -> np.ndarray:
+    """A video's preprocessed image ((K, H, W, 3) for keyframes), read once per image and size into `images`."""
+    s = v.settings
+    key_ = (v.image, s.size, s.height, s.width, tuple(sorted(v.keyframes.items())) if v.keyframes else None)
+    if key_ in images:
+        return images[key_]
+    if v.keyframes:
+        loaded = [media.preprocess_image(media.load_image(v.keyframes[k]), s.size, s.height, s.width)
+                  for k in sorted(v.keyframes)]
+        if len({x.shape for x in loaded}) > 1:
+            raise ValueError(f"{v.name}: the keyframe images must have one size after preprocessing, got "
+                             f"{sorted({x.shape[:2] for x in loaded})}; give --height/--width")
+        images[key_] = np.stack(loaded)
+    elif text_to_video:  # a blank image: only its size is used
+        images[key_] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
+    else:
+        images[key_] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)
+    return images[key_]
 
 
 def text_keys(videos) -> int:
@@ -406,7 +468,7 @@ def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.nd
     if len(plan_.groups) != 1:
         raise ValueError("--noise/--posterior-noise need a single batch (one image size and one set of options)")
     g = plan_.groups[0]
-    shape = (len(g.videos),) + latent_shape(plan_.config.vae, g.height, g.width, g.frames)
+    shape = (len(g.videos),) + plan_.config.vae.latent_shape(g.height, g.width, g.frames)
     out = []
     for name, path, expected in (("noise", noise_path, shape), ("posterior noise", posterior_path,
                                                                  shape[:1] + shape[2:])):

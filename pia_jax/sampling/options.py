@@ -1,16 +1,21 @@
 """What a sampling call takes besides its inputs (`SampleOptions`), their checks against a model, and its result.
 
+Each option is declared once, as a field with its default, help and choices (`opt`); `sample.py`'s flags and a
+batch file's keys are made from these fields and from `cases.Settings`' (the per-video ones). `metadata["key"]`
+names a field on the command line and in batch files where that name differs from the field's (guidance_scale:
+`--guidance`, `guidance:`).
+
 The checks need only the model's config and scheduler config (config.json), so a command line or a batch file
-runs them before any weight is read or anything is compiled.
+runs them before any weight is read or anything is compiled. This module imports no jax.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from pia_jax.models.config import PIAConfig
-from pia_jax.sampling import schedulers
-from pia_jax.sampling.windows import NOISE_TYPES, WindowSchedule, check_window
+from pia_jax.models.config import SCHEDULER_KINDS, PIAConfig, SchedulerConfig, opt
+from pia_jax.sampling.windows import NOISE_TYPES, WEIGHTINGS, WindowSchedule, check_window
 
 DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
 
@@ -22,27 +27,36 @@ DEFAULT_NEGATIVE_PROMPT = (
     "negative_hand-neg")
 
 
+def key(f: dataclasses.Field) -> str:
+    """A field's name on the command line (dashes for underscores) and in batch files."""
+    return f.metadata.get("key", f.name)
+
+
 @dataclass(frozen=True)
 class SampleOptions:
-    """Everything but `scheduler`, `clip_skip`, `decode_chunk` and whether guidance is on (> 1) is data of the
-    compiled programs: changing it compiles nothing."""
-    steps: int = 25
-    scheduler: str = "ddim"  # ddim | dpmpp_2m (see pia_jax.sampling.schedulers; the model directory holds the config)
-    karras: bool = False  # Karras sigmas for dpmpp_2m
-    guidance_scale: float = 7.5  # <= 1 turns classifier-free guidance off (a batch of half the size)
-    strength: float = 1.0  # < 1: start from the condition image noised to step int(steps * (1 - strength))
-    eta: float = 0.0  # DDIM stochasticity
-    clip_skip: int | None = None
-    decode_chunk: int = 4  # frames per video decoded at once
-    # Long videos (pia_jax.sampling.windows): the UNet runs on context windows of `context_length` frames every
-    # `context_stride` frames and the overlapping noise predictions are blended with `context_weighting`. None: windows
-    # of 16 only when the video is longer than the motion modules' positions; a length (even one >= the frames) always
-    # windows. `window_batch` windows run per UNet call (memory grows with it, not with the frames).
-    context_length: int | None = None
-    context_stride: int = 4
-    context_weighting: str = "pyramid"
-    window_batch: int = 1
-    free_noise: str = "none"  # none | shuffle_context | repeat_context | random: FreeNoise rescheduling of seeded noise
+    """Long videos (pia_jax.sampling.windows): the UNet runs on context windows of `context_length` frames every
+    `context_stride` frames and the overlapping noise predictions are blended with `context_weighting`.
+
+    `scheduler`, `clip_skip`, `decode_chunk`, the window fields but `free_noise`, and whether guidance is on (> 1)
+    shape the compiled programs; everything else is their data: changing it compiles nothing."""
+    steps: int = opt(25, "denoising steps")
+    scheduler: str = opt("ddim", "the sampler (pia_jax.sampling.schedulers; the model directory holds its config)",
+                         SCHEDULER_KINDS)
+    karras: bool = opt(False, "Karras sigmas (dpmpp_2m)")
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale (<= 1: off, a batch of half the size)",
+                                key="guidance")
+    strength: float = opt(1.0, "< 1 starts from the condition image noised to step int(steps * (1 - strength))")
+    eta: float = opt(0.0, "DDIM eta (stochasticity)")
+    clip_skip: int | None = opt(None, "use the text encoder's hidden state this many layers before the last "
+                                       "(diffusers' clip_skip)")
+    decode_chunk: int = opt(4, "frames per video decoded at once")
+    context_length: int | None = opt(None, "context window length (default: windows of 16 only past the motion "
+                                           "modules' positions; a length, even one >= the frames, always windows)")
+    context_stride: int = opt(4, "frames between window starts")
+    context_weighting: str = opt("pyramid", "blend weights of overlapping windows", WEIGHTINGS)
+    window_batch: int = opt(1, "windows per UNet call (memory grows with it, not with the frames)")
+    free_noise: str = opt("none", "FreeNoise rescheduling of the seeded noise (needs context windows)",
+                          ("none", *NOISE_TYPES))
 
     @property
     def cfg(self) -> bool:
@@ -58,19 +72,25 @@ class SampleOptions:
 
     def check_frames(self, num_frames: int, config: PIAConfig):
         """ValueError when this model cannot make `num_frames` frames with these window options."""
-        if self.free_noise not in ("none",) + NOISE_TYPES:
-            raise ValueError(f"free noise must be one of {('none',) + NOISE_TYPES}, got {self.free_noise!r}")
         if self.window_batch < 1:
             raise ValueError(f"window batch must be >= 1, got {self.window_batch}")
         window = self.window(num_frames, config.unet.motion_max_seq_length)
         if self.free_noise != "none" and window is None:
             raise ValueError("free noise reschedules the noise by context windows: give a context length")
 
-    def check(self, config: PIAConfig, scheduler: schedulers.SchedulerConfig):
+    def check_choices(self):
+        """ValueError naming the first field whose value is not one of its choices."""
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{key(f).replace('_', ' ')} must be one of {', '.join(map(str, choices))}, got "
+                                 f"{value!r}")
+
+    def check(self, config: PIAConfig, scheduler: SchedulerConfig):
         """Raises ValueError naming the option when this model cannot sample with these options."""
-        if self.scheduler not in schedulers.KINDS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {schedulers.KINDS}")
-        schedulers.check_steps(scheduler, self.steps, self.strength)
+        from pia_jax.sampling.schedulers import check_steps  # the module imports jax; check_steps needs none
+        self.check_choices()
+        check_steps(scheduler, self.steps, self.strength)
         if not self.eta >= 0:  # also NaN
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.eta > 0 and self.scheduler != "ddim":

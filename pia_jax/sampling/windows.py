@@ -31,9 +31,10 @@ diffusers draws each block's shuffle with
 import functools
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+# jax is imported in the functions that use it, so that the schedules and their checks load without it
+# (pia_jax.sampling.options: input checking imports no jax).
 
 WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
 NOISE_TYPES = ("random", "shuffle_context", "repeat_context")
@@ -131,6 +132,8 @@ def windowed_eps(eps_fn, latents, schedule: WindowSchedule, window_batch: int = 
     zero-weight copies), so one UNet evaluation of k windows is compiled and its activations do not grow with N
     (only the latents and the fp32 accumulator, (b, N, ...) each, do).
     """
+    import jax
+    import jax.numpy as jnp
     b, n = latents.shape[:2]
     if n != schedule.num_frames:
         raise ValueError(f"latents have {n} frames, the window schedule {schedule.num_frames}")
@@ -156,12 +159,14 @@ def windowed_eps(eps_fn, latents, schedule: WindowSchedule, window_batch: int = 
 def take_windows(per_frame, frames_KxL):
     """A per-frame input (b, N, ...) (text states, affinity, condition latents) cut to the windows of an `eps_fn`
     call: (b·k, L, ...), video-major like its x. Per-video inputs (b, ...) take `jnp.repeat(a, k, axis=0)`."""
+    import jax.numpy as jnp
     a = jnp.take(per_frame, frames_KxL, axis=1)  # (b, k, L, ...)
     return a.reshape((-1,) + a.shape[2:])
 
 
 def shuffle_permutations(key, num_frames: int, length: int, stride: int) -> np.ndarray:
     """(blocks, stride) int32: one random permutation of range(stride) per rescheduled block, from a JAX key."""
+    import jax
     blocks = len(range(length, num_frames, stride))
     if blocks == 0:
         return np.zeros((0, stride), np.int32)
@@ -198,5 +203,6 @@ def freenoise_source_frames(num_frames: int, length: int, stride: int, noise_typ
 def freenoise_noise(noise, schedule: WindowSchedule, noise_type: str = "shuffle_context", permutations=None):
     """Rescheduled initial noise (b, N, ...) from noise whose first `schedule.length` frames are used (all of it for
     'random')."""
+    import jax.numpy as jnp
     src = freenoise_source_frames(schedule.num_frames, schedule.length, schedule.stride, noise_type, permutations)
     return jnp.take(jnp.asarray(noise), jnp.asarray(src), axis=1)
