@@ -26,24 +26,26 @@ from pia_jax.sampling.prompt_travel import parse_prompt_map
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="converted model directory (convert_torch_weights.py)")
-    p.add_argument("--image", type=Path, help="condition image (the first frame)")
+    # paths stay strings: a Path collapses gs://bucket to a local gs:/bucket (files.path keeps object-store URLs)
+    p.add_argument("--model", required=True, help="converted model directory (convert_torch_weights.py), on a "
+                                                  "local disk")
+    p.add_argument("--image", help="condition image (the first frame); a local path or gs://...")
     p.add_argument("--keyframe", action="append", metavar="FRAME:IMAGE",
                    help="a condition image at a frame, instead of --image (repeat: --keyframe 0:a.png "
                         "--keyframe 15:b.png)")
     p.add_argument("--prompt", nargs="+", help="prompt(s); one video per prompt and seed")
     p.add_argument("--prompt-map", nargs="+", metavar="FRAME:PROMPT",
                    help="prompt travel instead of --prompt: e.g. '0:a cat sitting' '24:a cat running'")
-    p.add_argument("--config", type=Path, help="YAML batch file of cases (instead of --image/--prompt)")
+    p.add_argument("--config", help="YAML batch file of cases (instead of --image/--prompt)")
     p.add_argument("--seed", type=int, nargs="+", default=[42])
     p.add_argument("--num-videos", type=int, help="videos with seeds seed, seed+1, ...")
     add_settings(p)
-    p.add_argument("--out", type=Path, default=Path("outputs"),
-                   help="output file (.gif/.mp4; several videos get -<name> suffixes) or folder")
+    p.add_argument("--out", default="outputs",
+                   help="output file (.gif/.mp4; several videos get -<name> suffixes) or folder; local or gs://...")
     p.add_argument("--format", default=None, help="comma-separated gif,mp4,png (default: from --out, else gif)")
     p.add_argument("--fps", type=float, default=8)
-    p.add_argument("--noise", type=Path, help=".npy initial noise (B, F, h, w, 4) to use instead of the seeds")
-    p.add_argument("--posterior-noise", type=Path, help=".npy VAE posterior noise (B, h, w, 4)")
+    p.add_argument("--noise", help=".npy initial noise (B, F, h, w, 4) to use instead of the seeds")
+    p.add_argument("--posterior-noise", help=".npy VAE posterior noise (B, h, w, 4)")
     p.add_argument("--save-noise", action="store_true", help="save the noise used next to each video (.npy)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on GPU/TPU, fp32 on CPU)")

@@ -30,6 +30,17 @@ def is_local(path) -> bool:
     return "://" not in os.fspath(path)
 
 
+def path(p):
+    """A local `Path`, or an `epath.Path` for an object-store URL (a `Path` would collapse gs://b to a local gs:/b)."""
+    return Path(p) if is_local(p) else as_path(p)
+
+
+def nearest_existing(p: Path) -> Path:
+    """`p` or its innermost ancestor that exists (what a write would create folders in)."""
+    p = Path(os.path.abspath(p))
+    return next(q for q in (p, *p.parents) if q.exists() or q.is_symlink())
+
+
 def temp_sibling(path: Path) -> Path:
     """A hidden, unique name in the same folder, so that the final rename cannot cross file systems."""
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")

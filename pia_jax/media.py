@@ -5,8 +5,8 @@ object-store path (gs://...) is uploaded once complete, so a failure (full disk,
 half-written file, and an existing file is replaced only by a complete one.
 """
 
+import io
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,15 +30,16 @@ def load_image(path, exif_transpose: bool = True) -> np.ndarray:
     what diffusers' `load_image` does). PIA's own preprocessing ignores the tag, so a phone photo stored sideways
     is animated sideways there; `exif_transpose=False` does the same.
     """
-    path = Path(path)
+    path = files.path(path)  # an object-store URL is read through etils.epath
     if not path.exists():
         raise MediaError(f"image not found: {path}")
     if path.is_dir():
         raise MediaError(f"expected an image file, got a directory: {path}")
-    if path.stat().st_size == 0:
+    data = path.read_bytes()
+    if not data:
         raise MediaError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes now, so truncated or corrupt data fails here
             img = ImageOps.exif_transpose(img) if exif_transpose else img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -98,14 +99,14 @@ def frames_to_uint8(x) -> np.ndarray:
 
 
 def check_writable(path, directory: bool = False):
-    """Fails early (before any model is loaded) if `path` cannot be written; creates missing local parent folders.
-    Returns the path (an `etils.epath.Path` for an object-store URL).
+    """Fails early (before any model is loaded) if `path` cannot be written; creates nothing (the writers make
+    missing parent folders, and only once something is written). Returns the path (an `etils.epath.Path` for an
+    object-store URL).
 
     directory=False: a file target, which must not be a directory. directory=True: a folder target for
     `write_png_frames`, which must not be a file or a non-empty folder.
     """
-    local = files.is_local(path)
-    path = Path(path) if local else files.as_path(path)
+    path = files.path(path)
     if not path.name or path.name in (".", ".."):
         raise MediaError(f"not a file name: {str(path)!r}")
     if directory:
@@ -113,10 +114,12 @@ def check_writable(path, directory: bool = False):
             raise MediaError(f"output folder {path} exists and is not an empty folder")
     elif path.is_dir():
         raise MediaError(f"output path {path} is a directory")
-    if local:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            probe = files.temp_sibling(path)
+    if files.is_local(path):
+        folder = files.nearest_existing(path.parent)
+        if not folder.is_dir():
+            raise MediaError(f"cannot write {path}: {folder} is a file, not a folder")
+        try:  # a probe file where the output goes (access() is not enough: read-only mounts, /proc)
+            probe = files.temp_sibling(folder / path.name)
             probe.touch(exist_ok=False)
             probe.unlink()
         except OSError as e:

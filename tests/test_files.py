@@ -73,3 +73,33 @@ def test_media_writer_to_a_bucket(gcs):
     assert list(gcs) == ["bucket/run/validation/step_0000007/0.gif"]
     with pytest.raises(media.MediaError, match="is a directory"):
         media.write_gif("gs://bucket/run/validation", frames)
+
+
+def test_sample_cli_reads_and_writes_a_bucket(gcs, tmp_path_factory, capsys):
+    """sample.py with --image, --out and --save-noise on gs://: the image is read and every output uploaded through
+    pia_jax.files (no local `gs:` folder); a model directory on a bucket is refused before anything loads."""
+    import dataclasses
+
+    import sample
+    from pia_jax.models import config
+    from tests import torch_models as tm
+    from tests.assets import write_vocab
+    cfg = dataclasses.replace(config.TINY, unet=dataclasses.replace(config.TINY.unet, norm_semantics="pia"))
+    root = tmp_path_factory.mktemp("bucket_model")
+    write_vocab(root / "tokenizer")
+    model = tm.write_model_dir(root / "model", cfg, tm.unet_motion(cfg.unet), tm.vae(cfg.vae),
+                               tm.clip_text(cfg.text), root / "tokenizer")
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 24, 3), np.uint8)).save(png, format="PNG")
+    epath.Path("gs://bucket/in/cat.png").write_bytes(png.getvalue())
+    args = ["--image", "gs://bucket/in/cat.png", "--prompt", "a cat", "--frames", "3", "--steps", "1", "--size",
+            "24", "--no-progress", "--format", "gif,png", "--save-noise", "--out", "gs://bucket/out/cat.gif"]
+    assert sample.main(["--model", str(model), *args]) == 0
+    assert "wrote gs://bucket/out/cat.gif" in capsys.readouterr().out
+    assert sorted(k for k in gcs if k.startswith("bucket/out/")) == [
+        "bucket/out/cat.gif", "bucket/out/cat_frames/0000.png", "bucket/out/cat_frames/0001.png",
+        "bucket/out/cat_frames/0002.png", "bucket/out/cat_noise.npy", "bucket/out/cat_posterior_noise.npy"]
+    with Image.open(io.BytesIO(epath.Path("gs://bucket/out/cat.gif").read_bytes())) as gif:
+        assert (gif.n_frames, gif.size) == (3, (24, 16))
+    assert sample.main(["--model", "gs://bucket/model", *args]) == 2
+    assert "model directories are read from a local disk; copy 'gs://bucket/model'" in capsys.readouterr().err

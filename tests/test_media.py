@@ -270,11 +270,12 @@ def test_writer_argument_errors(tmp_path):
 
 def test_check_writable(tmp_path):
     assert media.check_writable(tmp_path / "new" / "deeper" / "a.gif") == tmp_path / "new" / "deeper" / "a.gif"
-    assert (tmp_path / "new" / "deeper").is_dir() and os.listdir(tmp_path / "new" / "deeper") == []
+    assert os.listdir(tmp_path) == []  # folders are made by the writer, once something is written
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
-    cases = [(tmp_path, {}, "is a directory"), (tmp_path / "file" / "a.gif", {}, "cannot write"),
+    cases = [(tmp_path, {}, "is a directory"), (tmp_path / "file" / "a.gif", {}, "file is a file, not a folder"),
+             (tmp_path / "file" / "sub" / "a.gif", {}, "file is a file, not a folder"),
              ("/proc/self/a.gif", {}, "cannot write"), (tmp_path / "file", dict(directory=True), "not an empty"),
              (tmp_path / "full", dict(directory=True), "not an empty"), ("", {}, "not a file name")]
     for path, kw, match in cases:

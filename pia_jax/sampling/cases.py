@@ -138,7 +138,8 @@ def slug(prompt: str | dict, most: int = 40) -> str:
 
 
 def output_paths(out: Path, name: str, single: bool, formats) -> dict:
-    """{format: path} of one video (see the module docstring)."""
+    """{format: path} of one video (see the module docstring); object-store URLs stay URLs (`files.path`)."""
+    out = files.path(out)
     stem = out / name if out.suffix == "" else out.with_suffix("") if single else out.with_name(f"{out.stem}-{name}")
     return {fmt: (stem.with_name(stem.name + "_frames") if fmt == "png" else stem.with_suffix(f".{fmt}"))
             for fmt in formats}
@@ -253,7 +254,7 @@ def _read_doc(path: Path) -> dict:
 
 def read_batch_file(path: Path, base: Settings, default_seed: int) -> list[Video]:
     """The videos of a YAML batch file; `base` and `default_seed` fill what neither a case nor `defaults:` sets."""
-    path = Path(path)
+    path = files.path(path)
     doc = _read_doc(path)
     defaults = _typed(f"{path}: defaults", doc.get("defaults"))
     videos = []
@@ -323,7 +324,8 @@ def _case_videos(path: Path, where: str, case: dict, base: Settings, default_see
 
 def _image_path(batch_file: Path, where: str, key: str, image: str) -> Path:
     """An image path of a case, relative to the batch file; it must exist (the plan reads it)."""
-    image = Path(image) if Path(image).is_absolute() else batch_file.parent / image
+    local = files.is_local(image) and not Path(image).is_absolute()
+    image = batch_file.parent / image if local else files.path(image)
     if not image.exists():
         raise ValueError(f"{where}: key '{key}': image not found: {image}")
     return image
@@ -333,8 +335,8 @@ def _video(name, image, prompt, affinity, seed, s: Settings, where="", keyframes
     if not 0 <= seed < 2 ** 64:
         raise ValueError(f"{where}{': ' if where else ''}seeds must be integers in [0, 2**64), got {seed}")
     negative = DEFAULT_NEGATIVE_PROMPT if s.negative_prompt is None else s.negative_prompt
-    keyframes = {k: Path(p) for k, p in keyframes.items()} if keyframes else None
-    return Video(name, image and Path(image), prompt, negative, affinity, int(seed), s, keyframes)
+    keyframes = {k: files.path(p) for k, p in keyframes.items()} if keyframes else None
+    return Video(name, image and files.path(image), prompt, negative, affinity, int(seed), s, keyframes)
 
 
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
@@ -353,7 +355,7 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
         validate_keys(keyframes, settings.frames)
         image = keyframes[min(keyframes)]
     affinity = video_affinity(settings, sorted(keyframes or ()))
-    stem = Path(image).stem if image else "t2v"
+    stem = files.path(image).stem if image else "t2v"
     return [_video(f"{stem}-{slug(p)}-{s}", image, p, affinity, s, settings, keyframes=keyframes)
             for p in prompts for s in seeds]
 
@@ -365,7 +367,7 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
     images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
     compiled. Raises ValueError (or OSError) with a message for the user."""
     config, scheduler = _check_model(model)
-    out = Path(out)
+    out = files.path(out)  # gs://... outputs are written through pia_jax.files
     formats = _check_formats(out, formats, fps)
     if not videos:
         raise ValueError("nothing to make: no videos")
@@ -476,7 +478,8 @@ def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.nd
             out.append(None)
             continue
         try:
-            arr = np.load(path)
+            with files.path(path).open("rb") as f:
+                arr = np.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the {name} file {path}: {e}") from None
         if arr.shape != expected:
