@@ -72,12 +72,9 @@ def check_inputs(cfg, workdir, exporting: bool) -> None:
             read_config(cfg.model.model_dir)
         except ModelDirError as e:
             raise InputError(f"model.model_dir: {e}") from None
+    _check_workdir(workdir)
     if cfg.data.path and not exporting:
-        from pia_jax.data import open_dataset
-        try:
-            open_dataset(cfg.data.path)
-        except FileNotFoundError as e:
-            raise InputError(f"data.path: {e}; make one with prepare_dataset.py") from None
+        _check_dataset(cfg)
     if not exporting:
         from pia_jax.training.loop import check_data
         try:
@@ -103,6 +100,27 @@ def check_inputs(cfg, workdir, exporting: bool) -> None:
             raise InputError(f"{workdir} holds a run with other settings than this one ({stored}):\n{lines}\n{advice}")
         for k, a, b in changed:
             print(f"resuming with {k} changed: {a!r} -> {b!r} (on_change=apply)", flush=True)
+
+
+def _check_workdir(workdir):
+    """A workdir that is, or lies under, a file: refused before anything is built (mkdir would fail later)."""
+    from pia_jax import files
+    found = files.nearest_existing(workdir) if files.is_local(workdir) else workdir
+    if found.exists() and not found.is_dir():
+        raise InputError(f"workdir {workdir}: {found} is a file, not a folder; give a new folder or a run's workdir")
+
+
+def _check_dataset(cfg):
+    """The prepared dataset opens and fills at least one global batch (the loader is made after the model)."""
+    from pia_jax.data import open_dataset
+    try:
+        records = open_dataset(cfg.data.path)
+    except FileNotFoundError as e:
+        raise InputError(f"data.path: {e}; make one with prepare_dataset.py") from None
+    if len(records) < cfg.data.batch_size:
+        raise InputError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(records)} examples of "
+                         f"{cfg.data.path}: one global batch cannot be filled; lower data.batch_size or prepare "
+                         "more clips")
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,8 @@ BAD = [  # (overrides, what the error line must say)
     (["task=vae", "data.latents=true"], "the vae task trains the VAE on pixels"),  # loop.check_data, before building
     (["validation.every=5", "validation.images=[{tmp}/x.png]", "validation.prompts=[a]"],
      "validation.images not found"),
+    (["workdir={tmp}/c.yaml"], "c.yaml is a file, not a folder"),  # was a FileExistsError traceback
+    (["workdir={tmp}/c.yaml/run"], "c.yaml is a file, not a folder"),
 ]
 
 
@@ -64,6 +66,15 @@ def test_config_errors_are_one_line_exit_2(capsys, tmp_path, good, overrides, me
     code, out, err = run_cli(capsys, good, *(o.format(tmp=tmp_path) for o in overrides))
     assert code == 2 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and "building the model" not in out  # stopped before any model work
+
+
+def test_batch_larger_than_the_dataset_fails_before_building(capsys, tmp_path, good, monkeypatch):
+    """It used to fail in the loader, after the model was built, leaving a workdir and its config.json behind."""
+    import pia_jax.data
+    monkeypatch.setattr(pia_jax.data, "open_dataset", lambda path: [{}] * 5)  # a prepared dataset of 5 clips
+    code, out, err = run_cli(capsys, good, "data.synthetic=false", f"data.path={tmp_path}/data")
+    assert code == 2 and f"data.batch_size=8 is larger than the 5 examples of {tmp_path}/data" in err, err
+    assert "building the model" not in out and not (tmp_path / "run").exists()
 
 
 def test_bad_config_files(capsys, tmp_path):
