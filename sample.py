@@ -93,11 +93,25 @@ def plan(a) -> tuple:
         keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
         videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
+    from pia_jax.sampling import compile_cache  # imports jax, as cases.plan's model check does
+    compile_cache.check(a.compile_cache)
     return (p, *cases.load_noise(p, a.noise, a.posterior_noise))
 
 
+def attach_values(argv: list[str]) -> list[str]:
+    """'--keyframe -1:x' -> '--keyframe=-1:x': argparse takes a value starting with '-' for an option ('expected
+    one argument'); attached, it reaches the keyframe check, which names the bad frame index."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--keyframe" and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"--keyframe={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_args(attach_values(sys.argv[1:] if argv is None else list(argv)))
     start = time.perf_counter()
     try:
         p, noise, post = plan(a)

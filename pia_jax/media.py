@@ -51,7 +51,8 @@ def load_image(path, exif_transpose: bool = True) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _check_size(name, value):
+def check_size(name, value):
+    """MediaError unless `value` is a generation side: a multiple of 8 in 8..MAX_SIDE."""
     if not (isinstance(value, (int, np.integer)) and 8 <= value <= MAX_SIDE and value % 8 == 0):
         raise MediaError(f"{name} must be a multiple of 8 in 8..{MAX_SIDE}, got {value!r}")
 
@@ -73,14 +74,14 @@ def preprocess_image(image: np.ndarray, size: int = 512, height: int | None = No
     if (height is None) != (width is None):
         raise MediaError("give both height and width, or neither")
     if height is not None:
-        _check_size("height", height)
-        _check_size("width", width)
+        check_size("height", height)
+        check_size("width", width)
         scale = max(height / src_h, width / src_w)
         box_w, box_h = width / scale, height / scale  # the source region that maps onto the output
         left, top = (src_w - box_w) / 2, (src_h - box_h) / 2
         return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC,
                                      box=(left, top, left + box_w, top + box_h)))
-    _check_size("size", size)
+    check_size("size", size)
     scale = size / max(src_w, src_h) if max(src_w, src_h) > size else 1
     w, h = int(src_w * scale), int(src_h * scale)  # the reference's float expression, truncated
     if w < 8 or h < 8:

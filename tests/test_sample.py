@@ -2,6 +2,7 @@
 
 import dataclasses
 import shutil
+import types
 
 import av
 import numpy as np
@@ -199,6 +200,16 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}", "--prompt-map", "4:a cat"], "needs a prompt at frame 0"),
     (["--image", "{img}", "--prompt", "x", "--prompt-map", "0:a cat"], "give --prompt or --prompt-map"),
     (["--prompt", "x"], "needs an image"),
+    # issue 29: inputs that used to be accepted and ignored, or failed late or with a traceback
+    (["--image", "{img}", "--prompt", "x", "--context-length", "20"],
+     "context length 20 is longer than the video's 16 frames"),
+    (["--image", "{img}", "--prompt", "x", "--context-stride", "2", "--window-batch", "2"],
+     "context stride, window batch: used only by context windows, which a 16-frame video gets past"),
+    (["--keyframe", "-1:{img}", "--prompt", "x"], "keyframe frame(s) [-1] outside the video"),
+    (["--image", "{img}", "--prompt", "x", "--out", "{blocked}"], "blocked is a file, not a folder"),
+    (["--image", "{img}", "--prompt", "x", "--out", "{blocked}/sub/a.gif"], "blocked is a file, not a folder"),
+    (["--image", "{img}", "--prompt", "x", "--compile-cache", "{blocked}/xla"],
+     "the compilation cache folder {blocked}/xla cannot be made: {blocked} is a file"),
     *[(["--config", "{%s}" % k], message) for k, (_, message) in YAML_CASES.items()],
 ])
 def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, args, message):
@@ -214,8 +225,46 @@ def test_bad_input_fails_before_loading(model, tmp_path, capsys, monkeypatch, ar
         fill[key] = tmp_path / f"{key}.yaml"
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     code, io = run(capsys, "--model", path, *[a.format(**fill) for a in args])
+    message = message.replace("{blocked}", str(fill["blocked"]))
     assert code == 2 and message in io.err and io.err.startswith("error: "), io.err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "a failed run wrote files"
+
+
+def test_late_failure_leaves_no_output_folder(model, tmp_path, capsys, monkeypatch):
+    """A run that fails after the checks (here: sizing the batches) leaves no empty --out folder behind."""
+    def refuse(*a, **k):
+        raise ValueError("no batch fits")
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load",
+                        lambda *a, **k: types.SimpleNamespace(plan_batch_size=refuse))
+    path, img = model
+    code, io = run(capsys, "--model", path, "--image", img, "--prompt", "x", "--out", tmp_path / "out" / "deep")
+    assert code == 2 and "no batch fits" in io.err and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def t2v_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2v")
+    write_vocab(root / "tokenizer")
+    cfg = dataclasses.replace(CFG, unet=dataclasses.replace(CFG.unet, in_channels=4))
+    return tm.write_model_dir(root / "model", cfg, tm.unet_motion(cfg.unet), tm.vae(cfg.vae), tm.clip_text(cfg.text),
+                              root / "tokenizer")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "30"], "size must be a multiple of 8 in 8..2048, got 30"),
+    (["--size", "0"], "size must be a multiple of 8 in 8..2048, got 0"),
+    (["--size", "-8"], "size must be a multiple of 8 in 8..2048, got -8"),
+    (["--height", "20", "--width", "16"], "height must be a multiple of 8"),
+    (["--motion", "large"], "no condition image or motion mask, so motion would have no effect"),
+    (["--cond-frame", "3"], "so cond frame would have no effect"),
+    (["--affinity", "1 0.5", "--frames", "2"], "so affinity would have no effect"),
+])
+def test_text_to_video_bad_input_fails_before_loading(t2v_model, tmp_path, capsys, monkeypatch, args, message):
+    """A 4-channel (text-to-video) model: the size is checked as an image's; image-only options are refused."""
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, io = run(capsys, "--model", t2v_model, "--prompt", "x", "--out", tmp_path / "out", *args)
+    assert code == 2 and message in io.err and io.err.startswith("error: "), io.err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("damage, message", [

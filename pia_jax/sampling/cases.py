@@ -77,6 +77,7 @@ class Settings(SampleOptions):
                                 else getattr(self, f.name) for f in dataclasses.fields(SampleOptions)})
 
 
+_DEFAULT_MOTION = Settings.motion
 # Every field of Settings, the per-video ones first: the flags of sample.py and the keys of a batch file.
 _SAMPLE = {f.name for f in dataclasses.fields(SampleOptions)}
 FIELDS = tuple(sorted(dataclasses.fields(Settings), key=lambda f: f.name in _SAMPLE))
@@ -427,6 +428,11 @@ def _check_video(v: Video, model, config: PIAConfig, scheduler: SchedulerConfig)
                               "AnimateDiff model directory)")
     if text_to_video and s.strength < 1:
         raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
+    placed = [k for k, given in (("motion", s.motion != _DEFAULT_MOTION), ("affinity", s.affinity is not None),
+                                 ("cond frame", s.cond_frame is not None)) if given]
+    if text_to_video and placed:
+        raise ValueError(f"{v.name}: a 4-channel (text-to-video) model has no condition image or motion mask, so "
+                         f"{' and '.join(placed)} would have no effect: drop them")
     try:
         if isinstance(v.prompt, dict):
             interpolation(sorted(v.prompt), s.frames)
@@ -451,7 +457,9 @@ def _image(v: Video, images: dict, text_to_video: bool) -> np.ndarray:
             raise ValueError(f"{v.name}: the keyframe images must have one size after preprocessing, got "
                              f"{sorted({x.shape[:2] for x in loaded})}; give --height/--width")
         images[key_] = np.stack(loaded)
-    elif text_to_video:  # a blank image: only its size is used
+    elif text_to_video:  # a blank image: only its size is used, checked as an image's would be
+        for name, value in (("height", s.height), ("width", s.width)) if s.height is not None else (("size", s.size),):
+            media.check_size(name, value)
         images[key_] = np.zeros((s.height or s.size, s.width or s.size, 3), np.uint8)
     else:
         images[key_] = media.preprocess_image(media.load_image(v.image), s.size, s.height, s.width)

@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 from jax import monitoring
 
+from pia_jax import files
+
 ENV = "PIA_JAX_CACHE_DIR"
 _EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
 _counts = {"hits": 0, "misses": 0}
@@ -29,6 +31,18 @@ def default_dir() -> Path | None:
         return None if env.strip().lower() in ("", "off", "none") else Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pia_jax" / "xla"
+
+
+def check(where="default"):
+    """ValueError, before any work, when the cache folder `enable(where)` would use cannot be made: it, or its
+    nearest existing ancestor, is a file (jax would fail on it once the model is loaded)."""
+    if where is None or str(where).lower() == "off":
+        return
+    path = default_dir() if where == "default" else Path(where).expanduser()
+    found = path and files.nearest_existing(path)
+    if found and not found.is_dir():
+        raise ValueError(f"the compilation cache folder {path} cannot be made: {found} is a file; give a folder with "
+                         f"--compile-cache DIR (or ${ENV}), or 'off'")
 
 
 def _count(event: str, **_):

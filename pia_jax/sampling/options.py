@@ -18,6 +18,7 @@ from pia_jax.models.config import SCHEDULER_KINDS, PIAConfig, SchedulerConfig, o
 from pia_jax.sampling.windows import NOISE_TYPES, WEIGHTINGS, WindowSchedule, check_window
 
 DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
+_WINDOW_OPTIONS = ("context_stride", "context_weighting", "window_batch")  # used only with context windows
 
 # The reference's negative prompt when a config gives none (PIA i2v_pipeline.py DEFAULT_N_PROMPT).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -50,8 +51,9 @@ class SampleOptions:
     clip_skip: int | None = opt(None, "use the text encoder's hidden state this many layers before the last "
                                        "(diffusers' clip_skip)")
     decode_chunk: int = opt(4, "frames per video decoded at once")
-    context_length: int | None = opt(None, "context window length (default: windows of 16 only past the motion "
-                                           "modules' positions; a length, even one >= the frames, always windows)")
+    context_length: int | None = opt(None, "context window length, at most the frames (default: windows of 16 only "
+                                           "past the motion modules' positions; a length always windows, and one "
+                                           "as long as the video is one window: the plain sampler)")
     context_stride: int = opt(4, "frames between window starts")
     context_weighting: str = opt("pyramid", "blend weights of overlapping windows", WEIGHTINGS)
     window_batch: int = opt(1, "windows per UNet call (memory grows with it, not with the frames)")
@@ -74,9 +76,18 @@ class SampleOptions:
         """ValueError when this model cannot make `num_frames` frames with these window options."""
         if self.window_batch < 1:
             raise ValueError(f"window batch must be >= 1, got {self.window_batch}")
+        if self.context_length is not None and self.context_length > num_frames:
+            raise ValueError(f"context length {self.context_length} is longer than the video's {num_frames} frames: "
+                             f"give {num_frames} or less (or more frames)")
         window = self.window(num_frames, config.unet.motion_max_seq_length)
         if self.free_noise != "none" and window is None:
             raise ValueError("free noise reschedules the noise by context windows: give a context length")
+        unused = [key(f).replace("_", " ") for f in dataclasses.fields(self) if f.name in _WINDOW_OPTIONS
+                  and getattr(self, f.name) != f.default]
+        if unused and window is None:  # set but silently unused: the video fits the motion modules
+            raise ValueError(f"{', '.join(unused)}: used only by context windows, which a {num_frames}-frame video "
+                             f"gets past the motion modules' {config.unet.motion_max_seq_length} positions or with a "
+                             "context length: give a context length, or drop them")
 
     def check_choices(self):
         """ValueError naming the first field whose value is not one of its choices."""
