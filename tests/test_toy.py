@@ -464,3 +464,76 @@ def test_the_trajectory_guides_as_the_sampler_does(guidance, want):
     eps = probe.guided_unet(unet, text, jnp.ones((2, 5)), jnp.zeros((2, 4, 4, 4)), guidance)(
         jnp.zeros((2, 5, 4, 4, 4)), jnp.int32(500))
     assert np.allclose(eps, want)
+
+
+# -- bad input (issue 29) --------------------------------------------------------------------------------------
+
+PIA_TOY = dataclasses.replace(model_config.TOY, unet=dataclasses.replace(model_config.TOY.unet, in_channels=9))
+
+
+@pytest.mark.parametrize("command, cfg, tokenizer, message", [
+    ("evaluate", model_config.SD15_PIA, "toy", "frames in multiples of 64 px, the world's are 32 px"),
+    ("probe", PIA_TOY, "demo", "tokenizer is not the toy world's (520 tokens; lacks the caption words on, background,"),
+    ("evaluate", model_config.TOY, "toy", "UNet takes 4 channels, not an animator's 9"),
+    ("probe", model_config.SD15_PIA, None, "no readable tokenizer/vocab.json")])
+def test_toy_commands_name_what_makes_a_model_not_a_toy_model(tmp_path, capsys, command, cfg, tokenizer, message):
+    from pia_jax.toy.__main__ import main
+    from pia_jax.toy.demo import write_vocab
+    from pia_jax.weights.model_dir import save_model_dir
+
+    words = {"toy": lambda f: vocab.write_tokenizer(f, world.vocabulary()), "demo": write_vocab, None: lambda f: None}
+    words[tokenizer](tmp_path / "tokenizer")
+    model = save_model_dir(tmp_path / "model", cfg, {}, tokenizer=tmp_path / "tokenizer" if tokenizer else None)
+    # no weights are there: the config and the tokenizer's files decide, before anything loads
+    assert main([command, "--model", str(model), *(["--out", str(tmp_path / "out")] * (command == "evaluate"))]) == 2
+    err = capsys.readouterr().err
+    assert "is not a toy-world model" in err and message in err, err
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
+def test_the_shipped_model_is_a_toy_model():
+    from pia_jax.toy.__main__ import check_toy_model
+    assert check_toy_model(SHIPPED, animator=True) == []
+
+
+def test_toy_train_refuses_an_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    from pia_jax.toy import recipe
+    from pia_jax.toy.__main__ import main
+
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--out", str(out)])
+        assert e.value.code == 2 and f"--out must be a folder, but {tmp_path / 'file'} is a file" in \
+            capsys.readouterr().err
+
+
+def test_the_demo_has_a_help_and_writes_no_folder_named_after_a_flag(tmp_path, capsys, monkeypatch):
+    from pia_jax.toy import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "write_demo", lambda root: pytest.fail(f"wrote {root}"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    assert e.value.code == 0 and "usage: python -m pia_jax.toy.demo" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["file"])
+    assert e.value.code == 2 and "file must be a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_animate_says_what_it_is_doing_before_each_slow_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from pia_jax.eval import animate
+
+    fake = lambda images, *a, **k: SimpleNamespace(videos=np.zeros((len(images), 2, 4, 4, 3), np.uint8))  # noqa
+    monkeypatch.setattr(animate, "animator", lambda model_dir, devices: fake)
+    said = []
+    videos = animate.animate("m", np.zeros((3, 4, 4, 3), np.uint8), ["p"] * 3, np.ones((3, 2)), [0, 1, 2], None,
+                             batch=2, log=said.append)
+    assert videos.shape == (3, 2, 4, 4, 3)
+    assert said == ["loading m (once per process)", "sampling videos 1-2 of 3 (compiling first)",
+                    "sampling videos 3-3 of 3"]

@@ -17,17 +17,21 @@ def animator(model_dir: str, devices: int | None = None):
 
 
 def animate(model_dir, images, prompts, affinities, seeds, options, *, negative_prompt: str = "",
-            batch: int | None = None, devices: int | None = None, float_frames: bool = False) -> np.ndarray:
+            batch: int | None = None, devices: int | None = None, float_frames: bool = False,
+            log=None) -> np.ndarray:
     """Videos (B, F, H, W, 3) from uint8 images (B, H, W, 3) at the model's size, one prompt, one affinity
     schedule (F,) and one noise seed per image, sampled with `options` (SampleOptions). `batch`: videos per call,
     the last call padded with the last video, so that one program serves every call (None: all at once). Frames
-    are uint8, or float32 in [0, 1] with `float_frames`."""
+    are uint8, or float32 in [0, 1] with `float_frames`. `log(message)` hears of the loading and of each call."""
     images, affinities = np.asarray(images), np.asarray(affinities, np.float32)
     n = len(images)
     batch = min(batch or n, n)
+    log = log or (lambda message: None)
+    log(f"loading {model_dir} (once per process)")
     sampler = animator(str(model_dir), devices)
     out = []
     for start in range(0, n, batch):
+        log(f"sampling videos {start + 1}-{min(start + batch, n)} of {n}" + " (compiling first)" * (start == 0))
         idx = [min(i, n - 1) for i in range(start, start + batch)]
         result = sampler(images[idx], [prompts[i] for i in idx], [negative_prompt] * batch, affinities[idx], options,
                          seeds=[int(seeds[i]) for i in idx], float_frames=float_frames)

@@ -8,6 +8,30 @@
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def check_toy_model(path, animator: bool) -> list[str]:
+    """What makes the model directory at `path` not a toy-world model, read from its config and tokenizer files
+    only: the world's frame size, its caption words, and (`animator`) a PIA UNet."""
+    from pia_jax.toy import vocab, world
+    from pia_jax.weights.model_dir import read_config
+
+    config = read_config(path)[0]
+    problems = []
+    words = vocab.read_vocab(Path(path) / "tokenizer")
+    if words is None:
+        problems.append("it has no readable tokenizer/vocab.json or tokenizer/tokenizer.json")
+    elif not vocab.is_toy_vocab(words):
+        missing = [w for w in world.vocabulary() if w + "</w>" not in words]
+        problems.append(f"its tokenizer is not the toy world's ({len(words)} tokens"
+                        + (f"; lacks the caption words {', '.join(missing[:6])})" if missing else ")"))
+    factor = config.vae.latent_factor * 2 ** (len(config.unet.block_out_channels) - 1)
+    if world.TRAIN_SIZE % factor:
+        problems.append(f"it takes frames in multiples of {factor} px, the world's are {world.TRAIN_SIZE} px")
+    if animator and config.unet.in_channels != 9:
+        problems.append(f"its UNet takes {config.unet.in_channels} channels, not an animator's 9 (PIA)")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -31,11 +55,15 @@ def main(argv=None) -> int:
     compile_cache.enable("default")  # the sampler's programs are kept on disk (a library's Animator leaves it off)
 
     if args.command in ("evaluate", "probe"):  # a wrong --model fails here, before anything is loaded
-        from pia_jax.weights.model_dir import ModelDirError, read_config
+        from pia_jax.weights.model_dir import ModelDirError
         try:
-            read_config(args.model)
+            problems = check_toy_model(args.model, args.command == "evaluate" or args.trajectory)
         except ModelDirError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if problems:
+            print(f"error: {args.model} is not a toy-world model: " + "; ".join(problems)
+                  + " (python -m pia_jax.toy train makes one)", file=sys.stderr)
             return 2
     if args.command == "evaluate":
         return evaluate.main(args)
@@ -51,6 +79,10 @@ def main(argv=None) -> int:
         overrides.setdefault(stage, []).append(kv)
     if args.clips is not None and args.clips < 64:
         p.error(f"--clips must be at least 64 (one batch), got {args.clips}")
+    out = Path(args.out).absolute()
+    blocker = next(q for q in (out, *out.parents) if q.exists())
+    if not blocker.is_dir():  # mkdir would fail deep in the recipe
+        p.error(f"--out must be a folder, but {blocker} is a file")
     try:
         timings = recipe.train(args.out, clips=args.clips or recipe.CLIPS, overrides=overrides)
     except RuntimeError as e:

@@ -68,6 +68,20 @@ def write_demo(root) -> tuple[Path, Path]:
     return path, root / "image.png"
 
 
-if __name__ == "__main__":
-    model, image = write_demo(sys.argv[1] if len(sys.argv) > 1 else "demo")
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pia_jax.toy.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", nargs="?", default="demo", help="where model/ and image.png go (default: demo)")
+    args = p.parse_args(argv)
+    root = Path(args.folder).absolute()
+    blocker = next(q for q in (root, *root.parents) if q.exists())
+    if not blocker.is_dir():
+        p.error(f"{args.folder} must be a folder, but {blocker} is a file")
+    model, image = write_demo(root)
     print(f"wrote {model} and {image}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

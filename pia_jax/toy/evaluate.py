@@ -32,6 +32,7 @@ LONG_HORIZON (the third window; the object may reach the border later) and the s
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,7 @@ def _animate(model_dir, todo: list[dict], images, seeds, frames: int, **options)
 
     affinities = [preset_affinity(c["preset"], frames) for c in todo]
     return animate(model_dir, images, [c["prompt"] for c in todo], affinities, seeds, SampleOptions(**options),
-                   batch=16, float_frames=True)
+                   batch=16, float_frames=True, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def _sheet(path, videos, images):
@@ -276,8 +277,6 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    import sys
-
     if min(args.steps, args.seeds) < 1 or (args.limit is not None and args.limit < 1):
         print("error: --steps, --seeds and --limit must be at least 1", file=sys.stderr)
         return 2

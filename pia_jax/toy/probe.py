@@ -15,12 +15,18 @@ caption only. `--trajectory` follows the sampler's own DDIM steps from noise ins
 where along the way a PIA model places (or loses) the image and picks the motion.
 """
 
+import sys
+
 import numpy as np
 
 from pia_jax.toy import world
 from pia_jax.toy.evaluate import OPPOSITE, cases, measure, track
 
 NOISE_LEVELS = (300, 500, 650, 800, 900, 980)
+
+
+def _say(message):
+    print(message, file=sys.stderr, flush=True)  # progress, apart from the results on stdout
 
 
 def opposite_caption(caption: str) -> str:
@@ -43,11 +49,13 @@ class _Cases:
         from pia_jax.data.clips import transform_clip
         from pia_jax.weights.model_dir import load_model_dir
 
+        _say(f"loading {model_dir}")
         self.md = md = load_model_dir(model_dir, tokenizer=True)
         self.clips = [c["clip"] for c in cases(seed) if c["kind"] == "direction" and c["preset"] == "moderate"]
         self.pixels = np.stack([transform_clip(world.render(c), flip=False, resolution=world.TRAIN_SIZE)
                                 for c in self.clips])
         b, f = self.pixels.shape[:2]
+        _say(f"encoding {b} held-out clips (compiling first)")
         self.scale = md.config.vae.scaling_factor
         mean, _ = md.vae.encode(jnp.asarray(self.pixels.reshape((b * f,) + self.pixels.shape[2:]), jnp.float32))
         self.latents = (mean * self.scale).reshape((b, f) + mean.shape[1:])  # (B, F, h, w, 4), posterior means
@@ -107,6 +115,7 @@ def probe(model_dir, levels=NOISE_LEVELS, seed: int = 0, predict=None) -> dict:
 
     rows = []
     for level in levels:
+        _say(f"t = {level}: denoising and decoding" + " (compiling first)" * (level == levels[0]))
         noise = jax.random.normal(jax.random.key(level), latents.shape)
         t = jnp.full((b,), level)
         x_t = schedulers.add_noise(alphas, latents, noise, t)
@@ -164,6 +173,7 @@ def trajectory(model_dir, guidance: float = 4.0, steps: int = 25, seed: int = 0,
     x = jax.random.normal(jax.random.key(seed), latents.shape)
     state = schedulers.init_state(schedule, x)
     rows = []
+    _say(f"{steps} DDIM steps (compiling first)")
     for i in range(steps):
         out = predict(x, schedule.timesteps[i], latents)
         if i % every == 0 or i == steps - 1:

@@ -8,6 +8,7 @@ any other text still tokenizes, character by character.
 
 import collections
 import json
+import re
 from pathlib import Path
 
 from pia_jax.toy.demo import byte_chars
@@ -48,3 +49,31 @@ def write_tokenizer(folder, words) -> Path:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return folder
+
+
+def read_vocab(folder) -> dict | None:
+    """A CLIP tokenizer folder's {token: id}, from vocab.json or a saved tokenizer.json, read without transformers
+    (None if neither is readable)."""
+    folder = Path(folder)
+    for name, get in (("vocab.json", lambda d: d), ("tokenizer.json", lambda d: d["model"]["vocab"])):
+        try:
+            vocab = get(json.loads((folder / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(vocab, dict):
+            return vocab
+    return None
+
+
+def is_toy_vocab(vocab: dict | None) -> bool:
+    """Whether a vocabulary is the toy world's: every caption word one token, and small. CLIP's own also holds the
+    words, but as 49408 tokens, and spells words it lacks in sub-words; the toy's spells them letter by letter."""
+    from pia_jax.models.config import TOY
+    from pia_jax.toy.world import vocabulary
+    return vocab is not None and len(vocab) <= TOY.text.vocab_size and all(w + "</w>" in vocab for w in vocabulary())
+
+
+def unknown_words(vocab: dict, prompt: str) -> list[str]:
+    """The words of `prompt` that a toy vocabulary does not hold as one token (CLIP lower-cases text first)."""
+    words = re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w + "</w>" not in vocab))
