@@ -93,6 +93,8 @@ def plan(a) -> tuple:
         keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
         videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
+    from pia_jax.toy.vocab import check_prompts
+    check_prompts(a.model, videos)  # the toy model knows only its world's words
     from pia_jax.sampling import compile_cache  # imports jax, as cases.plan's model check does
     compile_cache.check(a.compile_cache)
     return (p, *cases.load_noise(p, a.noise, a.posterior_noise))

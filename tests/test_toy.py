@@ -537,3 +537,28 @@ def test_animate_says_what_it_is_doing_before_each_slow_step(monkeypatch):
     assert videos.shape == (3, 2, 4, 4, 3)
     assert said == ["loading m (once per process)", "sampling videos 1-2 of 3 (compiling first)",
                     "sampling videos 3-3 of 3"]
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", "a red Dog jumps left on a gray background", "--negative-prompt", ""],
+     "does not know the words dog, jumps of the prompt 'a red Dog jumps left on a gray background'; it knows: a on"),
+    (["--prompt-map", "0:a red circle moves left on a gray background", "4:a red circle flies"],
+     "does not know the words flies of the prompt 'a red circle flies'"),
+    (["--prompt", "a red circle moves left on a gray background"],  # the reference's default negative prompt
+     "of the negative prompt 'wrong white balance, dark, sketches,"),
+    (["--prompt", "a red circle moves left on a gray background", "--negative-prompt", "blurry"],
+     "does not know the words blurry of the negative prompt 'blurry' (it was trained with none: pass --negative-")])
+def test_sampling_the_toy_model_names_words_its_tokenizer_does_not_know(tmp_path, capsys, flags, message):
+    import sample
+
+    argv = ["--model", str(SHIPPED), "--image", str(ROOT / "docs" / "toy" / "image.png"), "--frames", "8",
+            "--out", str(tmp_path / "toy.gif"), *flags]
+    assert sample.main(argv) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_unknown_words_are_the_words_a_toy_vocabulary_lacks(tmp_path):
+    words = vocab.read_vocab(vocab.write_tokenizer(tmp_path, world.vocabulary()))
+    assert vocab.is_toy_vocab(words) and not vocab.is_toy_vocab({**words, **{f"x{i}": i for i in range(640)}})
+    assert vocab.unknown_words(words, "A red circle, moves LEFT! a red dog; dogs 3") == ["dog", "dogs"]

@@ -77,3 +77,22 @@ def unknown_words(vocab: dict, prompt: str) -> list[str]:
     """The words of `prompt` that a toy vocabulary does not hold as one token (CLIP lower-cases text first)."""
     words = re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", prompt.lower())
     return list(dict.fromkeys(w for w in words if w + "</w>" not in vocab))
+
+
+def check_prompts(model_dir, videos) -> None:
+    """Raises ValueError naming the words of the videos' prompts (`cases.Video`s) that the toy world's tokenizer
+    does not know, if `model_dir` has one: it would spell them letter by letter into embeddings the model never
+    trained on, so the video would silently ignore them. Other models' tokenizers pass unchecked."""
+    from pia_jax.toy.world import vocabulary
+
+    words = read_vocab(Path(model_dir) / "tokenizer")
+    if not is_toy_vocab(words):
+        return
+    for v in videos:
+        texts = [("prompt", p) for p in (v.prompt.values() if isinstance(v.prompt, dict) else [v.prompt])]
+        for kind, text in texts + [("negative prompt", v.negative_prompt)]:
+            unknown = unknown_words(words, text)
+            if unknown:
+                hint = " (it was trained with none: pass --negative-prompt '')" if kind == "negative prompt" else ""
+                raise ValueError(f"the toy model does not know the words {', '.join(unknown)} of the {kind} "
+                                 f"{text!r}{hint}; it knows: {' '.join(vocabulary())}")
