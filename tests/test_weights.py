@@ -117,3 +117,20 @@ def test_merge_unet_and_adapter_matches_diffusers_from_unet2d():
     for key in expected:
         np.testing.assert_array_equal(merged[key], expected[key], err_msg=key)
     assert not np.array_equal(merged["conv_in.weight"][:, 4:], 0)  # the condition channels came along
+
+
+@pytest.mark.parametrize("value, dtype", [(np.nan, "fp32"), (1e6, "fp16")])  # 1e6 overflows fp16 to inf
+def test_a_non_finite_weight_is_named_at_load(tmp_path, value, dtype):
+    from pia_jax import models
+    from pia_jax.weights import model_dir
+
+    shapes = weights.param_shapes(models.build(config.TINY, "vae"))
+    flat = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    bad = sorted(flat)[3]
+    flat[bad].reshape(-1)[-1] = value
+    path = model_dir.save_model_dir(tmp_path / "m", config.TINY, {"vae": flat}, dtype=dtype)
+    with pytest.raises(model_dir.ModelDirError, match=rf"vae.safetensors in .*: tensor {bad} has 1 non-finite values"):
+        model_dir.load_model_dir(path, parts=("vae",), tokenizer=False)
+    flat[bad].reshape(-1)[-1] = 0
+    model_dir.save_model_dir(path, config.TINY, {"vae": flat}, dtype=dtype, force=True)
+    assert model_dir.load_model_dir(path, parts=("vae",), tokenizer=False).vae is not None

@@ -165,13 +165,21 @@ def open_part(path, part: str):
 
 
 class _Tensors:
-    """{NNX path: array} read one tensor at a time, so loading holds the host copy of one tensor, not of a model."""
+    """{NNX path: array} read one tensor at a time, so loading holds the host copy of one tensor, not of a model;
+    each is checked for NaN/inf as it is read (one pass over memory already there), so a broken weight is named at
+    load rather than found as a black video after the whole run."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, where: str = ""):
+        self.handle, self.where = handle, where
 
     def __getitem__(self, key):
-        return self.handle.get_tensor(key)
+        array = self.handle.get_tensor(key)
+        if array.dtype.kind not in "biu" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise ModelDirError(f"{self.where}: tensor {key} has {bad} non-finite values (NaN or inf) of {array.size}; "
+                                "the weights are broken (e.g. an fp16 overflow when they were saved): convert the "
+                                "model again from its source weights")
+        return array
 
 
 def _check_header(path, part: str, handle, abstract) -> None:
@@ -218,7 +226,8 @@ def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.floa
                                 **(model_kwargs or {}).get(part, {}))
         with open_part(path, part) as handle:
             _check_header(path, part, handle, abstract)
-            setattr(out, part, weights.fill(abstract, _Tensors(handle), sharding))
+            where = f"{part}.safetensors in {str(path)!r}"
+            setattr(out, part, weights.fill(abstract, _Tensors(handle, where), sharding))
     if tokenizer:
         from pia_jax.models.tokenizer import load_tokenizer
         out.tokenizer = load_tokenizer(Path(path) / "tokenizer")
