@@ -105,6 +105,8 @@ def main(argv=None) -> int:
             from pia_jax.eval.scores import score_video
             from pia_jax.eval.video import read_video
             frames, fps = read_video(a.video)
+            if len(frames) < 2:  # every motion score compares frames, and a still image is no animation to score
+                raise ValueError(f"{a.video} has {len(frames)} frame; scoring needs a video of at least 2 frames")
             image = media.load_image(a.image)
             if not 0 <= a.cond_frame < len(frames):
                 raise ValueError(f"--cond-frame must be in 0..{len(frames) - 1}")

@@ -151,3 +151,14 @@ def test_case_file_errors(tmp_path):
     (tmp_path / "configs" / "s.yaml").write_text("cases: [{image: 1.png}]\n")
     with pytest.raises(BenchError, match="needs 'image' and 'prompts'"):
         read_cases(tmp_path)
+
+
+def test_a_one_frame_video_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    from pia_jax.eval import scores
+
+    monkeypatch.setattr(scores, "score_video", lambda *a, **k: pytest.fail("scored"))
+    frame = np.full((1, 16, 16, 3), 128, np.uint8)
+    media.write_gif(tmp_path / "v.gif", frame, fps=8)
+    Image.fromarray(frame[0]).save(tmp_path / "i.png")
+    code, io = run(capsys, "score", "--video", tmp_path / "v.gif", "--image", tmp_path / "i.png", "--prompt", "x")
+    assert code == 2 and "v.gif has 1 frame; scoring needs a video of at least 2 frames" in io.err, io.err
