@@ -57,7 +57,7 @@ def bench_jax(cfg, args):
     animator = random_animator(cfg, dtype, args.compile_cache)
     n = args.videos
     images = np.random.default_rng(0).integers(0, 256, (n, args.size, args.size, 3), np.uint8)
-    mask = np.stack([affinity.preset_coefficients("moderate", args.frames)] * n)
+    mask = np.stack([affinity.preset_affinity("moderate", args.frames)] * n)
     options = SampleOptions(steps=args.steps, scheduler=args.scheduler, decode_chunk=args.decode_chunk)
     if args.overhead:
         return bench_overhead(animator, images, mask, options)

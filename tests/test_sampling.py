@@ -88,7 +88,7 @@ def test_matches_diffusers_pia_pipeline(tiny, animator, kind):
                                                 steps_offset=1, timestep_spacing="leading", use_karras_sigmas=True)
         steps, karras = 5, True
     expected = diffusers_video(tiny, img, scheduler, steps, 7.5, 11, noise.transpose(0, 4, 1, 2, 3))
-    mask = affinity.preset_coefficients("small", FRAMES)[None]
+    mask = affinity.preset_affinity("small", FRAMES)[None]
     got = animator(img[None], [PROMPT], [NEGATIVE], mask, SampleOptions(steps=steps, scheduler=kind, karras=karras),
                    noise=noise, posterior_noise=posterior_noise(11), float_frames=True)
     assert got.videos.shape == expected.shape == (1, FRAMES, H, W, 3)
@@ -105,7 +105,7 @@ def test_strength_and_no_guidance_match_diffusers(tiny, animator):
     start_noise = torch.randn((1, 4, FRAMES, H // 2, W // 2), generator=g).numpy()
     ignored = np.zeros((1, 4, FRAMES, H // 2, W // 2), np.float32)  # replaced by the noised image in diffusers
     expected = diffusers_video(tiny, img, ddim(), 8, 1.0, 3, ignored, motion_scale=2, strength=0.6)
-    got = animator(img[None], [PROMPT], [NEGATIVE], affinity.preset_coefficients("large", FRAMES)[None],
+    got = animator(img[None], [PROMPT], [NEGATIVE], affinity.preset_affinity("large", FRAMES)[None],
                    SampleOptions(steps=8, guidance_scale=1.0, strength=0.6),
                    noise=start_noise.transpose(0, 2, 3, 4, 1), posterior_noise=post, float_frames=True)
     assert_close(got.videos, expected, TOL, "strength 0.6, no CFG")
@@ -116,7 +116,7 @@ def test_seeds_devices_and_no_recompilation(tiny, animator):
     the same alone as in a batch; a second call with the same shapes compiles nothing."""
     from jax.sharding import Mesh
     imgs = np.stack([image(i) for i in range(3)])
-    masks = np.stack([affinity.preset_coefficients(p, FRAMES) for p in ("small", "loop_large", "style_small")])
+    masks = np.stack([affinity.preset_affinity(p, FRAMES) for p in ("small", "loop_large", "style_small")])
     opts = SampleOptions(steps=3, scheduler="dpmpp_2m")
     args = (imgs, ["hello", "cat", "hello cat"], ["", "", "dog"], masks, opts)
     one = Animator.load(tiny[0], mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
@@ -140,7 +140,7 @@ def test_seeds_devices_and_no_recompilation(tiny, animator):
 def test_loop_compiles_once_for_any_steps_strength_guidance_eta(animator):
     """The denoising loop is one program per (shape, scheduler kind, guidance on/off): calls with other step counts,
     strengths, guidance scales and eta compile nothing new (Karras sigmas and DPM-Solver: test_schedulers.py)."""
-    img, mask = image(2)[None, :16, :16], affinity.preset_coefficients("small", 2)[None]  # a shape no other test uses
+    img, mask = image(2)[None, :16, :16], affinity.preset_affinity("small", 2)[None]  # a shape no other test uses
     before = (animator._encode.compiles, animator._denoise.compiles, animator._decode.compiles)
     for options in (SampleOptions(steps=2), SampleOptions(steps=3, strength=0.7, guidance_scale=3.0, eta=0.5),
                     SampleOptions(steps=1, guidance_scale=12.0)):
@@ -209,6 +209,24 @@ def test_the_denoiser_is_not_a_mutable_hook(animator):
     assert not hasattr(animator, "denoiser")
 
 
+def test_new_unet_weights_run_the_same_programs(animator):
+    """update_unet swaps the weights the programs take as arguments: the next call compiles nothing (their keys do
+    not look at the weights, so no call walks them) and uses the new weights; other dtypes are refused."""
+    img, mask = image(2)[None, :16, :24], affinity.preset_affinity("small", 2)[None]
+    run = lambda: animator(img, ["hello"], ["cat"], mask, SampleOptions(steps=1), seeds=[5]).videos  # noqa: E731
+    before, kept = run(), list(animator._unet)
+    compiled = animator.compilations
+    try:
+        animator.update_unet(animator._parts.unet.merge([x * 1.5 for x in kept]))
+        assert not np.array_equal(run(), before)
+        assert animator.compilations == compiled
+        with pytest.raises(ValueError, match="shapes and dtypes"):
+            animator.update_unet(animator._parts.unet.merge([x.astype("bfloat16") for x in kept]))
+    finally:
+        animator.update_unet(animator._parts.unet.merge(kept))
+    np.testing.assert_array_equal(run(), before)
+
+
 def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
     """A library's constructor leaves jax's global settings alone: the compilation cache is the CLIs' choice."""
     monkeypatch.setenv("PIA_JAX_CACHE_DIR", str(tmp_path / "xla"))  # what the cache would use if turned on
@@ -222,7 +240,7 @@ def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
 def test_persistent_compilation_cache(tiny, tmp_path):
     """A second animator (a new process, as far as jax's in-memory caches go) loads every program from the cache."""
     from pia_jax.sampling import compile_cache
-    img, mask = image(4)[None, :16, :24], affinity.preset_coefficients("small", 2)[None]
+    img, mask = image(4)[None, :16, :24], affinity.preset_affinity("small", 2)[None]
     try:
         runs = []
         for _ in range(2):

@@ -18,9 +18,8 @@ The names below are imported on first use, so that the light modules (cases, opt
 
 import importlib
 
-_EXPORTS = {"Animator": "animator", "accelerator_default_dtype": "animator", "latent_factor": "animator",
-            "latent_shape": "animator", "seed_key": "noise", "DEFAULT_NEGATIVE_PROMPT": "options", "Result": "options",
-            "SampleOptions": "options"}
+_EXPORTS = {"Animator": "animator", "accelerator_default_dtype": "animator", "seed_key": "noise",
+            "DEFAULT_NEGATIVE_PROMPT": "options", "Result": "options", "SampleOptions": "options"}
 
 
 def __getattr__(name):

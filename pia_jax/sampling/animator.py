@@ -1,11 +1,19 @@
 """`Animator`: PIA image animation from its parts (UNet, VAE, text encoder, tokenizer, scheduler config, mesh).
 
-A call runs the phases of the reference pipeline (PIA `i2v_pipeline.py`); encode, denoise and decode are one
-compiled program each:
+A call reads as the recipe of the reference pipeline (PIA `i2v_pipeline.py`):
+  inputs               images, prompts, affinities and options, checked before anything runs;
   noise   (noise.py)   per-video noise from seeds, drawn on the host (or given as arrays);
+then per batch of videos, one compiled program each:
   encode  (encode.py)  prompts -> text states, image -> condition latent, and the first latents (loop.start);
   denoise (loop.py)    the whole loop over a padded schedule, one program for every step count and strength;
   decode  (decode.py)  latents -> uint8 frames, a few frames per video at a time inside the program.
+
+The programs are pure module-level functions of the weights and the arrays (`_encode_fn`, `_denoise_fn`,
+`_decode_fn`). Each model's graph definition is static (`Graph`, bound into the programs); its weights travel as
+a flat list of arrays. What a program is compiled for besides its arguments' shapes is one frozen dataclass,
+`Settings`. Programs are compiled ahead of time from shapes alone (pia_jax.compiled, shared with the Trainer) by
+`plan_batch_size`, which reads their memory needs; the batches then run the executables found, so a call walks no
+weight to find them.
 
 Videos are the unit of parallelism: a batch of videos is split over the mesh's devices (never the frames of one
 video, so the motion modules need no communication) and the weights are replicated. Batches hold `batch_size`
@@ -19,8 +27,10 @@ Each piece repeats the loop-invariant work (weight re-layouts on GPU, hoisted ou
 dispatch with every weight as an argument (host time, BENCHMARKS.md); without `progress` the loop is one call.
 """
 
+import dataclasses
+import functools
 import time
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +39,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pia_jax.models import attention
-from pia_jax.models.config import PIAConfig, VAEConfig
+from pia_jax import compiled
+from pia_jax.models.config import PIAConfig
 from pia_jax.models.tokenizer import tokenize
 from pia_jax.sampling import compile_cache, memory, schedulers
 from pia_jax.sampling import noise as noise_lib
@@ -40,7 +50,9 @@ from pia_jax.sampling.keyframes import nearest_keyframe
 from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
 from pia_jax.sampling.options import Result, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
-from pia_jax.sampling.windows import freenoise_noise, shuffle_permutations
+from pia_jax.sampling.windows import WindowSchedule, freenoise_noise, shuffle_permutations
+
+PHASES = ("encode", "denoise", "decode")
 
 
 def accelerator_default_dtype():
@@ -48,46 +60,131 @@ def accelerator_default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def latent_factor(vae: VAEConfig) -> int:
-    """How much the VAE downsamples: 8 for SD1.5."""
-    return 2 ** (len(vae.block_out_channels) - 1)
+# ---- the programs: pure functions of static structure, static settings, weights and arrays ----
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the programs are compiled for besides their arguments' shapes (hashable: part of their keys). Each
+    program is specialised for, and keyed by, only the fields it reads (`only`): e.g. another decode chunk compiles
+    a new decode and nothing else."""
+    clip_skip: int | None = None  # encode: CLIP layers skipped
+    cfg: bool = True  # denoise: classifier-free guidance on (the UNet sees [negative, prompt])
+    window: WindowSchedule | None = None  # denoise: context windows (long videos)
+    window_batch: int = 1  # denoise: windows per UNet call
+    decode_chunk: int = 1  # decode: frames per video decoded at once
+    as_uint8: bool = True  # decode: uint8 frames, else float32 in [0, 1]
+
+    def only(self, phase: str) -> "Settings":
+        """The settings `phase` reads, the others at their defaults."""
+        return Settings(**{name: getattr(self, name) for name in _READS[phase]})
 
 
-def latent_shape(vae: VAEConfig, height: int, width: int, num_frames: int) -> tuple:
-    """(F, h, w, c) of one video's latents for images of height x width."""
-    factor = latent_factor(vae)
-    return num_frames, height // factor, width // factor, vae.latent_channels
+_READS = {"encode": ("clip_skip",), "denoise": ("cfg", "window", "window_batch"), "decode": ("decode_chunk", "as_uint8")}
 
 
-def _signature(tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Graph:
+    """One model's static structure: its graph definition and the tree of its weights (a flat list of arrays)."""
+    graphdef: Any
+    treedef: Any
+
+    @classmethod
+    def split(cls, module: nnx.Module) -> tuple["Graph", list]:
+        graphdef, state = nnx.split(module)
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        return cls(graphdef, treedef), leaves
+
+    def merge(self, leaves) -> nnx.Module:
+        return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.treedef, leaves))
+
+    def same_as(self, other: "Graph") -> bool:
+        return self.graphdef == other.graphdef and self.treedef == other.treedef
 
 
-class _Compiled:
-    """`jax.jit` with an explicit per-signature cache of compiled executables, so compilation is timed apart from
-    running, a second call with the same shapes provably compiles nothing, and a program can be compiled from
-    shapes alone (`jax.ShapeDtypeStruct`s) to read its memory needs before any data exists."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Parts:
+    """An animator's models as static structure (bound into its programs, never part of a key)."""
+    text: Graph
+    vae: Graph
+    unet: Graph
+    scaling_factor: float  # the VAE's latent scaling
+    text_to_video: bool  # a 4-channel UNet: no condition branch, the affinity and condition latent are not used
 
-    def __init__(self, fn, out_sharding: NamedSharding, static_argnums=(), donate_argnums=()):
-        self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums,
-                              out_shardings=out_sharding)
-        self.mesh, self.static = out_sharding.mesh, static_argnums
-        self.cache, self.compiles, self.seconds = {}, 0, 0.0
 
-    def get(self, *args):
-        key = tuple(a if i in self.static else _signature(a) for i, a in enumerate(args))
-        exe = self.cache.get(key)
-        if exe is None:
-            begin = time.perf_counter()
-            with attention.compiling_for(self.mesh):  # "auto" kernels for the mesh's devices, Pallas ones per device
-                exe = self.cache[key] = self.jitted.lower(*args).compile()
-            self.compiles += 1
-            self.seconds += time.perf_counter() - begin
-        return exe
+def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_noise, noise, schedule, from_image,
+               travel, nearest):
+    """-> (text states, condition latent, first latents, solver state); weights = (text encoder, VAE) leaves."""
+    text_encoder, vae = parts.text.merge(weights[0]), parts.vae.merge(weights[1])
+    text, cond = encode(text_encoder, vae, parts.scaling_factor, ids, pixels, post_noise, settings.clip_skip, travel,
+                        nearest)
+    return (text, cond) + start(schedule, noise, cond, from_image)
 
-    def __call__(self, *args):
-        return self.get(*args)(*[a for i, a in enumerate(args) if i not in self.static])
+
+def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state, schedule, text, mask, cond,
+                guidance, step_keys, begin, end):
+    """-> (latents, solver state, whether each video's latents are finite) after steps begin..end-1: the flags are
+    ready when the latents are, and unlike the latents (donated to the next piece on accelerators) they can be
+    waited for. weights = the UNet's leaves."""
+    if parts.text_to_video:
+        mask = cond = None
+    # what the loop denoises with is fixed by the static settings (no mutable hook outside the compile key)
+    denoiser = guided_eps if settings.window is None else windowed(guided_eps, settings.window, settings.window_batch)
+    latents, solver_state = denoise(parts.unet.merge(weights), schedule, latents, solver_state, text, mask, cond,
+                                    guidance, step_keys, begin, end, cfg=settings.cfg, denoiser=denoiser)
+    return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
+
+
+def _decode_fn(parts: Parts, settings: Settings, weights, latents):
+    """-> (frames, whether each video is finite); weights = the VAE's leaves."""
+    return decode(parts.vae.merge(weights), parts.scaling_factor, latents, settings.decode_chunk, settings.as_uint8)
+
+
+class Executables(NamedTuple):
+    """The three compiled programs for one batch shape; each takes its weights, then its arrays."""
+    encode: Any
+    denoise: Any
+    decode: Any
+
+
+# ---- one call's host-side data ----
+
+@dataclasses.dataclass
+class _Call:
+    """One call's inputs per video (rows), checked, on the host; and what its batches share on the devices."""
+    videos: int
+    frames: int
+    height: int
+    width: int
+    pixels: np.ndarray  # (B, H, W, 3) or, with keyframes, (B, K, H, W, 3) float32 in [-1, 1]
+    affinity: np.ndarray  # (B, F) float32
+    nearest: np.ndarray | None  # (F,) each frame's nearest keyframe, or None
+    keyframes: int  # K, 0 for one image per video
+    noise: np.ndarray | None = None  # (B, F, h, w, c)
+    posterior_noise: np.ndarray | None = None  # (B, h, w, c)
+    step_keys: np.ndarray | None = None  # (B, 2) DDIM step-noise key data
+    ids: np.ndarray | None = None  # token ids (B, 2, L), or (B, 2, K, L) with prompt maps
+    travel: tuple | None = None  # prompt travel's (lo, hi, t), each (B, 2, F)
+
+    @property
+    def text_keys(self) -> int:
+        return self.ids.shape[2] if self.travel else 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every batch of a call shares: the executables and the replicated arrays."""
+    per_batch: int  # videos per batch (all devices)
+    exes: Executables
+    schedule: Any
+    from_image: jax.Array
+    guidance: jax.Array
+    nearest: jax.Array | None
+    steps: int  # the schedule's step count
+    pieces: bool  # denoise in one-step pieces (progress)
+
+
+def _silent(*_):
+    pass
 
 
 class Animator:
@@ -105,18 +202,20 @@ class Animator:
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
         self._replicated = NamedSharding(self.mesh, P())
         self._by_video = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-        (self._unet_def, unet), (self._vae_def, vae), (self._text_def, text) = (
-            nnx.split(unet), nnx.split(vae), nnx.split(text_encoder))
-        self._unet, self._vae, self._text = jax.device_put((unet, vae, text), self._replicated)
-        self.latent_factor = latent_factor(config.vae)
+        (text_graph, text), (vae_graph, vae), (unet_graph, unet) = map(Graph.split, (text_encoder, vae, unet))
+        self._text, self._vae, self._unet = jax.device_put((text, vae, unet), self._replicated)
+        self.latent_factor = config.vae.latent_factor
         # a 4-channel UNet (AnimateDiff motion modules without PIA's condition branch) makes text-to-video: the
         # image only gives the size (encoded, but unused) and the affinity is ignored
         self.text_to_video = config.unet.in_channels == 4
+        parts = Parts(text_graph, vae_graph, unet_graph, config.vae.scaling_factor, self.text_to_video)
         # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
-        self._encode = _Compiled(self._encode_fn, self._by_video, static_argnums=(8,))
-        donate = (1, 2) if jax.default_backend() != "cpu" else ()  # the CPU backend cannot reuse donated buffers
-        self._denoise = _Compiled(self._denoise_fn, self._by_video, static_argnums=(11,), donate_argnums=donate)
-        self._decode = _Compiled(self._decode_fn, self._by_video, static_argnums=(2, 3))
+        program = lambda fn, **jit: compiled.Program(functools.partial(fn, parts), self.mesh, settings=True,  # noqa
+                                                     out_shardings=self._by_video, **jit)
+        donate = ("latents", "solver_state") if jax.default_backend() != "cpu" else ()  # CPU cannot reuse them
+        self._encode, self._denoise, self._decode = (program(_encode_fn), program(_denoise_fn, donate_argnames=donate),
+                                                     program(_decode_fn))
+        self._parts = parts
         self._wait_each_step = False  # bench/sample.py: wait for each piece before queuing the next (the old loop)
 
     @classmethod
@@ -133,50 +232,34 @@ class Animator:
                    compile_cache_dir=compile_cache_dir)
 
     def update_unet(self, unet: nnx.Module):
-        """Swaps in new UNet weights of the same structure and dtypes (e.g. while training) without recompiling."""
-        graphdef, state = nnx.split(unet)
-        if graphdef != self._unet_def:
+        """Swaps in new UNet weights of the same structure, shapes and dtypes (e.g. while training) without
+        recompiling: the programs take the weights as arguments, and their keys do not look at them."""
+        graph, leaves = Graph.split(unet)
+        if not graph.same_as(self._parts.unet):
             raise ValueError("update_unet needs a UNet of the same architecture as the animator's")
-        self._unet = jax.device_put(state, self._replicated)
+        leaves = jax.device_put(leaves, self._replicated)
+        if compiled.signature(leaves) != compiled.signature(self._unet):
+            raise ValueError("update_unet needs UNet weights of the animator's shapes and dtypes")
+        self._unet = leaves
 
     @property
     def compilations(self) -> int:
         return self._encode.compiles + self._denoise.compiles + self._decode.compiles
 
     @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling (or loading from the persistent cache) so far."""
+        return self._encode.seconds + self._denoise.seconds + self._decode.seconds
+
+    @property
     def devices(self) -> int:
         return self.mesh.devices.size
 
-    # ---- the phases as pure functions of weights and arrays ----
+    # ---- compiling, from shapes alone ----
 
-    def _encode_fn(self, text_state, vae_state, ids, pixels, post_noise, noise, schedule, from_image, clip_skip,
-                   travel=None, nearest=None):
-        text, cond = encode(nnx.merge(self._text_def, text_state), nnx.merge(self._vae_def, vae_state),
-                            self.config.vae.scaling_factor, ids, pixels, post_noise, clip_skip, travel, nearest)
-        return (text, cond) + start(schedule, noise, cond, from_image)
-
-    def _denoise_fn(self, unet_state, latents, solver_state, schedule, text, mask, cond, guidance, step_keys, begin,
-                    end, static):
-        """-> (latents, solver state, whether each video's latents are finite): the flags are ready when the
-        latents are, and unlike the latents (donated to the next piece on accelerators) they can be waited for.
-        `static` = (cfg, window schedule or None, window batch)."""
-        cfg, window, window_batch = static
-        if self.text_to_video:
-            mask = cond = None
-        # what the loop denoises with is fixed by the static options (no mutable hook outside the compile key)
-        denoiser = guided_eps if window is None else windowed(guided_eps, window, window_batch)
-        latents, solver_state = denoise(nnx.merge(self._unet_def, unet_state), schedule, latents, solver_state, text,
-                                        mask, cond, guidance, step_keys, begin, end, cfg=cfg, denoiser=denoiser)
-        return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
-
-    def _decode_fn(self, vae_state, latents, chunk, as_uint8):
-        return decode(nnx.merge(self._vae_def, vae_state), self.config.vae.scaling_factor, latents, chunk, as_uint8)
-
-    # ---- host side ----
-
-    def _static(self, options: SampleOptions, frames: int) -> tuple:
-        """What of the options the denoise program is compiled for."""
-        return options.cfg, options.window(frames, self.config.unet.motion_max_seq_length), options.window_batch
+    def _settings(self, options: SampleOptions, frames: int, float_frames: bool = False) -> Settings:
+        return Settings(options.clip_skip, options.cfg, options.window(frames, self.config.unet.motion_max_seq_length),
+                        options.window_batch, max(1, min(options.decode_chunk, frames)), not float_frames)
 
     def _schedule(self, options: SampleOptions):
         config = self.scheduler_config
@@ -186,32 +269,43 @@ class Animator:
                                             length=config.num_train_timesteps)
         return jax.device_put(schedule, self._replicated)
 
-    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0,
-                     keyframes=0):
-        """The three programs for a batch of b videos, compiled from shapes alone, each with the bytes of the
-        weights it takes: [(encode, bytes), (denoise, bytes), (decode, bytes)]. `text_keys`: the most keys of a
-        prompt map (prompt travel), 0 for plain prompts; `keyframes`: condition images per video (0: one image)."""
-        f, h, w, c = latent_shape(self.config.vae, height, width, frames)
+    def _weights(self, phase: str):
+        return {"encode": (self._text, self._vae), "denoise": self._unet, "decode": self._vae}[phase]
+
+    def _get(self, phase: str, settings: Settings, *arrays):
+        """`phase`'s executable for these arrays (or shapes) and the settings it reads, compiled on first use."""
+        settings = settings.only(phase)
+        program = getattr(self, "_" + phase)
+        return program.get((settings, compiled.signature(arrays)), settings, self._weights(phase), *arrays)
+
+    def _compile(self, b: int, height: int, width: int, frames: int, settings: Settings, schedule, text_keys=0,
+                 keyframes=0) -> Executables:
+        """The three programs for a batch of b videos (all devices), compiled from shapes. `text_keys`: the most keys
+        of a prompt map (prompt travel), 0 for plain prompts; `keyframes`: condition images per video (0: one)."""
+        f, h, w, c = self.config.vae.latent_shape(height, width, frames)
         videos = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=self._by_video)  # noqa
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=self._replicated)  # noqa: E731
-        schedule = _shapes(self._schedule(options), self._replicated)
+        schedule = _shapes(schedule, self._replicated)
         tokens = self.config.text.max_position_embeddings
         ids = videos((b, 2, text_keys, tokens) if text_keys else (b, 2, tokens), jnp.int32)
         travel = (videos((b, 2, f), jnp.int32), videos((b, 2, f), jnp.int32), videos((b, 2, f))) if text_keys \
             else None
         pixels = videos((b, keyframes, height, width, 3) if keyframes else (b, height, width, 3))
         nearest = jax.ShapeDtypeStruct((f,), jnp.int32, sharding=self._replicated) if keyframes else None
-        encode_exe = self._encode.get(self._text, self._vae, ids, pixels, videos((b, h, w, c)),
-                                      videos((b, f, h, w, c)), schedule, scalar(jnp.bool_), options.clip_skip, travel,
-                                      nearest)
+        encode_exe = self._get("encode", settings, ids, pixels, videos((b, h, w, c)), videos((b, f, h, w, c)),
+                               schedule, scalar(jnp.bool_), travel, nearest)
         text, cond, latents, state = _shapes(encode_exe.out_info, self._by_video)
-        denoise_exe = self._denoise.get(self._unet, latents, state, schedule, text, videos((b, f)), cond,
-                                        scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32),
-                                        scalar(jnp.int32), self._static(options, frames))
-        decode_exe = self._decode.get(self._vae, latents, max(1, min(options.decode_chunk, frames)),
-                                      not float_frames)
-        return ((encode_exe, memory.tree_bytes((self._text, self._vae))),
-                (denoise_exe, memory.tree_bytes(self._unet)), (decode_exe, memory.tree_bytes(self._vae)))
+        denoise_exe = self._get("denoise", settings, latents, state, schedule, text, videos((b, f)), cond,
+                                scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32), scalar(jnp.int32))
+        return Executables(encode_exe, denoise_exe, self._get("decode", settings, latents))
+
+    def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0,
+                     keyframes=0):
+        """The three programs for a batch of b videos, each with the bytes of the weights it takes:
+        [(encode, bytes), (denoise, bytes), (decode, bytes)] (see `_compile`)."""
+        exes = self._compile(b, height, width, frames, self._settings(options, frames, float_frames),
+                             self._schedule(options), text_keys, keyframes)
+        return tuple((exe, memory.tree_bytes(self._weights(phase))) for phase, exe in zip(PHASES, exes))
 
     def batch_bytes(self, per_device: int, height, width, frames, options, float_frames=False, text_keys=0,
                     keyframes=0) -> int:
@@ -249,34 +343,50 @@ class Animator:
             n -= 1
         return int(n)
 
-    def __call__(self, images, prompts, negative_prompts, mask_coef, options: SampleOptions = SampleOptions(), *,
+    # ---- a call: inputs -> noise -> per batch encode / denoise / decode ----
+
+    def __call__(self, images, prompts, negative_prompts, affinity, options: SampleOptions = SampleOptions(), *,
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None,
                  batch_size: int | None = None, float_frames: bool = False, keyframes=None) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
-        negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `mask_coef`
-        (B, F) per-frame affinities. Noise comes from `seeds` (one int per
+        negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `affinity`
+        (B, F) per-frame affinities (affinity.py). Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
         done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
         measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`.
-        Text-to-video (a 4-channel model): `images` may be a size (height, width) instead, `mask_coef` (B, F) only
+        Text-to-video (a 4-channel model): `images` may be a size (height, width) instead, `affinity` (B, F) only
         gives the frame count (e.g. np.ones((B, F))).
         Keyframes: `keyframes` = the K frames the images show (e.g. [0, 15]) and `images` (B, K, H, W, 3); every frame
         is conditioned on its nearest keyframe's latent (keyframes.py; give the affinity from
-        keyframes.preset_affinity)."""
+        affinity.preset_affinity with the keyframes)."""
+        call = self._inputs(images, prompts, negative_prompts, affinity, options, seeds, noise, posterior_noise,
+                            keyframes)
+        cache, compile_seconds = compile_cache.counts(), self.compile_seconds
+        call.noise, call.posterior_noise, call.step_keys = self._noise(call, options, seeds, noise, posterior_noise)
+        call.ids, call.travel = self._text_inputs(prompts, negative_prompts, call.frames)
+        per_device = self.plan_batch_size(call.videos, call.height, call.width, call.frames, options, batch_size,
+                                          float_frames, call.text_keys, call.keyframes)
+        run = self._prepare(call, options, per_device * self.devices, float_frames, progress is not None)
+        seconds = dict.fromkeys(PHASES, 0.0)
+        videos = [self._batch(call, run, lo, seconds, progress or _silent)
+                  for lo in range(0, call.videos, run.per_batch)]
+        seconds["compile"] = self.compile_seconds - compile_seconds
+        cache = {k: n - cache[k] for k, n in compile_cache.counts().items()}
+        return Result(np.concatenate(videos), call.noise, call.posterior_noise, seconds, per_device, cache)
+
+    def _inputs(self, images, prompts, negative_prompts, affinity, options: SampleOptions, seeds, noise,
+                posterior_noise, keyframes) -> _Call:
+        """The call's images, affinities and keyframes as arrays, every check made (ValueError) before anything runs."""
         if self.text_to_video and len(np.shape(images)) == 1:
             images = np.zeros((len(prompts),) + tuple(images) + (3,), np.uint8)
-        images = np.asarray(images)
-        mask_coef = np.asarray(mask_coef, np.float32)
-        f = mask_coef.shape[1]
-        nearest = None
-        if keyframes is not None:
-            nearest = nearest_keyframe(f, keyframes)
-            if images.ndim != 5 or images.shape[1] != len(keyframes):
-                raise ValueError(f"{len(keyframes)} keyframes need images (B, {len(keyframes)}, H, W, 3), got "
-                                 f"{images.shape}")
+        images, affinity = np.asarray(images), np.asarray(affinity, np.float32)
+        f = affinity.shape[1]
+        nearest = None if keyframes is None else nearest_keyframe(f, keyframes)
+        if keyframes is not None and (images.ndim != 5 or images.shape[1] != len(keyframes)):
+            raise ValueError(f"{len(keyframes)} keyframes need images (B, {len(keyframes)}, H, W, 3), got "
+                             f"{images.shape}")
         b, height, width = images.shape[0], images.shape[-3], images.shape[-2]
-        shape = latent_shape(self.config.vae, height, width, f)
-        if len(prompts) != b or len(negative_prompts) != b or mask_coef.shape[0] != b:
+        if len(prompts) != b or len(negative_prompts) != b or affinity.shape[0] != b:
             raise ValueError(f"{b} images need {b} prompts, negative prompts and affinity rows")
         if height % self.latent_factor or width % self.latent_factor:
             raise ValueError(f"image size {height}x{width} must be a multiple of {self.latent_factor}")
@@ -286,83 +396,99 @@ class Animator:
             raise ValueError(f"{b} videos need {b} seeds, got {len(seeds)}")
         if seeds is None and (noise is None or posterior_noise is None or options.eta > 0):
             raise ValueError("pass seeds (one per video) or both noise arrays (and seeds for eta > 0)")
-        report = progress or (lambda *a: None)
-        cache_before = compile_cache.counts()
-        compile_before = self.compile_seconds
+        return _Call(b, f, height, width, images.astype(np.float32) / 255 * 2 - 1, affinity, nearest,
+                     0 if keyframes is None else len(keyframes))
 
-        # noise: per video, from its seed, unless given
+    def _noise(self, call: _Call, options: SampleOptions, seeds, noise, posterior_noise):
+        """-> (initial noise, posterior noise, DDIM step-noise keys) per video: from its seed, unless given."""
+        b, shape = call.videos, self.config.vae.latent_shape(call.height, call.width, call.frames)
         keys = np.zeros((b, 2), np.uint32)  # DDIM step noise is multiplied by 0 when eta = 0: any key will do
         if seeds is not None:
             drawn_noise, drawn_post, keys = noise_lib.draw(seeds, shape)
             if noise is None and options.free_noise != "none":  # FreeNoise: the windows repeat the first's noise
-                window = options.window(f, self.config.unet.motion_max_seq_length)
-                drawn_noise = np.stack([np.asarray(freenoise_noise(
-                    drawn_noise[i:i + 1], window, options.free_noise, shuffle_permutations(
-                        noise_lib.freenoise_key(seeds[i]), f, window.length, window.stride)))[0] for i in range(b)])
+                drawn_noise = self._freenoise(drawn_noise, seeds, options, call.frames)
             noise = drawn_noise if noise is None else noise
             posterior_noise = drawn_post if posterior_noise is None else posterior_noise
         noise, posterior_noise = np.asarray(noise, np.float32), np.asarray(posterior_noise, np.float32)
         if noise.shape != (b,) + shape or posterior_noise.shape != (b,) + shape[1:]:
             raise ValueError(f"noise must be {(b,) + shape} and posterior noise {(b,) + shape[1:]}, got "
                              f"{noise.shape} and {posterior_noise.shape}")
+        return noise, posterior_noise, keys
 
-        ids, travel = self._text_inputs(prompts, negative_prompts, f)
-        text_keys = ids.shape[2] if travel else 0
-        per_device = self.plan_batch_size(b, height, width, f, options, batch_size, float_frames, text_keys,
-                                          0 if keyframes is None else len(keyframes))
-        n = per_device * self.devices
-        pixels = images.astype(np.float32) / 255 * 2 - 1
+    def _freenoise(self, noise, seeds, options: SampleOptions, frames: int) -> np.ndarray:
+        """Each video's noise rescheduled by FreeNoise (windows.freenoise_noise), shuffled with its own key."""
+        window = options.window(frames, self.config.unet.motion_max_seq_length)
+        return np.stack([np.asarray(freenoise_noise(noise[i:i + 1], window, options.free_noise, shuffle_permutations(
+            noise_lib.freenoise_key(seed), frames, window.length, window.stride)))[0] for i, seed in enumerate(seeds)])
+
+    def _prepare(self, call: _Call, options: SampleOptions, per_batch: int, float_frames: bool, pieces: bool) -> _Run:
+        """The executables (compiled by plan_batch_size: found, not compiled) and the arrays every batch shares."""
         schedule = self._schedule(options)
-        put = lambda x: jax.device_put(np.asarray(x), self._replicated)  # noqa: E731
-        from_image, guidance = put(np.bool_(options.strength < 1)), put(np.float32(options.guidance_scale))
-        count = int(schedule.count)
-        seconds = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
-        videos = []
-        for lo in range(0, b, n):
-            def batch(x):  # this batch's rows, padded with copies of its last to n videos, split over the devices
-                x = np.asarray(x[lo:lo + n])
-                x = np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
-                return jax.device_put(x, self._by_video)
+        exes = self._compile(per_batch, call.height, call.width, call.frames,
+                             self._settings(options, call.frames, float_frames), schedule, call.text_keys,
+                             call.keyframes)
+        return _Run(per_batch, exes, schedule, self._put(np.bool_(options.strength < 1)),
+                    self._put(np.float32(options.guidance_scale)),
+                    None if call.nearest is None else self._put(call.nearest), int(schedule.count), pieces)
 
-            tick = time.perf_counter()
-            report("encode", 0, 1)
-            text, cond, latents, state = self._encode(self._text, self._vae, batch(ids), batch(pixels),
-                                                      batch(posterior_noise), batch(noise), schedule, from_image,
-                                                      options.clip_skip,
-                                                      None if travel is None else tuple(map(batch, travel)),
-                                                      None if nearest is None else put(nearest))
-            jax.block_until_ready(latents)
-            report("encode", 1, 1)
-            tick = self._lap(seconds, "encode", tick)
-            args = (batch(mask_coef), cond, guidance, batch(keys))
-            # the whole loop in one call, or (progress) in one-step pieces all queued before the first is waited for;
-            # the executable is looked up once, not per piece (that lookup checks every weight's signature)
-            run = self._denoise.get(self._unet, latents, state, schedule, text, *args, put(np.int32(0)),
-                                    put(np.int32(count)), self._static(options, f))
-            bounds = [(0, count)] if progress is None else [(i, i + 1) for i in range(count)]
-            pieces = []
-            for begin, end in bounds:
-                latents, state, finite = run(self._unet, latents, state, schedule, text, *args, put(np.int32(begin)),
-                                             put(np.int32(end)))
-                pieces.append((end, finite))
-                if self._wait_each_step:
-                    finite.block_until_ready()
-            for end, finite in pieces:
+    def _batch(self, call: _Call, run: _Run, lo: int, seconds: dict, report: Callable) -> np.ndarray:
+        """Videos lo.. of the call, one batch: encode, denoise, decode -> their frames (the padding dropped)."""
+        rows = functools.partial(self._rows, lo=lo, n=run.per_batch)
+        tick = time.perf_counter()
+        report("encode", 0, 1)
+        text, cond, latents, state = self._encode_batch(call, run, rows)
+        report("encode", 1, 1)
+        tick = self._lap(seconds, "encode", tick)
+        latents = self._denoise_batch(call, run, rows, text, cond, latents, state, report)
+        tick = self._lap(seconds, "denoise", tick)
+        frames = self._decode_batch(run, latents, call.videos - lo)
+        report("decode", call.frames, call.frames)
+        self._lap(seconds, "decode", tick)
+        return frames
+
+    def _encode_batch(self, call: _Call, run: _Run, rows: Callable):
+        """-> (text states, condition latent, first latents, solver state) of a batch, ready."""
+        travel = None if call.travel is None else tuple(map(rows, call.travel))
+        out = run.exes.encode((self._text, self._vae), rows(call.ids), rows(call.pixels), rows(call.posterior_noise),
+                              rows(call.noise), run.schedule, run.from_image, travel, run.nearest)
+        jax.block_until_ready(out[2])
+        return out
+
+    def _denoise_batch(self, call: _Call, run: _Run, rows: Callable, text, cond, latents, state, report: Callable):
+        """The loop in one call, or (progress) in one-step pieces all queued before the first is waited for."""
+        args = (rows(call.affinity), cond, run.guidance, rows(call.step_keys))
+        bounds = [(i, i + 1) for i in range(run.steps)] if run.pieces else [(0, run.steps)]
+        pieces = []
+        for begin, end in bounds:
+            latents, state, finite = run.exes.denoise(self._unet, latents, state, run.schedule, text, *args,
+                                                      self._put(np.int32(begin)), self._put(np.int32(end)))
+            pieces.append((end, finite))
+            if self._wait_each_step:
                 finite.block_until_ready()
-                report("denoise", end, count)
-            tick = self._lap(seconds, "denoise", tick)
-            frames, finite = self._decode(self._vae, latents, max(1, min(options.decode_chunk, f)), not float_frames)
-            frames, finite = np.asarray(frames), np.asarray(finite)
-            if not finite[:b - lo].all():
-                raise FloatingPointError("the decoded frames contain NaN or infinity (an fp16/bf16 overflow in the "
-                                         "model?)")
-            report("decode", f, f)
-            self._lap(seconds, "decode", tick)
-            videos.append(frames[:b - lo])
-        seconds["compile"] = self.compile_seconds - compile_before
-        cache_after = compile_cache.counts()
-        cache = {k: cache_after[k] - cache_before[k] for k in cache_after}
-        return Result(np.concatenate(videos), noise, posterior_noise, seconds, per_device, cache)
+        for end, finite in pieces:
+            finite.block_until_ready()
+            report("denoise", end, run.steps)
+        return latents
+
+    def _decode_batch(self, run: _Run, latents, real: int) -> np.ndarray:
+        """The frames of a batch's first `real` videos (the rest is padding), on the host."""
+        frames, finite = run.exes.decode(self._vae, latents)
+        frames, finite = np.asarray(frames), np.asarray(finite)
+        if not finite[:real].all():
+            raise FloatingPointError("the decoded frames contain NaN or infinity (an fp16/bf16 overflow in the "
+                                     "model?)")
+        return frames[:real]
+
+    # ---- host helpers ----
+
+    def _rows(self, x, lo: int, n: int) -> jax.Array:
+        """Rows lo..lo+n of x, padded with copies of its last to n, split over the devices by video."""
+        x = np.asarray(x[lo:lo + n])
+        x = np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
+        return jax.device_put(x, self._by_video)
+
+    def _put(self, x) -> jax.Array:
+        return jax.device_put(np.asarray(x), self._replicated)
 
     def _text_inputs(self, prompts, negative_prompts, frames: int):
         """-> (token ids (B, 2, 77), None) for plain prompts; for prompt maps (prompt travel), (ids (B, 2, K, 77) of
@@ -384,11 +510,6 @@ class Animator:
         b = len(pairs)
         return (np.stack(ids).reshape((b, 2) + ids[0].shape),
                 tuple(np.stack(x).reshape(b, 2, frames) for x in (lo, hi, t)))
-
-    @property
-    def compile_seconds(self) -> float:
-        """Seconds spent compiling (or loading from the persistent cache) so far."""
-        return self._encode.seconds + self._denoise.seconds + self._decode.seconds
 
     def _lap(self, seconds, phase, tick):
         """Adds the time since `tick` to `phase` (all compiling happened before, in plan_batch_size)."""

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from pia_jax import media
+from pia_jax import compiled, media
 from pia_jax.models import attention
 from pia_jax.models import config as model_config
 from pia_jax.models.vae import sample_posterior
@@ -169,10 +169,12 @@ class Trainer:
             lambda _: replicated(mesh), (setup.trainable, setup.frozen))}
         self._step_args = (tx, setup.scheduler, setup.config.vae.scaling_factor, shardings, mesh)
         self._loss_fn = loss_fn
-        self.jitted = jax.jit(functools.partial(train_step, setup.graphs, *self._step_args, loss_fn=loss_fn),
-                              in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
-                              out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-        self.compiled, self.flops = {}, {}  # batch shape -> executable, FLOPs per step
+        # compiled ahead of time per batch shape (pia_jax.compiled, shared with the sampler); frozen weights not keyed
+        self.program = compiled.Program(
+            functools.partial(train_step, setup.graphs, *self._step_args, loss_fn=loss_fn), mesh,
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
+            out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+        self.flops = {}  # batch shape -> FLOPs per step
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (a restore target), computed without allocating anything."""
@@ -210,16 +212,12 @@ class Trainer:
         return out
 
     def compile(self, state: TrainState, batch: dict):
-        """The executable for this batch shape (compiled once, ahead of the first step)."""
-        key = _shape_key(batch)
-        if key not in self.compiled:
-            self.compiled[key] = self.lower(state, batch).compile()
-        return self.compiled[key]
+        """The executable for this batch shape (compiled once, ahead of the first step; timed: program.seconds)."""
+        return self.program.get(_shape_key(batch), state, self.frozen, batch)
 
     def lower(self, state: TrainState, batch: dict):
         """The step lowered for this mesh's devices (arguments may be shapes: `abstract_state`, `batch_shapes`)."""
-        with attention.compiling_for(self.mesh):
-            return self.jitted.lower(state, self.frozen, batch)
+        return self.program.lower(state, self.frozen, batch)
 
     def batch_shapes(self, micro_batches: int, clips: int, frames: int, size: int, latents=None) -> dict:
         """The global batch of `micro_batches` x `clips` clips of frames x size² pixels as shapes with the step's
