@@ -94,6 +94,8 @@ def check_bench(a) -> tuple[list, dict | None]:
 
 
 def main(argv=None) -> int:
+    from pia_jax.models.tokenizer import quiet_advice
+    quiet_advice()  # a command line may change the process's logging; the library does not
     a = build_parser().parse_args(argv)
     try:
         if a.command == "convert-clip":

@@ -3,6 +3,7 @@
 The tokenizer itself is transformers' `CLIPTokenizer`, read from local files only (never the hub).
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,12 @@ _FILE_SETS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 def _is_tokenizer_dir(path: Path) -> bool:
     return any(all((path / name).is_file() for name in files) for files in _FILE_SETS)
+
+
+def quiet_advice() -> None:
+    """For command lines only (it sets a process-wide variable): hides transformers' advisory warnings, e.g. its
+    'PyTorch was not found' on every run, which says nothing about a tokenizer (all pia-jax asks of it)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def load_tokenizer(path):

@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                     help="follow 25-step DDIM trajectories from noise instead (PIA models), measuring each step's x0")
     pr.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0], help="with --trajectory: the scales")
     args = p.parse_args(argv)
+    from pia_jax.models.tokenizer import quiet_advice
+    quiet_advice()  # a command line may change the process's logging; the library does not
     from pia_jax.sampling import compile_cache
     compile_cache.enable("default")  # the sampler's programs are kept on disk (a library's Animator leaves it off)
 
