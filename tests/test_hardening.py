@@ -25,7 +25,7 @@ def test_no_pytorch_advice_when_a_command_line_loads_a_tokenizer(tmp_path):
         assert ("PyTorch was not found" in run.stderr) == advised, run.stderr
 
 
-@pytest.mark.parametrize("module", ["sample", "evaluate", "pia_jax.toy.__main__"])
+@pytest.mark.parametrize("module", ["sample", "evaluate", "train", "pia_jax.toy.__main__"])
 def test_each_command_line_quiets_the_advice(module):
     import importlib
     assert "quiet_advice()" in inspect.getsource(importlib.import_module(module).main)
