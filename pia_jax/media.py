@@ -6,6 +6,7 @@ half-written file, and an existing file is replaced only by a complete one.
 """
 
 import io
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -39,10 +40,16 @@ def load_image(path, exif_transpose: bool = True) -> np.ndarray:
     if not data:
         raise MediaError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decodes now, so truncated or corrupt data fails here
-            img = ImageOps.exif_transpose(img) if exif_transpose else img
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            # a large photo (Pillow warns past ~89 megapixels) is the user's own input and is shrunk to --size next;
+            # only past twice that does Pillow refuse it, and that error is reported below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()  # decodes now, so truncated or corrupt data fails here
+                img = ImageOps.exif_transpose(img) if exif_transpose else img
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image {path} is too large to decode safely ({e}); shrink it first") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"cannot read image {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: Pillow's RGB conversion would saturate at 255
         img = Image.fromarray((np.asarray(img, np.float64) / 257).round().clip(0, 255).astype(np.uint8))

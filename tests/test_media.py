@@ -348,3 +348,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, writer, target, sabo
         with pytest.raises(RuntimeError, match="disk full"):
             getattr(media, writer)(tmp_path / target, frames)
         assert os.listdir(tmp_path) == [target] and (tmp_path / target).read_bytes() == b"old"
+
+
+def test_a_large_photo_loads_without_pillows_raw_warning_and_a_huge_one_is_refused(tmp_path, monkeypatch):
+    """Pillow warns (DecompressionBombWarning) past MAX_IMAGE_PIXELS and refuses past twice that; both limits are
+    lowered here so that a small image stands for a 100-megapixel photo."""
+    import warnings
+    from PIL import Image
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: above the warning, below the error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert media.load_image(path).shape == (40, 40, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 > 2 x 500: Pillow refuses
+    with pytest.raises(media.MediaError, match="too large to decode safely"):
+        media.load_image(path)
