@@ -81,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def quiet_tfds() -> None:
+    """tfds draws tqdm bars for its internal phases (splits, examples, shuffling a temporary folder); this command's
+    own lines and report say what happened, so the command line turns them off (the library does not)."""
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -94,6 +101,7 @@ def main(argv=None) -> int:
 
     from pia_jax.data.builder import PrepareError, prepare  # tensorflow_datasets takes a moment to import
     from pia_jax.data.latents import LatentSpec
+    quiet_tfds()
 
     k, n = args.part
     inputs = {"kind": args.kind, "csv": str(Path(args.csv).resolve()),

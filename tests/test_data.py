@@ -35,6 +35,8 @@ from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from tests.assets import all_frames, write_vocab
 from tests.helpers import encode_video
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CFG = DataConfig(n_frames=8, stride=2, resolution=32)
 # WebVid-style rows: name -> frame count (None: no such file); v4 sits in a page_dir subfolder.
 LENGTHS = {"v0": 40, "v1": 57, "v2": 80, "v3": 66, "v4": 70, "short": 5, "garbage": None, "truncated": None,
@@ -422,3 +424,12 @@ def test_load_time_failures_are_skipped(dataset, tokenizer):
     with Loader(Damaged(records, {i: "bytes" for i in range(5)}), tokenizer, CFG, batch_size=2,
                 max_attempts=5) as loader, pytest.raises(RuntimeError, match="looks broken"):
         next(loader)
+
+
+def test_cli_prints_no_tfds_progress_bars(source, tmp_path):
+    """tfds' tqdm bars (its splits, examples and shuffling of a temporary folder) are not the user's business."""
+    listing = write_list(tmp_path / "l.csv", [[str(source / "v0.mp4"), "x"]])
+    run = subprocess.run([sys.executable, str(ROOT / "prepare_dataset.py"), "csv", "--csv", str(listing),
+                          "--min-frames", "8", "--out", str(tmp_path / "ds")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "dataset:" in run.stdout and "%|" not in run.stderr and "Shuffling" not in run.stderr, run.stderr
