@@ -128,8 +128,11 @@ def main(argv=None) -> int:
     from pia_jax.sampling import Animator, compile_cache
     cache_before = compile_cache.counts()
     dtype = {"auto": None, "fp32": jnp.float32, "bf16": jnp.bfloat16}[a.dtype]
+    say(start, f"loading {a.model}")
     animator = Animator.load(a.model, dtype=dtype, compile_cache_dir=a.compile_cache)
     seconds = {"load": time.perf_counter() - start}
+    cache = f"cache {animator.compile_cache}" if animator.compile_cache else "cache off"
+    say(start, f"compiling the sampler for {len(p.groups)} video shape(s) ({cache}; a cached program loads in seconds)")
     try:  # compile (or load from the cache) and size every batch before the first video is made
         sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options, a.batch_size,
                                           text_keys=cases.text_keys(g.videos),
@@ -154,6 +157,11 @@ def main(argv=None) -> int:
     seconds["total"] = time.perf_counter() - start
     print(summary(written, seconds, animator, cache_before, max(sizes)))
     return 0
+
+
+def say(start: float, what: str) -> None:
+    """A status line on stderr as a slow phase starts (loading and compiling can take a minute on a cold start)."""
+    print(f"[{time.perf_counter() - start:6.1f}s] {what}", file=sys.stderr, flush=True)
 
 
 def write_group(a, g, result, single: bool, formats) -> list[Path]:

@@ -51,6 +51,9 @@ def test_cli_writes_gif_mp4_png_and_noise(model, tmp_path, capsys):
         assert np.load(stem.with_name(stem.name + "_noise.npy")).shape == (1, 5, 8, 16, 4)
     assert "wrote" in io.out and "denoise" in io.out and "compile" in io.out and "cache off" in io.out
     assert "denoising step 2/2" in io.err  # progress per step
+    # each slow phase says so as it starts (a cold start spends most of a minute loading and compiling)
+    assert io.err.index("] loading ") < io.err.index("] compiling the sampler for 1 video shape(s) (cache off") \
+        < io.err.index("denoising step 2/2")
 
     # the saved noise reproduces the video exactly when fed back in (and no seed is needed then)
     again = tmp_path / "again.gif"
