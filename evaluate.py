@@ -21,32 +21,41 @@ from pia_jax.sampling import affinity
 from pia_jax.weights import model_dir
 
 
+def local_path(value: str) -> Path:
+    """An argument path; evaluation reads and writes local disks only, so a URL is refused here, before any work
+    (a `Path` would collapse gs://b/x into a local 'gs:/b/x')."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"{value!r}: evaluate.py reads and writes local files only; copy it to a "
+                                         "local disk first")
+    return Path(value)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert-clip", help="a transformers CLIPModel folder -> a metric-model directory")
-    c.add_argument("src", type=Path, help="folder with config.json, model.safetensors or pytorch_model.bin, "
+    c.add_argument("src", type=local_path, help="folder with config.json, model.safetensors or pytorch_model.bin, "
                                           "vocab.json + merges.txt (e.g. openai/clip-vit-large-patch14)")
-    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--out", type=local_path, required=True)
     c.add_argument("--force", action="store_true", help="replace an existing output")
 
     s = sub.add_parser("score", help="score one existing video (GIF/MP4/frame folder) against its image and prompt")
-    s.add_argument("--video", type=Path, required=True)
-    s.add_argument("--image", type=Path, required=True)
+    s.add_argument("--video", type=local_path, required=True)
+    s.add_argument("--image", type=local_path, required=True)
     s.add_argument("--prompt", required=True)
-    s.add_argument("--clip", type=Path, help="converted CLIP directory (without it: motion scores only)")
+    s.add_argument("--clip", type=local_path, help="converted CLIP directory (without it: motion scores only)")
     s.add_argument("--cond-frame", type=int, default=0, help="the frame that should show the image")
-    s.add_argument("--out", type=Path, help="also write the scores as JSON here")
+    s.add_argument("--out", type=local_path, help="also write the scores as JSON here")
 
     b = sub.add_parser("bench", help="sample (or read) and score every case of an AnimateBench-style folder")
-    b.add_argument("bench", type=Path, help="folder with img/<style>/ and configs/<style>.yaml")
-    b.add_argument("--out", type=Path, required=True, help="results folder")
-    b.add_argument("--clip", type=Path, help="converted CLIP directory (without it: motion scores only)")
+    b.add_argument("bench", type=local_path, help="folder with img/<style>/ and configs/<style>.yaml")
+    b.add_argument("--out", type=local_path, required=True, help="results folder")
+    b.add_argument("--clip", type=local_path, help="converted CLIP directory (without it: motion scores only)")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="one PIA model directory for every style")
-    src.add_argument("--models", type=Path, help="YAML map style: PIA model directory")
-    src.add_argument("--videos", type=Path, help="score existing videos <videos>/<style>/<image>-<prompt index>"
+    src.add_argument("--model", type=local_path, help="one PIA model directory for every style")
+    src.add_argument("--models", type=local_path, help="YAML map style: PIA model directory")
+    src.add_argument("--videos", type=local_path, help="score existing videos <videos>/<style>/<image>-<prompt index>"
                                                  "[-<preset>].gif|mp4 instead of sampling")
     b.add_argument("--motion", default="small", help="the preset the summary scores (default small, PIA preset 0)")
     b.add_argument("--presets", default="small,moderate,large", help="presets compared for controllability")

@@ -162,3 +162,15 @@ def test_a_one_frame_video_is_refused_before_scoring(tmp_path, capsys, monkeypat
     Image.fromarray(frame[0]).save(tmp_path / "i.png")
     code, io = run(capsys, "score", "--video", tmp_path / "v.gif", "--image", tmp_path / "i.png", "--prompt", "x")
     assert code == 2 and "v.gif has 1 frame; scoring needs a video of at least 2 frames" in io.err, io.err
+
+
+@pytest.mark.parametrize("args", [("score", "--video", "gs://b/v.gif", "--image", "i.png", "--prompt", "p"),
+                                  ("score", "--video", "v.gif", "--image", "gs://b/i.png", "--prompt", "p"),
+                                  ("bench", "gs://b/bench", "--out", "r", "--model", "m")])
+def test_an_object_store_path_is_refused_by_name(args, capsys):
+    """evaluate.py reads local files: a gs:// argument is named and refused before any work (it used to become a local
+    'gs:/b/...' path and fail as 'not found')."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "gs://b/" in err and "local files only" in err, err
