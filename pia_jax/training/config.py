@@ -110,7 +110,8 @@ class TrainConfig:
     sigterm_exit_code: int = opt(0, "exit status after SIGTERM saved a checkpoint (e.g. 143 for supervisors that "
                                     "restart only failed jobs)")
     export_dtype: str = opt("fp16", "storage dtype of the exported model directory", tuple(DTYPES))
-    compilation_cache: str | None = opt(None, "a persistent XLA cache folder: a resumed run skips recompiling")
+    compilation_cache: str | None = opt(None, "a persistent XLA cache folder: a resumed run loads the compiled step "
+                                              "(tracing and lowering it still take their time)")
     model: ModelConfig = section(ModelConfig, "the model and what trains")
     data: DataConfig = section(DataConfig, "the clips")
     optim: OptimConfig = section(OptimConfig, "the optimizer")
