@@ -238,7 +238,7 @@ def test_late_failure_leaves_no_output_folder(model, tmp_path, capsys, monkeypat
     def refuse(*a, **k):
         raise ValueError("no batch fits")
     monkeypatch.setattr("pia_jax.sampling.animator.Animator.load",
-                        lambda *a, **k: types.SimpleNamespace(plan_batch_size=refuse))
+                        lambda *a, **k: types.SimpleNamespace(plan_batch_size=refuse, compile_cache=None))
     path, img = model
     code, io = run(capsys, "--model", path, "--image", img, "--prompt", "x", "--out", tmp_path / "out" / "deep")
     assert code == 2 and "no batch fits" in io.err and list(tmp_path.iterdir()) == []
