@@ -222,8 +222,7 @@ def load_model_dir(path, *, parts=PARTS, dtype=jnp.float32, param_dtype=jnp.floa
     for part in parts:
         if part not in meta["parts"]:
             raise ModelDirError(f"model directory {str(path)!r} has no {part!r} weights (it has {meta['parts']})")
-        abstract = build(config, part, dtype=dtype, param_dtype=param_dtype,
-                                **(model_kwargs or {}).get(part, {}))
+        abstract = build(config, part, dtype=dtype, param_dtype=param_dtype, **(model_kwargs or {}).get(part, {}))
         with open_part(path, part) as handle:
             _check_header(path, part, handle, abstract)
             where = f"{part}.safetensors in {str(path)!r}"
