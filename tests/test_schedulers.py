@@ -9,6 +9,7 @@ order gives errors of 1e-3 or more.
 """
 
 import dataclasses
+import inspect
 import json
 import math
 
@@ -17,7 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 
 from pia_jax.sampling import schedulers as S
 from tests.oracle import assert_close
@@ -26,15 +32,16 @@ TOL = 2e-5
 SHAPE = (2, 4, 3, 8, 8)  # small video latents (b, c, f, h, w); the schedulers only broadcast
 
 
+CLASSES = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "lcm": LCMScheduler,
+           "euler": EulerDiscreteScheduler}
+
+
 def reference(kind, cfg: S.SchedulerConfig):
-    """The diffusers scheduler for our config (each class takes only its own keys)."""
-    d = S.to_dict(cfg)
-    if kind == "ddim":
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "timestep_spacing",
-                "prediction_type", "set_alpha_to_one", "clip_sample", "clip_sample_range")
-        return DDIMScheduler(**{k: d[k] for k in keys})
-    drop = ("set_alpha_to_one", "clip_sample", "clip_sample_range", "eta")
-    return DPMSolverMultistepScheduler(**{k: v for k, v in d.items() if k not in drop})
+    """The diffusers scheduler for our config (each class takes only its own keys; eta is an argument of DDIM's
+    step, not a config key)."""
+    cls = CLASSES[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in S.to_dict(cfg).items() if k in accepted and k != "eta"})
 
 
 TRACES = [0]  # how often the sampler loop below was traced (= compiled)
@@ -61,12 +68,12 @@ def torch_loop(kind, cfg, steps, strength, x0, noise, noises, var_noises):
     timesteps = ref.timesteps[start:]
     if hasattr(ref, "set_begin_index"):  # as the pipelines do (DPM-Solver counts steps from there)
         ref.set_begin_index(start)
-    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.asarray(a))
     x = ref.add_noise(t(x0), t(noise), timesteps[:1]) if start else t(noise)
     traj = []
     for i, ts in enumerate(timesteps):
         eps = 0.5 * x + t(noises[i])
-        extra = dict(eta=cfg.eta, variance_noise=t(var_noises[i])) if kind == "ddim" else {}
+        extra = {"eta": cfg.eta, "variance_noise": t(var_noises[i])} if kind == "ddim" else {}
         x = ref.step(eps, ts, x, **extra).prev_sample
         traj.append(x.numpy())
     return timesteps.numpy(), np.stack(traj)
@@ -75,18 +82,18 @@ def torch_loop(kind, cfg, steps, strength, x0, noise, noises, var_noises):
 CASES = [  # kind, config changes, steps, strength
     ("ddim", {}, 25, 1.0),  # the PIA reference
     ("ddim", {}, 50, 0.6),
-    ("ddim", dict(eta=0.7), 25, 1.0),
-    ("ddim", dict(timestep_spacing="trailing", prediction_type="v_prediction"), 50, 1.0),
-    ("ddim", dict(beta_schedule="scaled_linear", timestep_spacing="linspace", set_alpha_to_one=False,
-                  clip_sample=True, clip_sample_range=2.0), 10, 1.0),
-    ("ddim", dict(prediction_type="sample", beta_schedule="squaredcos_cap_v2"), 25, 1.0),
+    ("ddim", {"eta": 0.7}, 25, 1.0),
+    ("ddim", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 50, 1.0),
+    ("ddim", {"beta_schedule": "scaled_linear", "timestep_spacing": "linspace", "set_alpha_to_one": False,
+              "clip_sample": True, "clip_sample_range": 2.0}, 10, 1.0),
+    ("ddim", {"prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2"}, 25, 1.0),
     ("dpmpp_2m", {}, 25, 1.0),
-    ("dpmpp_2m", dict(use_karras_sigmas=True), 25, 1.0),
-    ("dpmpp_2m", dict(use_karras_sigmas=True, timestep_spacing="linspace"), 10, 1.0),  # lower_order_final (< 15)
-    ("dpmpp_2m", dict(use_karras_sigmas=True), 25, 0.6),
-    ("dpmpp_2m", dict(prediction_type="v_prediction", timestep_spacing="trailing", solver_type="heun"), 50, 1.0),
-    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", beta_schedule="scaled_linear"), 20, 1.0),  # 2nd order to the end
-    ("dpmpp_2m", dict(final_sigmas_type="sigma_min", solver_order=1), 10, 1.0),
+    ("dpmpp_2m", {"use_karras_sigmas": True}, 25, 1.0),
+    ("dpmpp_2m", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}, 10, 1.0),  # lower_order_final (< 15)
+    ("dpmpp_2m", {"use_karras_sigmas": True}, 25, 0.6),
+    ("dpmpp_2m", {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "solver_type": "heun"}, 50, 1.0),
+    ("dpmpp_2m", {"final_sigmas_type": "sigma_min", "beta_schedule": "scaled_linear"}, 20, 1.0),  # 2nd order to the end
+    ("dpmpp_2m", {"final_sigmas_type": "sigma_min", "solver_order": 1}, 10, 1.0),
 ]
 
 
@@ -211,8 +218,8 @@ def test_config_io():
     pia = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False)
     fields = {f.name for f in dataclasses.fields(S.SchedulerConfig)}
     assert S.SchedulerConfig(**{k: v for k, v in pia.config.items() if k in fields}) == S.PIA_DDIM
-    for bad in (dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=3), dict(beta_schedule="sigmoid"),
-                dict(eta=-0.1)):
+    for bad in ({"algorithm_type": "sde-dpmsolver++"}, {"solver_order": 3}, {"beta_schedule": "sigmoid"},
+                {"eta": -0.1}):
         with pytest.raises(ValueError):
             S.SchedulerConfig(**bad)
     with pytest.raises(ValueError):
@@ -259,3 +266,135 @@ def test_padded_schedules_make_the_step_count_data():
         # the same float32 formulas; only XLA's fusion of a loop with a static vs dynamic trip count may differ
         assert_close(got, expected, 1e-6, f"padded {kind} {steps} steps, strength {strength}")
     assert padded_traces == 2, "one compiled loop per scheduler kind"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Few-step samplers: LCM (AnimateLCM) and Euler with trailing spacing (AnimateDiff-Lightning). The same stand-in
+# model and TOL as above; LCM's noise between steps is fed to diffusers' LCMScheduler in place of its own draws
+# (its `randn_tensor`), and diffusers' Euler samples z = x0 + σ·ε are compared in our convention, z/sqrt(1+σ²).
+
+LIGHTNING = S.SCHEDULER_PRESETS["lightning"]  # linear betas, trailing spacing
+FEW_STEP_CASES = [  # kind, config changes, steps, strength
+    *[("lcm", {}, n, 1.0) for n in (1, 2, 4, 8)],
+    ("lcm", {}, 4, 0.5),  # timesteps from the first 25 of the 50 original steps, started from a noised image
+    ("lcm", {"original_inference_steps": 100}, 6, 1.0),  # AnimateLCM's own repository samples with 100
+    ("lcm", {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear", "clip_sample": True,
+             "clip_sample_range": 1.5, "timestep_scaling": 5.0}, 4, 1.0),
+    *[("euler", {"timestep_spacing": "trailing"}, n, 1.0) for n in (1, 2, 4, 8)],
+    ("euler", {"timestep_spacing": "trailing"}, 8, 0.6),
+    ("euler", {}, 4, 1.0),  # leading + steps_offset 1: init_noise_sigma = sqrt(1 + σ_max²), so x starts at noise
+    ("euler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"},
+     4, 1.0),
+    ("euler", {"timestep_spacing": "trailing", "prediction_type": "sample", "beta_schedule": "scaled_linear"}, 2, 1.0),
+]
+
+
+def torch_few_step(kind, cfg, steps, strength, x0, noise, noises, var_noises, monkeypatch):
+    """diffusers' loop as the pipelines run it -> (timesteps, every sample after each step in our convention)."""
+    from diffusers.schedulers import scheduling_lcm
+
+    ref = reference(kind, cfg)
+    t = lambda a: torch.from_numpy(np.asarray(a))
+    draws = iter(var_noises)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: t(next(draws)))
+    if kind == "lcm":  # LCM's img2img pipeline passes strength to set_timesteps and keeps every step
+        ref.set_timesteps(steps, strength=strength)
+        start = 0
+    else:
+        ref.set_timesteps(steps)
+        start = steps - min(int(steps * strength), steps)
+        ref.set_begin_index(start)
+    timesteps = ref.timesteps[start:]
+    x = ref.add_noise(t(x0), t(noise), timesteps[:1]) if strength < 1 else t(noise) * ref.init_noise_sigma
+    traj = []
+    for i, ts in enumerate(timesteps):
+        eps = 0.5 * ref.scale_model_input(x, ts) + t(noises[i])
+        x = ref.step(eps, ts, x).prev_sample
+        scale = (ref.sigmas[ref.step_index] ** 2 + 1) ** 0.5 if kind == "euler" else 1.0
+        traj.append((x / scale).numpy())
+    return timesteps.numpy().astype(np.int64), np.stack(traj)
+
+
+@pytest.mark.parametrize("kind,changes,steps,strength", FEW_STEP_CASES)
+def test_few_step_parity(kind, changes, steps, strength, monkeypatch):
+    cfg = dataclasses.replace(S.PIA_DDIM, **changes)
+    rng = np.random.default_rng(7)
+    x0, noise = rng.standard_normal((2,) + SHAPE, np.float32)
+    noises, var_noises = rng.standard_normal((2, steps) + SHAPE, np.float32)
+    timesteps, expected = torch_few_step(kind, cfg, steps, strength, x0, noise, noises, var_noises, monkeypatch)
+
+    schedule = S.make_schedule(kind, cfg, steps, strength)
+    np.testing.assert_array_equal(schedule.timesteps, timesteps)
+    x = S.add_noise_start(schedule, x0, noise) if strength < 1 else S.initial_noise(schedule, jnp.asarray(noise))
+    got = np.asarray(sample_loop(schedule, x, noises, var_noises))
+    for i in range(len(timesteps)):
+        assert_close(got[i], expected[i], TOL, f"{kind} {changes} step {i} (t={timesteps[i]})")
+
+
+def test_few_step_timesteps():
+    """Timesteps and step counts for every step count a distilled model uses and beyond, and the inputs diffusers
+    refuses (LCM: more steps than int(original steps · strength)) refused here before any work."""
+    for original in (50, 100):
+        cfg = dataclasses.replace(S.PIA_DDIM, original_inference_steps=original)
+        ref = reference("lcm", cfg)
+        for strength in (1.0, 0.7, 0.31):
+            for n in range(1, int(original * strength) + 1):
+                ref.set_timesteps(n, strength=strength)
+                schedule = S.make_schedule("lcm", cfg, n, strength, length=original)
+                np.testing.assert_array_equal(schedule.timesteps[:n], ref.timesteps.numpy(), f"lcm {original} {n}")
+                assert int(schedule.count) == n
+            with pytest.raises(ValueError, match="lcm takes its"):
+                S.check_steps(cfg, int(original * strength) + 1, strength, "lcm")
+    for spacing, offset in (("trailing", 0), ("trailing", 1), ("leading", 1)):
+        cfg = dataclasses.replace(S.PIA_DDIM, timestep_spacing=spacing, steps_offset=offset)
+        ref = reference("euler", cfg)
+        for n in (1, 2, 3, 4, 8, 25, 50):
+            ref.set_timesteps(n)
+            np.testing.assert_array_equal(S.make_schedule("euler", cfg, n).timesteps, ref.timesteps.numpy())
+    np.testing.assert_array_equal(S.make_schedule("euler", LIGHTNING, 4).timesteps, [999, 749, 499, 249])
+    np.testing.assert_array_equal(S.make_schedule("lcm", S.SCHEDULER_PRESETS["animatelcm"], 4).timesteps,
+                                  [999, 759, 499, 259])
+    for cfg in (dataclasses.replace(LIGHTNING, timestep_spacing="linspace"),
+                dataclasses.replace(LIGHTNING, use_karras_sigmas=True)):
+        with pytest.raises(ValueError, match="fractional timesteps"):
+            S.check_steps(cfg, 4, 1.0, "euler")
+
+
+def test_euler_trailing_starts_below_unit_noise():
+    """diffusers' init_noise_sigma for 'trailing' is σ_max, so its model sees σ_max/sqrt(1+σ_max²)·noise =
+    sqrt(1-ᾱ_999)·noise at the first step (by hand, float64 ᾱ), not the noise itself as with 'leading'."""
+    acp = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000))
+    assert abs(float(S.make_schedule("euler", LIGHTNING, 4).init_scale) - np.sqrt(1 - acp[999])) < 1e-6
+    assert abs(float(S.make_schedule("euler", S.PIA_DDIM, 4).init_scale) - 1) < 1e-6
+    assert float(S.make_schedule("ddim", S.PIA_DDIM, 4).alpha[0]) > 0  # other kinds start at the noise itself
+    noise = jnp.ones(3)
+    assert S.initial_noise(S.make_schedule("lcm", S.PIA_DDIM, 4), noise) is noise
+
+
+def test_few_step_padded_schedules_compile_once():
+    """One compiled loop per kind for every step count: padded LCM (always stochastic) and Euler schedules give what
+    the unpadded ones give."""
+    rng = np.random.default_rng(8)
+    x, noises = np.float32(rng.standard_normal(SHAPE)), np.float32(rng.standard_normal((50,) + SHAPE))
+    for kind, cfg in (("lcm", S.PIA_DDIM), ("euler", LIGHTNING)):
+        before = PADDED_TRACES[0]
+        for steps in (2, 4, 8):
+            compact = S.make_schedule(kind, cfg, steps)
+            expected = np.asarray(sample_loop(compact, x, noises[:steps], noises[:steps]))[-1]
+            padded = S.make_schedule(kind, cfg, steps, length=50)
+            got = np.asarray(sample_loop_to_count(padded, x, noises))
+            assert_close(got, expected, 1e-6, f"padded {kind} {steps} steps")
+        assert PADDED_TRACES[0] - before == 1, f"one compiled loop for {kind}"
+
+
+PADDED_TRACES = [0]
+
+
+@jax.jit
+def sample_loop_to_count(schedule, x, noises):
+    PADDED_TRACES[0] += 1
+
+    def body(i, carry):
+        x, state = carry
+        return S.step(schedule, state, i, 0.5 * x + noises[i], x, noises[i])
+    return jax.lax.fori_loop(0, schedule.count, body, (x, S.init_state(schedule, x)))[0]

@@ -147,16 +147,16 @@ MODELS = {"sd15": SD15_PIA, "tiny": TINY, "toy": TOY}  # by name, for random-wei
 
 # The noise scheduler's config is stored with a model (config.json), so it lives with the model configs;
 # the schedulers themselves are pia_jax.sampling.schedulers.
-SCHEDULER_KINDS = ("ddim", "dpmpp_2m")
-_SCHEDULER_CHOICES = dict(
-    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
-    timestep_spacing=("leading", "trailing", "linspace"),
-    prediction_type=("epsilon", "v_prediction", "sample"),
-    solver_order=(1, 2),
-    algorithm_type=("dpmsolver++",),
-    solver_type=("midpoint", "heun"),
-    final_sigmas_type=("zero", "sigma_min"),
-)
+SCHEDULER_KINDS = ("ddim", "dpmpp_2m", "lcm", "euler")
+_SCHEDULER_CHOICES = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "solver_order": (1, 2),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint", "heun"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+}
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,11 @@ class SchedulerConfig:
     lower_order_final: bool = True
     euler_at_final: bool = False
     use_karras_sigmas: bool = False
-    final_sigmas_type: str = "zero"
+    final_sigmas_type: str = "zero"  # also Euler's
+    # LCM (multistep consistency sampling): timesteps are taken from this many evenly spaced "original" steps, and
+    # the boundary-condition scalings use timestep * timestep_scaling
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self):
         for key, allowed in _SCHEDULER_CHOICES.items():
@@ -189,9 +193,20 @@ class SchedulerConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose from {allowed}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"original_inference_steps must be in [1, {self.num_train_timesteps}], got "
+                             f"{self.original_inference_steps}")
+        if not self.timestep_scaling > 0:
+            raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
 
 
 PIA_DDIM = SchedulerConfig()
+# What a converted model directory stores, by the source's recommendation (convert_torch_weights.py --scheduler-config).
+# AnimateLCM and AnimateDiff-Lightning both say: the base model's scheduler config (SD1.5's: betas 0.00085-0.012)
+# with linear betas, i.e. PIA's; Lightning adds trailing timestep spacing, which its Euler sampler needs (for DDIM
+# it changes the timesteps too, as diffusers' from_config does). LCM's timesteps ignore the spacing keys.
+SCHEDULER_PRESETS = {"pia": PIA_DDIM, "animatelcm": PIA_DDIM,
+                     "lightning": dataclasses.replace(PIA_DDIM, timestep_spacing="trailing")}
 
 
 def to_dict(config) -> dict:
