@@ -74,3 +74,19 @@ def uninterrupted(tmp_path_factory):
     data = loader()
     result = loop.run(train_config(workdir, steps=STEPS), trainer(4, 2), data)
     return workdir, host(result.state.params), data.seen
+
+
+@pytest.fixture
+def executable_store(tmp_path):
+    """jax's persistent compilation cache pointed at a fresh folder for one test: the folder of the executables
+    stored beside it (pia_jax.compiled.store)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from pia_jax.compiled.store import FOLDER
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    compilation_cache.reset_cache()
+    yield tmp_path / "xla" / FOLDER
+    jax.config.update("jax_compilation_cache_dir", old)
+    compilation_cache.reset_cache()

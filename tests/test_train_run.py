@@ -11,10 +11,15 @@ import jax
 import numpy as np
 import pytest
 
+from pia_jax import compiled
+from pia_jax.compiled import store
+from pia_jax.sharding import make_mesh
 from pia_jax.training import loop, tasks
+from pia_jax.training import step as step_lib
 from pia_jax.training.checkpoint import Checkpointer, CheckpointError
 from pia_jax.weights.model_dir import flat_params, load_model_dir
 from tests.helpers import STEPS, encode_video, host, loader, max_rel, setup, train_config, trainer
+from tests.test_stored_executables import no_lowering
 
 
 class Hooked:
@@ -176,7 +181,7 @@ def test_pipelined_run_equals_the_synchronous_one(tmp_path, monkeypatch, capsys)
             return self.inner.step(state, batch)
 
     monkeypatch.setattr(loop.metrics_lib, "step_scalars", read)
-    hook = lambda count, batch: events.append("draw") or nan_at_batch(3)(count, batch)  # noqa: E731
+    hook = lambda count, batch: events.append("draw") or nan_at_batch(3)(count, batch)
     runs = {}
     for every in (1, STEPS):
         events.clear()
@@ -271,3 +276,27 @@ def test_trains_on_a_prepared_dataset(tmp_path):
     _, data_state = saved_params(tmp_path / "run", 2, trainer(4, 2))
     # 10 clips make one global batch of 8 per epoch (the partial one is dropped): two batches = two epochs done
     assert (data_state["epoch"], data_state["step"]) == (2, 0)
+
+
+def test_a_resumed_training_run_loads_its_step_and_ends_bit_identical(tmp_path, executable_store, uninterrupted,
+                                                                      monkeypatch, capsys):
+    """Steps 1-2 in one process, 3-4 after a restart with a fresh trainer (as train.py builds it): the step is loaded
+    from the store (not traced, lowered or compiled) with its FLOP count, and the weights equal the uninterrupted
+    run's to the bit. A changed optimizer setting is another program: it would compile."""
+    _, expected, _ = uninterrupted
+    devices = make_mesh(4, 2, devices=jax.devices()[:8])  # tasks.make_trainer: as train.py builds the trainer
+    loop.run(train_config(tmp_path, steps=2), tasks.make_trainer(train_config(tmp_path), devices), loader())
+    assert len(list(executable_store.glob("train_step-*.pkl"))) == 1
+    monkeypatch.setattr(compiled.Program, "lower", no_lowering)
+    monkeypatch.setattr(step_lib, "count_flops", no_lowering)
+    resumed = tasks.make_trainer(train_config(tmp_path), devices)
+    result = loop.run(train_config(tmp_path, steps=STEPS), resumed, loader())
+    assert (resumed.program.compiles, resumed.program.loaded) == (0, 1)
+    assert "loaded the stored step" in capsys.readouterr().out
+    got = host(result.state.params)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)  # bit-identical
+
+    other = tasks.make_trainer(train_config(tmp_path, **{"optim.lr": 2e-3}), devices).program
+    (key, (_, name, _)), = resumed.program.entries.items()
+    assert store.entry_name(other.fn, key, other.identity) != name
+    assert not (executable_store / f"{store.entry_name(other.fn, key, other.identity)}.pkl").exists()

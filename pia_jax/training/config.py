@@ -110,8 +110,8 @@ class TrainConfig:
     sigterm_exit_code: int = opt(0, "exit status after SIGTERM saved a checkpoint (e.g. 143 for supervisors that "
                                     "restart only failed jobs)")
     export_dtype: str = opt("fp16", "storage dtype of the exported model directory", tuple(DTYPES))
-    compilation_cache: str | None = opt(None, "a persistent XLA cache folder: a resumed run loads the compiled step "
-                                              "(tracing and lowering it still take their time)")
+    compilation_cache: str | None = opt(None, "a persistent XLA cache folder: the compiled step is stored there and "
+                                              "a resumed run loads it without tracing or compiling")
     model: ModelConfig = section(ModelConfig, "the model and what trains")
     data: DataConfig = section(DataConfig, "the clips")
     optim: OptimConfig = section(OptimConfig, "the optimizer")
@@ -181,6 +181,18 @@ FREE_ON_RESUME = ("workdir", "steps", "on_nonfinite", "on_change", "sigterm_exit
                   "compilation_cache", "data.workers", "mesh.", "checkpoint.", "log.", "validation.")
 FIXED_ON_RESUME = ("task", "model.model_dir", "model.init", "model.trainable",
                    "optim.ema_decay")  # on or off changes the optimizer state's structure
+
+
+# What the compiled step is made from, beside the model graphs and arrays it sees: the task (its loss), the
+# optimizer's settings (closed over by optax) and the model's build options. Not the weights' folder: the weights are
+# the step's arguments and their shapes and dtypes are checked apart (pia_jax.compiled.store).
+PROGRAM_SECTIONS = ("task", "optim.", "model.")
+
+
+def program_identity(cfg: TrainConfig) -> str:
+    """The training settings the compiled step depends on, as one line (the key of a stored step)."""
+    return repr(sorted((k, v) for k, v in flatten(cfg).items()
+                       if k.startswith(PROGRAM_SECTIONS) and k != "model.model_dir"))
 
 
 def changes(stored: dict, cfg: TrainConfig) -> tuple[list, list]:

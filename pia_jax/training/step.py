@@ -156,7 +156,10 @@ def train_step(graphs, tx, scheduler, scaling, shardings, mesh, state: TrainStat
 class Trainer:
     """The compiled step for one model setup, optimizer and mesh, and the placement of everything it takes."""
 
-    def __init__(self, setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, loss_fn=pia_loss):
+    def __init__(self, setup: Setup, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, loss_fn=pia_loss,
+                 identity: str | None = None):
+        """`identity`: what `tx` and `loss_fn` were made from (config.program_identity): given, the compiled step
+        is stored beside jax's compilation cache (when that is on), and a resumed run loads it (pia_jax.compiled)."""
         self.setup, self.tx, self.mesh = setup, tx, mesh
         self.param_shardings = param_shardings(setup.trainable, mesh)
         self.frozen_shardings = {part: param_shardings(flat, mesh) for part, flat in setup.frozen.items()}
@@ -173,8 +176,7 @@ class Trainer:
         self.program = compiled.Program(
             functools.partial(train_step, setup.graphs, *self._step_args, loss_fn=loss_fn), mesh,
             in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
-            out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-        self.flops = {}  # batch shape -> FLOPs per step
+            out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0, identity=identity)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (a restore target), computed without allocating anything."""
@@ -240,12 +242,11 @@ class Trainer:
 
     def count_flops(self, batch: dict) -> float:
         """Model FLOPs of one step on `batch`: all-XLA attention and no rematerialisation (see metrics.py)."""
-        key = _shape_key(batch)
-        if key not in self.flops:
+        def count():
             graphs = make_graphs(abstract_models(self.setup.config, self.setup.model, attention="xla", remat=False))
             step = functools.partial(train_step, graphs, *self._step_args, loss_fn=self._loss_fn)
-            self.flops[key] = count_flops(step, self.abstract_state(), self.frozen, batch)
-        return self.flops[key]
+            return count_flops(step, self.abstract_state(), self.frozen, batch)
+        return self.program.remember(_shape_key(batch), "flops", count)  # stored with the step: no trace on resume
 
 
 def _shape_key(batch: dict) -> tuple:

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from pia_jax import media
 from pia_jax.models.vae import sample_posterior
 from pia_jax.sampling import schedulers
+from pia_jax.training import config as config_lib
 from pia_jax.training import loop
 from pia_jax.training import state as state_lib
 from pia_jax.training.step import Trainer, diffusion_inputs, float_pixels, pia_loss
@@ -61,7 +62,8 @@ LOSSES = {"pia": pia_loss, "vae": vae_loss, "t2i": t2i_loss}  # one per task of 
 def make_trainer(cfg, mesh) -> Trainer:
     """The trainer of `cfg.task`: its setup (`state.build`) and its objective."""
     setup = state_lib.build(cfg.model, cfg.seed, task=cfg.task)
-    return Trainer(setup, state_lib.make_optimizer(cfg.optim), mesh, loss_fn=LOSSES[cfg.task])
+    return Trainer(setup, state_lib.make_optimizer(cfg.optim), mesh, loss_fn=LOSSES[cfg.task],
+                   identity=config_lib.program_identity(cfg))
 
 
 def latent_scale(trainer: Trainer, params: dict, batches) -> float:
