@@ -16,7 +16,7 @@ FLOORS = {
     "eval": 4, "data": 4,
     "training": 5,
     "toy": 6,
-    "cli": 7,
+    "cli": 7, "app": 7,
 }
 MAX_FUNCTION_LINES = 60
 
