@@ -9,6 +9,7 @@ A screenshot of the page after the generation goes to $PIA_APP_SCREENSHOT when s
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -51,12 +52,10 @@ def server(tmp_path_factory):
     """The app as a user starts it, in its own process: one CPU device (the tests' 8 fake ones are left out)."""
     _need("gradio", importlib.util.find_spec("gradio") is not None)
     out, port = tmp_path_factory.mktemp("app"), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    with open(out / "server.log", "w") as log:
+    with open(out / "server.log", "w") as log:  # a cache of its own, which the command lines it prints name
         proc = subprocess.Popen([sys.executable, "-m", "pia_jax.app", "--model", "models/toy", "--port", str(port),
-                                 "--out", str(out / "results"), "--compile-cache", "off"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 "--out", str(out / "results"), "--compile-cache", str(out / "cache")],
+                                cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_served(proc, url, out / "server.log")
@@ -64,6 +63,12 @@ def server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    return env
 
 
 def _wait_until_served(proc, url: str, log: Path, seconds: float = 120):
@@ -123,7 +128,8 @@ def test_the_page_animates_the_image_and_shows_its_parameters(server, tmp_path):
         with Image.open(_download(url, gif, tmp_path / "served.gif")) as im:
             assert im.n_frames == 8
         status = page.locator("#pia-status").inner_text()
-        assert re.search(r"compiled \d+ program\(s\) in [\d.]+s \(cache off\)", status), status
+        assert re.search(r"compiled \d+ program\(s\) in [\d.]+s \(cache .*: \d+ hit\(s\), \d+ miss\(es\)\)",
+                         status), status
         if os.environ.get("PIA_APP_SCREENSHOT"):
             page.evaluate("window.scrollTo(0, 0)")  # the click scrolled to the button
             page.screenshot(path=os.environ["PIA_APP_SCREENSHOT"])
@@ -163,6 +169,12 @@ def test_the_api_animates_and_reuses_the_compiled_programs(server, tmp_path):
         assert im.n_frames == 8
     assert records[1]["params"]["seed"] == 2 and records[1]["params"]["frames"] == 8
     assert "no compiling: the programs of an earlier request were reused" in records[1]["status"]
-    assert records[1]["command"].startswith("python sample.py --model")
+    # the command line the app prints makes the same video (its programs come from the app's compile cache)
+    argv = shlex.split(records[1]["command"])
+    assert argv[:2] == ["python", "sample.py"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli")
+    subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    (made,) = (tmp_path / "cli").glob("*.gif")
+    assert made.name == Path(gif).name and made.read_bytes() == Path(gif).read_bytes()
     with pytest.raises(AppError, match="the toy model does not know the words dog"):
         client.predict(handle_file(str(IMAGE)), "a red dog", settings, api_name="/animate")

@@ -172,7 +172,50 @@ def test_each_step_of_the_loop_is_reported_as_it_is_ready():
         for i in range(1, 4):
             step("denoise", i, 3)
         step("decode", 8, 8)
-    assert seen[:6] == [(0.0, "batch 1/2: encoding the prompt and image")] * 2 + [
-        ((1, 3), "batch 1/2: denoising"), ((2, 3), "batch 1/2: denoising"), ((3, 3), "batch 1/2: denoising"),
-        (1.0, "batch 1/2: decoded 8 frames")]
-    assert seen[6:8] == [(0.0, "batch 2/2: encoding the prompt and image")] * 2
+    assert seen[:5] == [(0.0, "batch 1/2: encoding the prompt and image"), ((1, 3), "batch 1/2: denoising"),
+                        ((2, 3), "batch 1/2: denoising"), ((3, 3), "batch 1/2: denoising"),
+                        (1.0, "batch 1/2: decoded 8 frames")]
+    assert seen[5:7] == [(0.0, "batch 2/2: encoding the prompt and image"), ((1, 3), "batch 2/2: denoising")]
+    assert len(seen) == 10
+
+
+class _TooLarge:
+    """An Animator stand-in whose memory plan refuses the batch, as Animator.plan_batch_size words it."""
+    compile_cache, compilations, compile_seconds, devices = None, 0, 0.0, 1
+
+    def plan_batch_size(self, videos, height, width, frames, *args, **kwargs):
+        raise ValueError(f"one {frames}-frame {width}x{height} video needs 80.0 GiB per device, 1.0 GiB are free; "
+                         "use fewer frames or a smaller size")
+
+
+def test_a_request_too_large_for_the_device_shows_the_batch_size_reason(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from pia_jax.app import ui
+    from pia_jax.app.runner import Runner
+    runner = Runner({"toy": TOY}, tmp_path / "out")
+    runner.animator, runner.loaded = _TooLarge(), "toy"
+    inputs = {k: object() for k in BASE}  # the page's controls, by request key
+    video, files, status, history = ui._generate(runner, inputs)({inputs[k]: v for k, v in BASE.items()})
+    assert status == ("**error:** one 8-frame 32x32 video needs 80.0 GiB per device, 1.0 GiB are free; use fewer "
+                      "frames or a smaller size")
+    assert video == files == history == gr.skip()  # the page keeps the last result
+    assert runner.history == [] and not (tmp_path / "out" / "0001").exists()
+
+
+def test_a_folder_of_models_is_a_picker_and_picking_unloads(tmp_path, capsys):
+    from pia_jax.app.__main__ import find_models, main
+    from pia_jax.app.runner import Runner
+    for name in ("b", "a"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    (tmp_path / "models" / "notes").mkdir()
+    models = find_models(tmp_path / "models")
+    assert list(models) == ["a", "b"] and find_models(TOY) == {"toy": TOY}
+    runner = Runner(models, tmp_path / "out")
+    runner.animator, runner.loaded = object(), "a"
+    assert runner.select("b") == f"model b selected ({tmp_path / 'models' / 'b'})"
+    assert runner.animator is None and runner.loaded is None
+    with pytest.raises(ValueError, match="unknown model 'c'; the app serves a, b"):
+        runner.select("c")
+    assert main(["--model", str(tmp_path / "models" / "notes")]) == 2  # refused before anything loads
+    assert "is neither a model directory (with config.json) nor a folder of them" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     demo = build(runner)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, allowed_paths=[str(Path(a.out).resolve())],
-                footer_links=["api"])
+                footer_links=["api"], show_error=True)  # an unexpected error's message (no traceback) in the page
     return 0
 
 

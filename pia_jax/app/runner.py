@@ -142,7 +142,9 @@ def _progress(report, batches: int):
     batch = [0]
 
     def step(phase, done, total):
-        batch[0] += phase == "encode" and done == 0
+        if phase == "encode" and done:
+            return  # the denoising steps follow at once
+        batch[0] += phase == "encode"
         where = f"batch {batch[0]}/{batches}: " if batches > 1 else ""
         if phase == "encode":
             report(0.0, where + "encoding the prompt and image")
@@ -172,6 +174,6 @@ def _status(seconds: dict, animator, compiled: int, compile_seconds: float, cach
         compiling = f"compiled {compiled} program(s) in {compile_seconds:.1f}s ({where})"
     else:
         compiling = "no compiling: the programs of an earlier request were reused"
-    load = f"loaded the model in {seconds['load']:.1f}s" if seconds["load"] else "model already loaded"
+    load = f"loaded the model in {seconds['load']:.1f}s" if seconds["load"] else "the model was in memory"
     sampling = " ".join(f"{k} {seconds.get(k, 0):.1f}s" for k in ("encode", "denoise", "decode"))
     return f"{load} | {compiling} | {sampling} | batch {batch} video(s) x {animator.devices} device(s)"

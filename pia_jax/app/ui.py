@@ -122,5 +122,6 @@ def build(runner: Runner) -> gr.Blocks:
                  api_visibility="undocumented", concurrency_limit=1, concurrency_id=DEVICE)
         model.change(_select(runner), model, [status, inputs["negative_prompt"]], api_visibility="private",
                      concurrency_limit=1, concurrency_id=DEVICE)
+        demo.load(lambda: render(runner.history), outputs=history, api_visibility="private", queue=False)
         _api(runner)
     return demo
