@@ -41,7 +41,19 @@ class GroupNorm(nnx.Module):
 
     With `frames` > 1 the statistics are pooled over each run of `frames` consecutive batch entries (the frames of
     one clip folded into the batch), which is what torch's GroupNorm computes on a (b, c, f, h, w) tensor.
+
+    The statistics take one pass over x: the sums of d = x - shift and of d^2 fuse into one reduction (XLA:GPU: one
+    kernel per norm instead of two), and E[d^2] - E[d]^2 loses about eps * (1 + (mean - shift)^2 / var) of the
+    variance to cancellation. The shift is the mean of every SHIFT_STRIDE-th spatial position (all the group's
+    channels there): for ANY data the mean of a 1/R subsample lies within sqrt(R * var) of the group's mean (its
+    squared deviation is at most the subsample's share of the sum of squares), so the loss stays below
+    eps * (1 + R) whatever the outliers or offsets. A single element as shift (the group's first value, before)
+    allowed (mean - shift)^2 / var up to the group size: a 100-sigma outlier there cost 1e-3; two passes in fp32
+    lose the mean itself at large DC offsets (1e-3 at mean 1e4); tests/test_groupnorm.py. The price, compiled for
+    an H100 (BENCHMARKS.md): a small reduction of 1/R of x per norm, ~1.5 extra small kernels, memory unchanged.
     """
+
+    SHIFT_STRIDE = 32  # R: the worst case above stays within 6e-6 of float64 (measured); 1/32 of x read once more
 
     def __init__(self, num_groups, num_channels, eps, *, dtype=jnp.float32, param_dtype=jnp.float32):
         if num_channels % num_groups:
@@ -52,12 +64,10 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x, frames: int = 1):
         c = x.shape[-1]
-        x_BxSxGxK = x.reshape(x.shape[0] // frames, -1, self.num_groups, c // self.num_groups).astype(jnp.float32)
-        # One pass over x: the sums of d = x - shift and of d^2 fuse into one reduction. With shift = the group's
-        # first value, E[d^2] - E[d]^2 loses ~eps * (1 + (mean - shift)^2 / var) of the variance: O(eps) for any
-        # sample of the group, where unshifted sums would lose eps * mean^2 / var.
-        shift = jax.lax.stop_gradient(x_BxSxGxK[:, :1, :, :1])  # mean and variance do not depend on it
-        d = x_BxSxGxK - shift
+        x_BxSxGxK = x.reshape(x.shape[0] // frames, -1, self.num_groups, c // self.num_groups)
+        sample = x_BxSxGxK[:, ::self.SHIFT_STRIDE].astype(jnp.float32)
+        shift = jax.lax.stop_gradient(sample.mean(axis=(1, 3), keepdims=True))  # mean and variance do not depend on it
+        d = x_BxSxGxK.astype(jnp.float32) - shift
         m1, m2 = d.mean(axis=(1, 3), keepdims=True), jnp.square(d).mean(axis=(1, 3), keepdims=True)
         var = jnp.maximum(m2 - jnp.square(m1), 0.0)
         y = ((d - m1) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
