@@ -94,8 +94,15 @@ def test_sample_cli_reads_and_writes_a_bucket(gcs, tmp_path_factory, capsys):
     epath.Path("gs://bucket/in/cat.png").write_bytes(png.getvalue())
     args = ["--image", "gs://bucket/in/cat.png", "--prompt", "a cat", "--frames", "3", "--steps", "1", "--size",
             "24", "--no-progress", "--format", "gif,png", "--save-noise", "--out", "gs://bucket/out/cat.gif"]
-    assert sample.main(["--model", str(model), *args]) == 0
+    from pia_jax.sampling import compile_cache
+    try:  # the compilation cache and the stored executables on the bucket too (a pod's hosts can share them)
+        assert sample.main(["--model", str(model), *args, "--compile-cache", "gs://bucket/cache"]) == 0
+        assert jax.config.jax_compilation_cache_dir == "gs://bucket/cache"
+    finally:
+        compile_cache.enable("off")
     assert "wrote gs://bucket/out/cat.gif" in capsys.readouterr().out
+    stored = [k for k in gcs if k.startswith("bucket/cache/pia_jax_executables/")]
+    assert len(stored) == 3 and all(k.endswith(".pkl") for k in stored)  # encode, denoise, decode
     assert sorted(k for k in gcs if k.startswith("bucket/out/")) == [
         "bucket/out/cat.gif", "bucket/out/cat_frames/0000.png", "bucket/out/cat_frames/0001.png",
         "bucket/out/cat_frames/0002.png", "bucket/out/cat_noise.npy", "bucket/out/cat_posterior_noise.npy"]

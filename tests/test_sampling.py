@@ -238,19 +238,24 @@ def test_an_animator_changes_no_process_settings(tiny, tmp_path, monkeypatch):
 
 
 def test_persistent_compilation_cache(tiny, tmp_path):
-    """A second animator (a new process, as far as jax's in-memory caches go) loads every program from the cache."""
+    """A second animator (a new process, as far as jax's in-memory caches go) compiles nothing: its three programs
+    are loaded as stored executables (pia_jax.compiled.store: no tracing or lowering), and the videos are equal."""
     from pia_jax.sampling import compile_cache
     img, mask = image(4)[None, :16, :24], affinity.preset_affinity("small", 2)[None]
     try:
-        runs = []
+        runs, animators = [], []
         for _ in range(2):
             jax.clear_caches()
-            animator = Animator.load(tiny[0], compile_cache_dir=tmp_path / "xla")
-            runs.append(animator(img, ["hello"], ["cat"], mask, SampleOptions(steps=2), seeds=[1]))
+            animators.append(Animator.load(tiny[0], compile_cache_dir=tmp_path / "xla"))
+            runs.append(animators[-1](img, ["hello"], ["cat"], mask, SampleOptions(steps=2), seeds=[1]))
     finally:
         compile_cache.enable("off")
-    assert runs[0].cache["misses"] >= 3 and runs[1].cache["misses"] == 0 and runs[1].cache["hits"] >= 3
-    assert list((tmp_path / "xla").glob("jit__denoise_fn-*"))
+    programs = lambda a: (a._encode, a._denoise, a._decode)  # noqa: E731
+    assert [(p.compiles, p.loaded) for p in programs(animators[0])] == [(1, 0)] * 3
+    assert [(p.compiles, p.loaded) for p in programs(animators[1])] == [(0, 1)] * 3
+    assert runs[0].cache["misses"] >= 3 and runs[1].cache["misses"] == 0
+    assert list((tmp_path / "xla").glob("jit__denoise_fn-*"))  # jax's own cache has them too
+    assert len(list((tmp_path / "xla" / "pia_jax_executables").glob("*.pkl"))) == 3
     np.testing.assert_array_equal(runs[0].videos, runs[1].videos)
 
 

@@ -3,7 +3,8 @@ architecture, shapes and jax version loads them instead of compiling (seconds in
 
 On by default for the CLIs (sample.py, evaluate.py, `python -m pia_jax.toy`; an `Animator` built in a user's
 program leaves jax's settings alone unless given `compile_cache_dir`): `$PIA_JAX_CACHE_DIR` if set ('off' disables
-it), else `$XDG_CACHE_HOME/pia_jax/xla` (`~/.cache/pia_jax/xla`). A cache folder the user already gave jax
+it), else `$XDG_CACHE_HOME/pia_jax/xla` (`~/.cache/pia_jax/xla`); an object-store URL (gs://bucket/cache) works too,
+as jax reads and writes it through etils (a pod's hosts can share one). A cache folder the user already gave jax
 (`jax_compilation_cache_dir`) is left as it is. Hits and misses are counted from jax's monitoring events.
 
 jax 0.10 writes no cache entry for a program holding a host callback (jax/_src/compiler.py `_cache_write`), which
@@ -36,8 +37,8 @@ def default_dir() -> Path | None:
 def check(where="default"):
     """ValueError, before any work, when the cache folder `enable(where)` would use cannot be made: it, or its
     nearest existing ancestor, is a file (jax would fail on it once the model is loaded)."""
-    if where is None or str(where).lower() == "off":
-        return
+    if where is None or str(where).lower() == "off" or not files.is_local(where):
+        return  # an object store (gs://...): jax and the executable store write there through etils
     path = default_dir() if where == "default" else Path(where).expanduser()
     found = path and files.nearest_existing(path)
     if found and not found.is_dir():
@@ -61,7 +62,7 @@ def enable(where="default") -> str | None:
     if where is None or current and current != _ours:  # the user's own choice wins
         return current
     path = None if str(where).lower() == "off" else (
-        default_dir() if where == "default" else Path(where).expanduser())
+        default_dir() if where == "default" else Path(where).expanduser() if files.is_local(where) else where)
     from jax.experimental.compilation_cache import compilation_cache
     if path is None:
         if current:  # ours: turn it off
@@ -70,7 +71,8 @@ def enable(where="default") -> str | None:
             _ours = None
         return None
     if str(path) != current:
-        path.mkdir(parents=True, exist_ok=True)
+        if files.is_local(path):  # an object store has no folders to make
+            path.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the sampler's small programs too
         compilation_cache.reset_cache()  # so a cache first looked up without a folder now uses this one
