@@ -116,6 +116,8 @@ def test_the_page_animates_the_image_and_shows_its_parameters(server, tmp_path):
         page.locator("#pia-steps input").fill("4")
         page.locator("#pia-guidance input").fill("4")  # as the README's toy command
         page.locator("#pia-generate").click()
+        # the progress bar: the runner's reports reach the page (compiling takes seconds; the steps go by fast)
+        page.get_by_text("compiling the sampler").first.wait_for(timeout=60_000)
         video = page.locator("#pia-video video")
         video.wait_for(timeout=180_000)  # the first request compiles the sampler (~15-30 s on 2 shared cores)
         served = page.request.get(video.get_attribute("src"))

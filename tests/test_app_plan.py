@@ -13,6 +13,7 @@ import pytest
 
 import sample
 from pia_jax.app import plan
+from pia_jax.models.config import opt
 from pia_jax.sampling import cases
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT
 
@@ -143,13 +144,21 @@ def test_every_option_gets_a_control_in_one_section(monkeypatch):
                      "motion": gr.Dropdown}
     assert controls.control("scheduler").choices == [(k, k) for k in cases.SampleOptions.__dataclass_fields__[
         "scheduler"].metadata["choices"]]
+    if "context_mode" in plan.FIELDS:  # being added (unset: the sampler picks): a blank choice leaves it unset
+        mode = controls.control("context_mode")
+        assert mode.choices[0] == ("not given", "") and mode.value == ""
+        assert plan.typed({"context_mode": ""})["context_mode"] is None
     # an option declared tomorrow appears under "More options", from its declaration alone
-    new = dataclasses.field(default="a", metadata={"help": "a new option", "choices": ("a", "b")})
-    new.name, new.type = "new_option", str
-    monkeypatch.setitem(plan.FIELDS, "new_option", new)
-    monkeypatch.setattr(cases, "value_type", lambda f: str if f is new else type(f.default))
+    @dataclasses.dataclass(frozen=True)
+    class Tomorrow(cases.Settings):
+        new_option: str | None = opt(None, "a new option", ("a", "b"))
+
+    monkeypatch.setattr(cases, "Settings", Tomorrow)
+    monkeypatch.setitem(plan.FIELDS, "new_option", dataclasses.fields(Tomorrow)[-1])
     assert "new_option" in controls.sections()[controls.OTHER]
-    assert controls.control("new_option").choices == [("a", "a"), ("b", "b")]
+    new = controls.control("new_option")
+    assert new.choices == [("not given", ""), ("a", "a"), ("b", "b")] and new.info == "a new option (--new-option)"
+    assert plan.typed({"new_option": "b"})["new_option"] == "b"
 
 
 def test_bad_input_is_refused_before_the_model_loads(tmp_path):

@@ -9,12 +9,13 @@ from pia_jax.app import plan
 from pia_jax.sampling import cases
 from pia_jax.sampling.affinity import PRESETS
 
-# Where a field goes on the page; a field not named here goes to OTHER.
+# Where a field goes on the page (a name not declared is passed over); a field not named here goes to OTHER.
 SECTIONS = {
     "Motion": ("motion", "affinity", "cond_frame"),
     "Sampling": ("scheduler", "steps", "guidance", "strength", "eta", "karras", "clip_skip"),
     "Video": ("frames", "size", "height", "width"),
-    "Long videos": ("context_length", "context_stride", "context_weighting", "window_batch", "free_noise"),
+    "Long videos": ("context_length", "context_mode", "context_stride", "context_weighting", "window_batch",
+                    "free_noise"),
 }
 OTHER = "More options"
 PROMPT_FIELDS = ("negative_prompt",)  # beside the prompt, not in a section
@@ -42,8 +43,9 @@ def control(k: str, value=None) -> gr.components.Component:
     tp = cases.value_type(f)
     if k == "motion":  # its declaration takes a name or a PIA index; the page offers the names
         return gr.Dropdown([p.name for p in PRESETS], value=value, **common)
-    if choices is not None:
-        return gr.Dropdown(list(choices), value=value, **common)
+    if choices is not None:  # an option that may be left unset gets a blank choice: 'not given'
+        unset = [("not given", "")] if plan.nullable(f) else []
+        return gr.Dropdown(unset + [(str(c), c) for c in choices], value="" if value is None else value, **common)
     if tp is bool:
         return gr.Checkbox(value=value, **common)
     if tp in (int, float) and value is not None:  # no rounding: plan.typed refuses 8.5 frames rather than make 8

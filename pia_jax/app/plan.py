@@ -40,6 +40,11 @@ def defaults() -> dict:
 _MUST = {bool: "true or false", str: "text", int: "an integer", float: "a number"}
 
 
+def nullable(f) -> bool:
+    """Whether a Settings field may be left unset (None)."""
+    return type(None) in typing.get_args(typing.get_type_hints(cases.Settings)[f.name])
+
+
 def _number(text: str):
     try:
         return int(text)
@@ -77,9 +82,7 @@ def typed(request: dict) -> dict:
         if k in RUN:
             out[k] = _typed_value(k, value, RUN[k][1], nullable=RUN[k][0] is None)
         else:
-            f = FIELDS[k]
-            nullable = type(None) in typing.get_args(typing.get_type_hints(cases.Settings)[f.name])
-            out[k] = _typed_value(k, value, cases.value_type(f), nullable)
+            out[k] = _typed_value(k, value, cases.value_type(FIELDS[k]), nullable(FIELDS[k]))
     return out
 
 
