@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pia_jax.models.config import DTYPES
+from pia_jax.models.config import DTYPES, SCHEDULER_PRESETS
 from pia_jax.weights.convert.build import Request, convert
 
 
@@ -51,12 +51,15 @@ def parse(argv=None) -> Request:
     p.add_argument("--norm-semantics", choices=("pia", "diffusers"), default="pia",
                    help="GroupNorm statistics as PIA trained them (default) or as diffusers' UNetMotionModel computes")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="storage dtype of the weights")
+    p.add_argument("--scheduler-config", choices=list(SCHEDULER_PRESETS),
+                   help="the scheduler config stored with the model: pia (DDIM), animatelcm (for --scheduler lcm), "
+                        "lightning (trailing spacing, for --scheduler euler); default: by the motion file's name")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
     return Request(base=a.base, motion=a.motion, out=a.out, vae=a.vae, loras=tuple(a.lora), config_from=a.config_from,
                    conv_in=a.conv_in, legacy_lora_alpha=a.legacy_lora_alpha, extract_ema=a.extract_ema,
                    widen_conv_in=a.widen_conv_in, motion_heads=a.motion_heads, norm_semantics=a.norm_semantics,
-                   dtype=a.dtype, force=a.force)
+                   dtype=a.dtype, force=a.force, scheduler_config=a.scheduler_config)
 
 
 def main(argv=None) -> int:

@@ -394,15 +394,15 @@ class Animator:
         options.check_frames(f, self.config)
         if seeds is not None and len(seeds) != b:
             raise ValueError(f"{b} videos need {b} seeds, got {len(seeds)}")
-        if seeds is None and (noise is None or posterior_noise is None or options.eta > 0):
-            raise ValueError("pass seeds (one per video) or both noise arrays (and seeds for eta > 0)")
+        if seeds is None and (noise is None or posterior_noise is None or options.step_noise):
+            raise ValueError("pass seeds (one per video) or both noise arrays (and seeds for eta > 0 or lcm)")
         return _Call(b, f, height, width, images.astype(np.float32) / 255 * 2 - 1, affinity, nearest,
                      0 if keyframes is None else len(keyframes))
 
     def _noise(self, call: _Call, options: SampleOptions, seeds, noise, posterior_noise):
         """-> (initial noise, posterior noise, DDIM step-noise keys) per video: from its seed, unless given."""
         b, shape = call.videos, self.config.vae.latent_shape(call.height, call.width, call.frames)
-        keys = np.zeros((b, 2), np.uint32)  # DDIM step noise is multiplied by 0 when eta = 0: any key will do
+        keys = np.zeros((b, 2), np.uint32)  # unused without step noise (eta 0, not lcm): any key will do
         if seeds is not None:
             drawn_noise, drawn_post, keys = noise_lib.draw(seeds, shape)
             if noise is None and options.free_noise != "none":  # FreeNoise: the windows repeat the first's noise

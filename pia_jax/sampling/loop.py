@@ -63,7 +63,7 @@ def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_ima
     cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame (keyframes) or video
     noised = schedulers.add_noise_start(schedule, jnp.broadcast_to(cond, noise_BxFxhxwxc.shape),
                                         noise_BxFxhxwxc)
-    latents = jnp.where(from_image, noised, noise_BxFxhxwxc)
+    latents = jnp.where(from_image, noised, schedulers.initial_noise(schedule, noise_BxFxhxwxc))  # Euler scales it
     return latents, schedulers.init_state(schedule, latents)
 
 

@@ -41,8 +41,9 @@ class SampleOptions:
     `scheduler`, `clip_skip`, `decode_chunk`, the window fields but `free_noise`, and whether guidance is on (> 1)
     shape the compiled programs; everything else is their data: changing it compiles nothing."""
     steps: int = opt(25, "denoising steps")
-    scheduler: str = opt("ddim", "the sampler (pia_jax.sampling.schedulers; the model directory holds its config)",
-                         SCHEDULER_KINDS)
+    scheduler: str = opt("ddim", "the sampler (pia_jax.sampling.schedulers; the model directory holds its config): "
+                                 "lcm for AnimateLCM (4-8 steps, guidance 1-2), euler for AnimateDiff-Lightning "
+                                 "(its 2/4/8 steps, guidance 1)", SCHEDULER_KINDS)
     karras: bool = opt(False, "Karras sigmas (dpmpp_2m)")
     guidance_scale: float = opt(7.5, "classifier-free guidance scale (<= 1: off, a batch of half the size)",
                                 key="guidance")
@@ -63,6 +64,11 @@ class SampleOptions:
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1
+
+    @property
+    def step_noise(self) -> bool:
+        """Whether the sampler draws noise between steps (DDIM with eta > 0, LCM), from each video's seed."""
+        return self.eta > 0 or self.scheduler == "lcm"
 
     def window(self, num_frames: int, max_positions: int) -> WindowSchedule | None:
         """The context-window schedule for a video of `num_frames` frames, or None (the UNet sees every frame)."""
@@ -101,13 +107,13 @@ class SampleOptions:
         """Raises ValueError naming the option when this model cannot sample with these options."""
         from pia_jax.sampling.schedulers import check_steps  # the module imports jax; check_steps needs none
         self.check_choices()
-        check_steps(scheduler, self.steps, self.strength)
+        check_steps(scheduler, self.steps, self.strength, self.scheduler)
         if not self.eta >= 0:  # also NaN
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.eta > 0 and self.scheduler != "ddim":
             raise ValueError(f"eta (DDIM noise) has no effect with the {self.scheduler} scheduler; leave it at 0")
-        if self.karras and self.scheduler == "ddim":
-            raise ValueError("Karras sigmas apply to the dpmpp_2m scheduler, not ddim")
+        if self.karras and self.scheduler != "dpmpp_2m":
+            raise ValueError(f"Karras sigmas apply to the dpmpp_2m scheduler, not {self.scheduler}")
         if not np.isfinite(self.guidance_scale):
             raise ValueError(f"guidance must be a finite number, got {self.guidance_scale}")
         layers = config.text.num_hidden_layers

@@ -29,7 +29,7 @@ from pia_jax import weights
 from pia_jax.models import config as config_lib
 from pia_jax.models.abstract import abstract_model
 from pia_jax.weights import WeightLoadError, model_dir
-from pia_jax.weights.convert import animatediff, ldm, lora
+from pia_jax.weights.convert import animatediff, ldm, lora, presets
 from pia_jax.weights.convert import diffusers_folder as dfolder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -51,6 +51,7 @@ class Request:
     norm_semantics: str = "pia"
     dtype: str = "fp32"
     force: bool = False
+    scheduler_config: str | None = None  # a SCHEDULER_PRESETS name; None: by the motion file's name (presets.py)
 
 
 def _need(path: Path | None, what: str, folder_ok: bool):
@@ -76,6 +77,7 @@ def check_request(req: Request):
     if req.conv_in not in ("auto", "base", "motion"):
         raise ValueError(f"conv_in must be auto, base or motion, got {req.conv_in!r}")
     config_lib.dtype(req.dtype)  # raises for a name outside the vocabulary
+    presets.scheduler_preset(req.motion, req.scheduler_config)
     if req.norm_semantics not in config_lib.NORM_SEMANTICS:
         raise ValueError(f"norm semantics must be one of {sorted(config_lib.NORM_SEMANTICS)}")
     _need(req.base, "base model", folder_ok=True)
@@ -318,8 +320,11 @@ def _convert(req: Request, sources: Sources, log) -> Path:
                                   report["mapping"]["ignored"])
     report["converted"] = {part: len(v) for part, v in flat.items()}
     log(ignored_summary(report))
+    preset = presets.scheduler_preset(req.motion, req.scheduler_config)
+    log(f"scheduler config: {preset} ({'given' if req.scheduler_config else 'by the motion name'})")
     out = model_dir.save_model_dir(req.out, cfg, flat, tokenizer=tokenizer_dir,
-                                   scheduler=config_lib.to_dict(config_lib.PIA_DDIM), sources=sources.records,
+                                   scheduler=config_lib.to_dict(config_lib.SCHEDULER_PRESETS[preset]),
+                                   sources=sources.records,
                                    report=report, dtype=req.dtype, force=req.force)
     log(f"wrote {out} ({', '.join(f'{k} {v} tensors' for k, v in report['converted'].items())}, {req.dtype}) "
         f"in {time.perf_counter() - start:.1f} s")
