@@ -51,6 +51,9 @@ class UNetConfig:
     motion_max_seq_length: int = 32
     motion_mid_block: bool = False  # AnimateDiff v2 motion modules have one; PIA has not
     norm_semantics: str = "pia"
+    # IP-Adapter image tokens appended to each spatial cross-attention's context (decoupled attention with
+    # to_k_ip/to_v_ip; `pia_jax.models.ip_adapter`); 0: no IP-Adapter, no such parameters
+    ip_adapter_tokens: int = 0
 
     def __post_init__(self):
         if self.norm_semantics not in NORM_SEMANTICS:
@@ -98,10 +101,54 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP vision tower (field names as in transformers' CLIPVisionConfig); ViT-L/14 (OpenAI) by default."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # OpenAI's towers; OpenCLIP's (LAION) use exact "gelu"
+
+    def __post_init__(self):
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"hidden_act must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
+
+
+# OpenCLIP ViT-H/14 (laion2B), IP-Adapter SD1.5's image encoder (h94/IP-Adapter models/image_encoder)
+VIT_H_14 = VisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                        hidden_act="gelu")
+
+
+@dataclass(frozen=True)
+class IPAdapterConfig:
+    """IP-Adapter (SD1.5): the image tower (transformers' CLIPVisionModelWithProjection) whose `image_embeds`
+    the projection turns into `num_tokens` context tokens for the UNet's cross-attentions."""
+    image_encoder: VisionConfig = field(default_factory=lambda: VIT_H_14)
+    image_embed_dim: int = 1024  # the tower's projection_dim: image_proj's input
+    num_tokens: int = 4
+    cross_attention_dim: int = 768
+    # CLIPImageProcessor's defaults, which diffusers' pipelines use for the image encoder
+    resize: int = 224
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
 class PIAConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    ip_adapter: IPAdapterConfig | None = None  # with it, the optional parts image_encoder and image_proj
+
+    def __post_init__(self):
+        ip = self.ip_adapter
+        if self.unet.ip_adapter_tokens != (ip.num_tokens if ip else 0) or (
+                ip and ip.cross_attention_dim != self.unet.cross_attention_dim):
+            raise ValueError(f"unet.ip_adapter_tokens ({self.unet.ip_adapter_tokens}) and cross_attention_dim must "
+                             f"match the ip_adapter section ({ip})")
 
 
 SD15_PIA = PIAConfig()

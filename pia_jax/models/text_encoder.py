@@ -20,6 +20,10 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+# transformers' `hidden_act` names of the activations CLIP towers use; "gelu" is the exact (erf) form
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, mk: Builder, config: TextConfig):
         embed = lambda n: nnx.Embed(n, config.hidden_size, dtype=mk.dtype, param_dtype=mk.param_dtype, rngs=mk.rngs)
@@ -57,23 +61,25 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, mk: Builder, dim: int, inner: int):
+    def __init__(self, mk: Builder, dim: int, inner: int, act: str = "quick_gelu"):
         self.fc1 = mk.linear(dim, inner)
         self.fc2 = mk.linear(inner, dim)
+        self.act = ACTIVATIONS[act]
 
     def __call__(self, x):
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). `config` is either tower's config
-    (the fields hidden_size, intermediate_size, num_attention_heads, layer_norm_eps)."""
+    (the fields hidden_size, intermediate_size, num_attention_heads, layer_norm_eps; hidden_act where it has one,
+    else quick_gelu, the text tower's)."""
 
     def __init__(self, mk: Builder, config: TextConfig, kernel: str, causal: bool = True):
         dim, eps = config.hidden_size, config.layer_norm_eps
         self.self_attn = CLIPAttention(mk, dim, config.num_attention_heads, kernel, causal)
         self.layer_norm1 = mk.layer_norm(dim, eps)
-        self.mlp = CLIPMLP(mk, dim, config.intermediate_size)
+        self.mlp = CLIPMLP(mk, dim, config.intermediate_size, getattr(config, "hidden_act", "quick_gelu"))
         self.layer_norm2 = mk.layer_norm(dim, eps)
 
     def __call__(self, x):
