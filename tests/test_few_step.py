@@ -59,7 +59,8 @@ def downloads(tmp_path_factory):
     lcm_dir = root / "AnimateLCM"
     lcm = tm.write_motion_adapter(lcm_dir, UNET, seed=1)
     state = {k: v.detach().clone() for k, v in lcm.state_dict().items()}
-    torch.save(ldm_writer.animatediff_checkpoint(state, UNET.motion_max_seq_length), lcm_dir / "AnimateLCM_sd15_t2v.ckpt")
+    torch.save(ldm_writer.animatediff_checkpoint(state, UNET.motion_max_seq_length),
+               lcm_dir / "AnimateLCM_sd15_t2v.ckpt")
     unet_sd = numpy_state(models["unet"])
     targets = [m for m in unet_sd if m.endswith(".weight") and m[:-7].endswith(LCM_LORA_TARGETS)]
     save_file(kohya(unet_sd, "lora_unet", [m[:-7] for m in targets], seed=2, rank=4, alpha=0.5, conv_rank=4,
@@ -182,3 +183,46 @@ def test_scheduler_config_choice(downloads):
     assert scheduler_preset(root / "animatediff_lightning_8step_comfyui.safetensors", "pia") == "pia"
     with pytest.raises(SystemExit):
         convert_torch_weights.parse(["--base", "b", "--motion", "m", "--out", "o", "--scheduler-config", "lcm"])
+
+
+def test_pia_image_animation_with_lcm_matches_diffusers(tmp_path, monkeypatch):
+    """PIA models may sample with lcm too (no distilled PIA weights exist: this checks the plumbing, not quality): a
+    small random PIA model (9-channel conv_in, no mid-block motion module), 4 LCM steps at guidance 2, against
+    diffusers' PIAPipeline with LCMScheduler, our initial noise, posterior noise and step noise. Float frames within
+    1e-4 of the range, as tests/test_sampling.py (~20 network evaluations of ~1e-6 each; measured 1.3e-6)."""
+    from diffusers import LCMScheduler, PIAPipeline
+    from diffusers.schedulers import scheduling_lcm
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    from pia_jax.sampling import Animator, SampleOptions, affinity
+    from tests.assets import write_vocab
+    from tests.oracle import assert_close
+
+    cfg = dataclasses.replace(CFG, unet=dataclasses.replace(UNET, in_channels=9, motion_mid_block=False))
+    write_vocab(tmp_path / "tokenizer")
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+    unet, vae, text = tm.unet_motion(cfg.unet, seed=4), tm.vae(cfg.vae, seed=5), tm.clip_text(cfg.text, seed=6)
+    path = tm.write_model_dir(tmp_path / "pia", cfg, unet, vae, text, tmp_path / "tokenizer")
+    img = np.random.default_rng(2).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    shape = cfg.vae.latent_shape(H, W, FRAMES)
+    noise = np.random.default_rng(6).standard_normal((1,) + shape).astype(np.float32)
+    post = torch.randn((1, 4) + shape[1:3], generator=torch.Generator().manual_seed(13))  # the posterior's draw
+    post = post.numpy().transpose(0, 2, 3, 1)
+    got = Animator.load(path)(img[None], [PROMPT], [NEGATIVE], affinity.preset_affinity("small", FRAMES)[None],
+                              SampleOptions(steps=4, scheduler="lcm", guidance_scale=2.0), seeds=[SEED],
+                              noise=noise, posterior_noise=post, float_frames=True)
+
+    keys = noise_lib.draw([SEED], shape)[2]
+    draws = iter([np.asarray(noise_lib.step_noise(keys, i, shape)).transpose(0, 4, 1, 2, 3) for i in range(3)])
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(draws).copy()))
+    pipe = PIAPipeline(vae=vae, text_encoder=text, unet=unet,
+                       tokenizer=CLIPTokenizer.from_pretrained(str(tmp_path / "tokenizer")),
+                       scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear"))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(image=Image.fromarray(img), prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=FRAMES,
+                        height=H, width=W, num_inference_steps=4, guidance_scale=2.0, motion_scale=0,
+                        generator=torch.Generator().manual_seed(13), output_type="np",
+                        latents=torch.from_numpy(noise.transpose(0, 4, 1, 2, 3))).frames
+    assert_close(got.videos, np.asarray(expected), 1e-4, "PIA with lcm vs PIAPipeline")
