@@ -14,6 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from pia_jax import quiet
+
+quiet.command_line()  # before the imports below load jax (XLA reads its log level then)
+
 from pia_jax import files, media
 from pia_jax.eval import bench
 from pia_jax.eval.clip_dir import ClipDirError, convert_clip, read_clip_config
@@ -103,8 +107,6 @@ def check_bench(a) -> tuple[list, dict | None]:
 
 
 def main(argv=None) -> int:
-    from pia_jax.models.tokenizer import quiet_advice
-    quiet_advice()  # a command line may change the process's logging; the library does not
     a = build_parser().parse_args(argv)
     try:
         if a.command == "convert-clip":

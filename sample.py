@@ -113,8 +113,8 @@ def attach_values(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from pia_jax.models.tokenizer import quiet_advice
-    quiet_advice()  # a command line may change the process's logging; the library does not
+    from pia_jax import quiet
+    quiet.command_line()  # before jax loads; a command line may change the process's logging, the library does not
     a = build_parser().parse_args(attach_values(sys.argv[1:] if argv is None else list(argv)))
     start = time.perf_counter()
     try:

@@ -124,9 +124,9 @@ def _check_dataset(cfg):
 
 
 def main(argv=None) -> int:
+    from pia_jax import quiet
+    quiet.command_line()  # before jax loads; a command line may change the process's logging, the library does not
     args = parse_args(argv)
-    from pia_jax.models.tokenizer import quiet_advice
-    quiet_advice()  # a command line may change the process's logging; the library does not
     from pia_jax.training import config as config_lib
     try:
         cfg = config_lib.check(config_lib.load(args.config, args.overrides), data=not args.export)

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # room -> floor; an import may go to a room on its own floor only inside that room.
 FLOORS = {
-    "models": 1, "files": 1, "sharding": 1,
+    "models": 1, "files": 1, "sharding": 1, "quiet": 1,
     "weights": 2, "media": 2, "compiled": 2,
     "sampling": 3,
     "eval": 4, "data": 4,

@@ -54,9 +54,9 @@ def check(a) -> dict:
 
 
 def main(argv=None) -> int:
+    from pia_jax import quiet
+    quiet.command_line()  # before jax loads; a command line may change the process's logging, the library does not
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from pia_jax.models.tokenizer import quiet_advice
-    quiet_advice()
     a = build_parser().parse_args(argv)
     try:
         models = check(a)

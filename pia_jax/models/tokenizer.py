@@ -17,12 +17,6 @@ def _is_tokenizer_dir(path: Path) -> bool:
     return any(all((path / name).is_file() for name in files) for files in _FILE_SETS)
 
 
-def quiet_advice() -> None:
-    """For command lines only (it sets a process-wide variable): hides transformers' advisory warnings, e.g. its
-    'PyTorch was not found' on every run, which says nothing about a tokenizer (all pia-jax asks of it)."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
 def load_tokenizer(path):
     """Loads a `CLIPTokenizer` from `path`: the folder holding vocab.json + merges.txt (or tokenizer.json), or a
     diffusers model folder whose `tokenizer/` subfolder holds them."""

@@ -35,6 +35,8 @@ def check_toy_model(path, animator: bool) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from pia_jax import quiet
+    quiet.command_line()  # before jax loads; a command line may change the process's logging, the library does not
     p = argparse.ArgumentParser(prog="python -m pia_jax.toy", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run every stage of the toy recipe not yet done under --out")
@@ -51,8 +53,6 @@ def main(argv=None) -> int:
                     help="follow 25-step DDIM trajectories from noise instead (PIA models), measuring each step's x0")
     pr.add_argument("--guidance", type=float, nargs="+", default=[1.0, 4.0], help="with --trajectory: the scales")
     args = p.parse_args(argv)
-    from pia_jax.models.tokenizer import quiet_advice
-    quiet_advice()  # a command line may change the process's logging; the library does not
     from pia_jax.sampling import compile_cache
     compile_cache.enable("default")  # the sampler's programs are kept on disk (a library's Animator leaves it off)
 
