@@ -5,6 +5,11 @@
   # a civitai DreamBooth model + PIA + a LoRA at 0.8
   python convert_torch_weights.py --base rcnzCartoon3d_v10.safetensors --config-from stable-diffusion-v1-5 \
       --motion pia.ckpt --lora my_style.safetensors:0.8 --out models/pia-cartoon --dtype bf16
+  # AnimateDiff v2 text-to-video with a camera motion LoRA; v3 with its adapter LoRA
+  python convert_torch_weights.py --base stable-diffusion-v1-5 --motion mm_sd_v15_v2.ckpt \
+      --motion-lora v2_lora_ZoomIn.ckpt:0.8 --out models/animatediff-v2-zoom
+  python convert_torch_weights.py --base stable-diffusion-v1-5 --motion v3_sd15_mm.ckpt \
+      --lora v3_sd15_adapter.ckpt --out models/animatediff-v3
 
 See README.md for every option and `pia_jax/weights/convert/build.py` for the order of work and the conv_in rule.
 """
@@ -39,6 +44,9 @@ def parse(argv=None) -> Request:
     p.add_argument("--vae", type=Path, help="a separate VAE (LDM file or diffusers folder) replacing the base VAE")
     p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:MULT]",
                    help="kohya or diffusers LoRA merged with multiplier MULT (default 1); repeat for several")
+    p.add_argument("--motion-lora", type=lora_arg, action="append", default=[], metavar="FILE[:MULT]",
+                   help="AnimateDiff motion LoRA (v2_lora_ZoomIn.ckpt, ..., or diffusers' copy) merged into the motion "
+                        "modules with multiplier MULT (default 1); repeat for several")
     p.add_argument("--legacy-lora-alpha", action="store_true",
                    help="the PIA reference's LoRA merge: W += MULT * up @ down, ignoring the file's alpha and rank")
     p.add_argument("--conv-in", choices=("auto", "base", "motion"), default="auto",
@@ -57,6 +65,7 @@ def parse(argv=None) -> Request:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
     return Request(base=a.base, motion=a.motion, out=a.out, vae=a.vae, loras=tuple(a.lora), config_from=a.config_from,
+                   motion_loras=tuple(a.motion_lora),
                    conv_in=a.conv_in, legacy_lora_alpha=a.legacy_lora_alpha, extract_ema=a.extract_ema,
                    widen_conv_in=a.widen_conv_in, motion_heads=a.motion_heads, norm_semantics=a.norm_semantics,
                    dtype=a.dtype, force=a.force, scheduler_config=a.scheduler_config)

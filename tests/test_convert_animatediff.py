@@ -22,6 +22,7 @@ from tests.oracle import numpy_state, randomize
 
 PIA = TINY.unet  # 9-channel conv_in, no mid block: pia.ckpt's layout
 V2 = dataclasses.replace(TINY.unet, in_channels=4, motion_mid_block=True, motion_max_seq_length=24)  # mm_sd_v15_v2
+V3 = dataclasses.replace(TINY.unet, in_channels=4)  # v3_sd15_mm.ckpt: PIA's modules without conv_in, no mid block
 
 
 def adapter_keys(state: dict) -> dict:
@@ -42,9 +43,9 @@ def oracle(checkpoint, folder, **kwargs) -> dict:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """{name: (random adapter, its config folder, its UNetConfig)} for the PIA and the AnimateDiff-v2 layouts."""
+    """{name: (random adapter, its config folder, its UNetConfig)} for the PIA and the AnimateDiff v2/v3 layouts."""
     out = {}
-    for seed, (name, cfg) in enumerate((("pia", PIA), ("v2", V2))):
+    for seed, (name, cfg) in enumerate((("pia", PIA), ("v2", V2), ("v3", V3))):
         adapter = randomize(tm.motion_adapter(cfg), seed).eval()
         folder = tmp_path_factory.mktemp(name)
         adapter.save_config(folder)
@@ -56,7 +57,7 @@ def torch_state(module) -> dict:
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["pia", "v2"])
+@pytest.mark.parametrize("name", ["pia", "v2", "v3"])
 def test_file_matches_diffusers_single_file(adapters, tmp_path, name):
     adapter, folder, cfg = adapters[name]
     path = tmp_path / "mm.ckpt"
@@ -125,7 +126,7 @@ def wrong_inputs(state: dict) -> dict:
     return {
         "sdxl": (sdxl_motion_modules, ["SDXL motion modules", "(320, 640, 1280)", "mm_sdxl"]),
         "motion_lora": (lambda: {lora: zeros(4, 320), lora.replace(".down.", ".up."): zeros(320, 4)},
-                        ["motion LoRA", "not supported yet"]),
+                        ["motion LoRA", "pass it with --motion-lora"]),
         "ldm_base": (lambda: {"model.diffusion_model.input_blocks.0.0.weight": zeros(320, 4, 3, 3)},
                      ["no motion-module keys", "an LDM (original SD) checkpoint"]),
         "lora": (lambda: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": zeros(4, 320)},

@@ -287,15 +287,15 @@ BAD = {
                              "attention_blocks.0.to_q.processor.to_q_lora.down.weight": Z},
                ["AnimateDiff motion LoRA"]),
     "unknown module": (lambda good: {**good, "lora_unet_down_blocks_7_resnets_0_conv1.lora_down.weight": Z,
-                                     "lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight": Z},
+                                     "lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight": Z.T},
                        ["keys that match no module", "'lora_unet_down_blocks_7_resnets_0_conv1.lora_down.weight'"]),
     "no module": (lambda good: {k.replace("down_blocks_0_attentions_0", "blocks_3").replace("text_model_", "te_"): v
                                 for k, v in good.items()},  # e.g. a LoRA for another architecture
                   ["none of its keys matches a module", "'lora_unet_blocks_3_transformer_blocks_0_attn1_to_q.alpha'"]),
-    "shape": (lambda good: {**good, f"{K}.lora_down.weight": np.zeros((4, 1024)), f"{K}.lora_up.weight": Z},
+    "shape": (lambda good: {**good, f"{K}.lora_down.weight": np.zeros((4, 1024)), f"{K}.lora_up.weight": Z.T},
               ["shapes that do not fit", "(4, 1024)", "attn2.to_k.weight (32, 32)"]),  # SD2's context dim: 1024
     "rank": (lambda good: {**good, f"{Q}.lora_up.weight": np.zeros((32, 3), np.float32)},
-             ["shapes that do not fit", "up (32, 3)"]),
+             ["down and up factors of different ranks", "down (4, 32) / up (32, 3)"]),
     "unpaired": (lambda good: {k: v for k, v in good.items() if k != f"{Q}.lora_up.weight"},
                  ["without their up/down partner", f"'{Q}.lora_down.weight'"]),
     "unrecognised": (lambda good: {**good, "model.diffusion_model.out.2.weight": Z},

@@ -8,7 +8,7 @@ are checked against the sinusoid our model computes, then dropped.
 """
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -37,6 +37,13 @@ def _rename(rest: str) -> str:
     for pattern, repl in RENAMES:
         rest = re.sub(pattern, repl, rest)
     return rest
+
+
+def diffusers_name(name: str) -> str | None:
+    """A motion-module weight or layer name in either naming -> its diffusers MotionAdapter name (None: not in a
+    motion module)."""
+    m = MOTION_KEY.fullmatch(name)
+    return f"{m[1]}.motion_modules.{m[3]}.{_rename(m[4])}" if m else None
 
 
 def _check_positions(key: str, pe: np.ndarray):
@@ -70,7 +77,8 @@ def _check_is_motion(sd: Mapping[str, np.ndarray]) -> None:
     loras = [k for k in sd if "lora" in k.lower()]
     if loras and any(MOTION_KEY.search(k) for k in loras):
         raise WeightLoadError(f"this is a motion LoRA (LoRA weights on the motion modules, e.g. {loras[0]!r}), not "
-                              "motion modules; motion LoRAs are not supported yet")
+                              "motion modules; pass it with --motion-lora, and the motion modules it is for "
+                              "with --motion")
     if not any(MOTION_KEY.match(k) for k in sd):
         raise WeightLoadError(f"no motion-module keys (down_blocks.N.motion_modules.M...): this looks like "
                               f"{guess_kind(sd)}, not AnimateDiff/PIA motion modules")

@@ -1,8 +1,9 @@
 """One model directory from any valid combination of base model, motion weights, VAE and LoRAs.
 
 Order of work, as the reference composes a personalized animator: base model (diffusers folder or LDM single file)
--> optional separate VAE -> LoRAs merged into the base UNet / text encoder -> motion modules and the 9-channel
-`conv_in` attached -> strict mapping onto the NNX parameters -> one atomic write.
+-> optional separate VAE -> LoRAs merged into the base UNet / text encoder -> motion LoRAs merged into the motion
+modules (`motion_lora.py`) -> motion modules and the 9-channel `conv_in` attached -> strict mapping onto the NNX
+parameters -> one atomic write. Every LoRA file is read and checked for its kind first, before any model is read.
 
 The `conv_in` rule (`conv_in="auto"`): with a personalized single-file base, input channels 0-3 and the bias come from
 the base and channels 4-8 from the PIA weights (PIA's DreamBooth path, diffusers' `from_unet2d`); with a diffusers
@@ -29,7 +30,7 @@ from pia_jax import weights
 from pia_jax.models import config as config_lib
 from pia_jax.models.abstract import abstract_model
 from pia_jax.weights import WeightLoadError, model_dir
-from pia_jax.weights.convert import animatediff, ldm, lora, presets
+from pia_jax.weights.convert import animatediff, ldm, lora, motion_lora, presets
 from pia_jax.weights.convert import diffusers_folder as dfolder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -42,6 +43,7 @@ class Request:
     out: Path
     vae: Path | None = None
     loras: tuple[tuple[Path, float], ...] = ()  # (file, multiplier)
+    motion_loras: tuple[tuple[Path, float], ...] = ()  # (AnimateDiff motion LoRA file, multiplier)
     config_from: Path | None = None  # a diffusers SD1.5 folder: tokenizer and configs for a single-file base
     conv_in: str = "auto"  # auto | base | motion
     legacy_lora_alpha: bool = False
@@ -95,7 +97,7 @@ def check_request(req: Request):
         raise WeightLoadError(f"motion folder {str(req.motion)!r} is not a diffusers MotionAdapter folder "
                               "(no config.json)")
     _need(req.vae, "VAE", folder_ok=True)
-    for path, multiplier in req.loras:
+    for path, multiplier in req.loras + req.motion_loras:
         _need(path, "LoRA", folder_ok=False)
         if not np.isfinite(multiplier):
             raise ValueError(f"LoRA multiplier for {str(path)!r} must be finite, got {multiplier}")
@@ -245,6 +247,37 @@ def to_nnx(state: dict, cls, cfg, keymap: weights.KeyMap, ignored: dict) -> dict
     return flat
 
 
+def read_loras(req: Request) -> tuple[list, list]:
+    """([(LoRA state, multiplier)], [(motion LoRA state, multiplier)]), each file read and checked for its kind (a
+    motion LoRA given as --lora, a truncated file, ...) before any model is read."""
+    loras, motion = [], []
+    for paths, out, flag, check in ((req.loras, loras, "--lora", lora.check),
+                                    (req.motion_loras, motion, "--motion-lora", motion_lora.check)):
+        for i, (path, multiplier) in enumerate(paths):
+            try:
+                state = lora.read_lora(path)
+                check(i, state)
+            except WeightLoadError as e:
+                raise WeightLoadError(f"{flag} {str(path)!r}: {e}") from None
+            out.append((state, multiplier))
+    return loras, motion
+
+
+def merge_motion_loras(req: Request, motion: dict, loras: list, report: dict, sources: Sources, log) -> dict:
+    """The motion modules with the motion LoRAs merged; the mid-block keys a PIA model has no layer for are named in
+    the report (and counted in the log's ignored line)."""
+    for path, m in req.motion_loras:
+        sources.add("motion_lora", path, multiplier=m)
+    motion, reps = motion_lora.merge_motion_loras(motion, loras)
+    report["motion_loras"] = [{"file": str(path), "multiplier": m, "motion layers": len(rep.motion),
+                               "ignored": rep.ignored} for (path, m), rep in zip(req.motion_loras, reps)]
+    for summary in report["motion_loras"]:
+        skipped = f", {len(summary['ignored'])} tensors skipped: {motion_lora.NO_MID_BLOCK}" * bool(summary["ignored"])
+        log(f"motion lora: {summary['file']} x{summary['multiplier']}: {summary['motion layers']} motion-module "
+            f"layers{skipped}")
+    return motion
+
+
 def _lora_summary(path, multiplier, rep: lora.LoraReport) -> dict:
     return {"file": str(path), "multiplier": multiplier, "unet modules": len(rep.unet),
             "text_encoder modules": len(rep.text_encoder), "ignored": rep.ignored}
@@ -255,7 +288,7 @@ def ignored_summary(report: dict) -> str:
     counts = Counter()
     for name in ("base", "vae", "motion", "mapping"):
         counts.update(report.get(name, {}).get("ignored", {}))  # {reason: tensors}
-    for summary in report.get("loras", []):
+    for summary in report.get("loras", []) + report.get("motion_loras", []):
         counts.update(summary["ignored"].values())  # {key: reason}
     if not counts:
         return "ignored: no source tensor"
@@ -279,6 +312,7 @@ def _convert(req: Request, sources: Sources, log) -> Path:
     from pia_jax.models.vae import AutoencoderKL
 
     start, report = time.perf_counter(), {}
+    loras, motion_loras = read_loras(req)
     parts, cfg, tokenizer_dir = read_base(req, report, sources)
     log(f"base: {req.base} ({', '.join(f'{k} {len(v)} tensors' for k, v in parts.items())})")
     if req.vae is not None:
@@ -288,7 +322,6 @@ def _convert(req: Request, sources: Sources, log) -> Path:
     if req.loras:
         for path, m in req.loras:
             sources.add("lora", path, multiplier=m, legacy_alpha=req.legacy_lora_alpha)
-        loras = [(lora.read_lora(path), m) for path, m in req.loras]
         parts["unet"], parts["text_encoder"], reps = lora.merge_loras(
             parts["unet"], parts["text_encoder"], loras, legacy_alpha=req.legacy_lora_alpha, keep_float32=True)
         del loras
@@ -299,6 +332,9 @@ def _convert(req: Request, sources: Sources, log) -> Path:
 
     motion, spatial, info, unet_cfg = read_motion(req, cfg.unet, sources)
     report["motion"] = {"converted": len(motion), "ignored": info["ignored"]}
+    if motion_loras:
+        motion = merge_motion_loras(req, motion, motion_loras, report, sources, log)
+        del motion_loras
     if spatial:
         report["motion"]["ignored"]["spatial UNet weights (the base model provides them)"] = len(spatial)
     mode = req.conv_in if req.conv_in != "auto" else ("motion" if req.base.is_dir() else "base")

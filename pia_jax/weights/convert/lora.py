@@ -3,8 +3,13 @@
 Accepted: kohya/LyCORIS-LoCon files (`lora_unet_<module path, '.' -> '_'>.lora_down.weight` / `.lora_up.weight` /
 `.alpha`, `lora_te_...`; diffusers or original-SD (LDM) UNet module names; linear, 1x1 and 3x3 conv layers) and the
 diffusers/peft files that diffusers' `load_lora_weights` reads (`unet.` / `text_encoder.` prefix; `lora_A`/`lora_B`,
-`lora.down`/`lora.up`, `lora_linear_layer.down`/`.up` and the old attention-processor `to_q_lora.down` names).
-Everything else fails with one message naming the offending keys.
+`lora.down`/`lora.up`, `lora_linear_layer.down`/`.up` and the old attention-processor `to_q_lora.down` names), and
+AnimateDiff v3's adapter LoRA (v3_sd15_adapter.ckpt: `down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.
+to_q_lora.down.weight`, the attention-processor names without the `unet.` prefix, rank 128 on every to_q/k/v/out of
+the spatial transformers, no alphas), which AnimateDiff merges as W += scale * up @ down (`load_diffusers_lora`) and
+diffusers loads from its `unet.`-prefixed copy (guoyww/animatediff-motion-lora-v1-5-3) with alpha = rank: the same
+merge as below. Everything else fails with one message naming the offending keys; motion LoRAs go to
+`motion_lora.py`.
 
 The merge is W += multiplier * (alpha / rank) * up @ down in float32 (kohya/diffusers semantics, alpha = rank where
 the file has none), or W += multiplier * up @ down with `legacy_alpha=True` as in the PIA repo
@@ -13,9 +18,9 @@ the file has none), or W += multiplier * up @ down with `legacy_alpha=True` as i
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -27,8 +32,8 @@ from pia_jax.weights.convert import ldm
 WRONG_KINDS = (
     (r"^lora_te[12]_|^text_encoder_2\.|label_emb|add_embedding",
      "this looks like an SDXL LoRA (lora_te1_/lora_te2_, text_encoder_2 or label_emb keys); PIA uses SD1.5"),
-    (r"motion_modules", "this is an AnimateDiff motion LoRA (motion_modules keys); it targets the motion modules, "
-                        "not the SD1.5 UNet or text encoder"),
+    (r"motion_modules", ("this is an AnimateDiff motion LoRA (motion_modules keys); it targets the motion modules, "
+                         "not the SD1.5 UNet or text encoder: pass it with --motion-lora")),
     (r"\.hada_", "this is a LyCORIS LoHa (hada_w1_a/... keys), not a plain LoRA"),
     (r"\.lokr_", "this is a LyCORIS LoKr (lokr_w1/... keys), not a plain LoRA"),
     (r"\.lora_mid\.", "this is a LyCORIS LoCon with Tucker decomposition (lora_mid keys), not a plain LoRA"),
@@ -36,8 +41,9 @@ WRONG_KINDS = (
     (r"\.diff(_b)?$|\.(w|b)_norm$", "this is a LyCORIS full/norm fine-tune (diff/w_norm keys), not a LoRA"),
     (r"^lora_transformer_|^transformer\.|^diffusion_model\.", "this is a LoRA for a DiT model (Flux/SD3/...)"),
 )
-SUPPORTED = ("plain LoRA/LoCon for SD1.5: kohya 'lora_unet_*'/'lora_te_*' keys with lora_down/lora_up(/alpha), or "
-             "diffusers 'unet.*'/'text_encoder.*' keys with lora_A/lora_B (or lora.down/lora.up)")
+SUPPORTED = ("plain LoRA/LoCon for SD1.5: kohya 'lora_unet_*'/'lora_te_*' keys with lora_down/lora_up(/alpha), "
+             "diffusers 'unet.*'/'text_encoder.*' keys with lora_A/lora_B (or lora.down/lora.up), or attention-processor "
+             "'*.to_q_lora.down.weight' keys (also without 'unet.', as AnimateDiff v3's adapter)")
 
 # Keys consumed without merging: (pattern, reason); they appear in the report.
 IGNORE = (
@@ -51,8 +57,9 @@ DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_[AB]\.weight|lora(?:
 PARTS = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_linear_layer.down.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up",
          "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
-# The attention-processor format of diffusers < 0.14: `<attn>.processor.to_q_lora.down.weight`.
-DIFFUSERS_OLD = re.compile(r"^(unet|text_encoder)\.(.+?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+# The attention-processor format of diffusers < 0.14: `<attn>.processor.to_q_lora.down.weight`; without a prefix
+# (AnimateDiff v3's adapter) the keys are UNet ones.
+DIFFUSERS_OLD = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 OLD_TARGETS = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
                "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
 COMPONENTS = {"unet": "unet", "te": "text_encoder", "text_encoder": "text_encoder"}
@@ -65,7 +72,7 @@ class LoraReport:
     ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
 
 
-def _listing(keys) -> str:
+def listing(keys) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - 10} more ({len(keys)} in total)" if len(keys) > 10 else ""
     return ", ".join(map(repr, keys[:10])) + more
@@ -78,7 +85,7 @@ def _ldm_names(paths: list[str]) -> dict[str, str]:
     blocks = 1 + max(int(m[1]) for p in paths if (m := re.match(r"down_blocks\.(\d+)\.", p)))
     layers = 1 + max(int(m[1]) for p in paths if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", p)))
     attention = {(m[1], int(m[2])) for p in paths if (m := re.match(r"(down|up)_blocks\.(\d+)\.attentions\.", p))}
-    block_type = lambda side, b: "CrossAttn" if (side, b) in attention else ""  # noqa: E731  (what unet_table reads)
+    block_type = lambda side, b: "CrossAttn" if (side, b) in attention else ""  # what unet_table reads
     layout = SimpleNamespace(block_out_channels=range(blocks), layers_per_block=layers,
                              down_block_types=[block_type("down", b) for b in range(blocks)],
                              up_block_types=[block_type("up", b) for b in range(blocks)])
@@ -139,7 +146,8 @@ def _parse(state: Mapping[str, np.ndarray], report: LoraReport):
         elif m := DIFFUSERS.match(key):
             groups.setdefault((m[1], m[2].replace(".processor.", ".")), {})[PARTS[m[3]]] = key
         elif m := DIFFUSERS_OLD.match(key):
-            groups.setdefault((m[1], f"{m[2]}.{OLD_TARGETS[m[1]][m[3]]}"), {})[m[4]] = key
+            component = m[1] or "unet"
+            groups.setdefault((component, f"{m[2]}.{OLD_TARGETS[component][m[3]]}"), {})[m[4]] = key
         else:
             unknown.append(key)
     return groups, unknown
@@ -150,21 +158,43 @@ def _core(shape) -> tuple:
     return tuple(shape[:-2]) if len(shape) == 4 and tuple(shape[-2:]) == (1, 1) else tuple(shape)
 
 
-def _plan(i, state, targets, names, legacy_alpha, report) -> list:
-    """[(component, weight key, up, down, scale)] for LoRA number i, after checking every key of it."""
-    def fail(what, keys, expected=SUPPORTED):
-        raise WeightLoadError(f"cannot merge LoRA {i}: {what}: {_listing(keys)}; expected {expected}")
+def _fail(i, what, keys, expected=SUPPORTED):
+    raise WeightLoadError(f"cannot merge LoRA {i}: {what}: {listing(keys)}; expected {expected}")
 
+
+def check(i: int, state: Mapping[str, np.ndarray], report: LoraReport | None = None) -> dict:
+    """{(component, module name): {'down' / 'up' / 'alpha': key}} of LoRA number i, after every check that needs no
+    model (its kind, unknown and unpaired keys), so a wrong file fails before any loading."""
     if not state:
         raise WeightLoadError(f"cannot merge LoRA {i}: it holds no keys; expected {SUPPORTED}")
     for pattern, kind in WRONG_KINDS:
         if hits := [k for k in state if re.search(pattern, k)]:
-            fail(kind, hits)
-    groups, unknown = _parse(state, report)
+            _fail(i, kind, hits)
+    groups, unknown = _parse(state, report or LoraReport())
     if unknown:
-        fail("unrecognised keys", unknown)
+        _fail(i, "unrecognised keys", unknown)
     if unpaired := [k for parts in groups.values() if not {"down", "up"} <= parts.keys() for k in parts.values()]:
-        fail("keys without their up/down partner", unpaired, "a down and an up weight per module")
+        _fail(i, "keys without their up/down partner", unpaired, "a down and an up weight per module")
+    if uneven := uneven_ranks(state, groups.values()):
+        _fail(i, "down and up factors of different ranks", uneven, "down (rank, in[, kh, kw]) and up (out, rank[, 1, "
+                                                                       "1]) per module; the rank may differ between modules")
+    return groups
+
+
+def uneven_ranks(state, groups) -> list[str]:
+    """'down (shape) / up (shape) for <key>' of every pair whose ranks differ (down rows, up columns). Each module's
+    rank is its own in every format (kohya, diffusers' rank_pattern, AnimateDiff's plain products), so only a pair
+    that disagrees with itself is invalid."""
+    shapes = [(np.shape(state[p["down"]]), np.shape(state[p["up"]]), p["up"]) for p in groups]
+    return [f"down {d} / up {u} for {key}" for d, u, key in shapes if len(d) < 2 or len(u) < 2 or d[0] != u[1]]
+
+
+def _plan(i, state, targets, names, legacy_alpha, report) -> list:
+    """[(component, weight key, up, down, scale)] for LoRA number i, after checking every key of it."""
+    def fail(what, keys, expected=SUPPORTED):
+        _fail(i, what, keys, expected)
+
+    groups = check(i, state, report)
     if unmatched := [k for (component, name), parts in groups.items() if name not in names[component]
                      for k in parts.values()]:
         every = len(unmatched) == sum(map(len, groups.values()))
