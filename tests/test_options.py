@@ -59,7 +59,7 @@ def test_flags_and_batch_keys_make_the_same_settings(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("scheduler", "euler", "scheduler must be one of ddim, dpmpp_2m, got 'euler'"),
+    ("scheduler", "pndm", "scheduler must be one of ddim, dpmpp_2m, lcm, euler, got 'pndm'"),
     ("context_weighting", "steep", "context weighting must be one of flat, pyramid, delayed_reverse_sawtooth"),
     ("free_noise", "shuffle", "free noise must be one of none, random, shuffle_context, repeat_context"),
 ])

@@ -180,7 +180,7 @@ YAML_CASES = {  # a batch file's case -> (what the error names)
     (["--image", "{img}", "--prompt", "x", "--affinity", "1 0.5", "--frames", "2", "--cond-frame", "1"],
      "the condition frame places a motion preset"),
     (["--image", "{img}", "--prompt", "x", "--karras"], "Karras sigmas apply to the dpmpp_2m scheduler"),
-    (["--image", "{img}", "--prompt", "x", "--scheduler", "euler"], "scheduler must be one of ddim, dpmpp_2m"),
+    (["--image", "{img}", "--prompt", "x", "--scheduler", "pndm"], "scheduler must be one of ddim, dpmpp_2m, lcm"),
     (["--image", "{img}", "--prompt", "a cat", "a cat!"], "the same output name (img-a-cat-42)"),
     # long videos: the window must fit the motion modules' 32 positions and cover the video
     (["--image", "{img}", "--prompt", "x", "--frames", "48", "--context-length", "40"],
