@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pia_jax.models import ip_adapter
 from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
 from pia_jax.models.layers import Attention, Builder, FeedForward, nearest_resize
 from pia_jax.models.motion import MotionModule
@@ -195,7 +196,8 @@ class UNetMotionModel(nnx.Module):
       (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode);
       temporal_windows None, or static (frames (W, L), weights (W, L)) arrays: the motion modules attend within
       these frame windows and blend (FreeNoise, `pia_jax.sampling.windows.WindowSchedule.arrays()`), so f may
-      exceed motion_max_seq_length.
+      exceed motion_max_seq_length; image_tokens (b, ip_adapter_tokens, 768) and ip_adapter_scale (a number or
+      (b,)), only for a UNet with an IP-Adapter (`ip_adapter.py`; image_tokens None there: no image prompt).
     Returns the predicted noise (b, f, h, w, out_channels) in fp32.
 
     `remat_policy` (one of REMAT_POLICIES, None = off) recomputes each down/mid/up block's activations in the
@@ -229,8 +231,11 @@ class UNetMotionModel(nnx.Module):
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = mk.group_norm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
         self.conv_out = mk.conv(chans[0], cfg.out_channels)
+        if cfg.ip_adapter_tokens:  # IP-Adapter: decoupled cross-attentions (to_k_ip / to_v_ip)
+            ip_adapter.add_ip_attention(self, mk, cfg)
 
-    def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None, temporal_windows=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None, temporal_windows=None,
+                 image_tokens=None, ip_adapter_scale=1.0):
         cfg = self.config
         b, f, h, w, _ = sample.shape
         x = sample
@@ -253,6 +258,7 @@ class UNetMotionModel(nnx.Module):
             context = context[:, 0]
         if context.ndim == 4 and context.shape[:2] != (b, f):
             raise ValueError(f"per-frame text states must be (b, f, T, D) = ({b}, {f}, ...), got {context.shape}")
+        context = ip_adapter.append_image_tokens(context, image_tokens, ip_adapter_scale, cfg.ip_adapter_tokens)
         win = temporal_windows
 
         x = self.conv_in(x)

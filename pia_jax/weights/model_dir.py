@@ -5,6 +5,9 @@
     <dir>/vae.safetensors          AutoencoderKL parameters
     <dir>/text_encoder.safetensors CLIPTextModel parameters
     <dir>/tokenizer/               CLIP tokenizer files
+    <dir>/image_encoder.safetensors  optional, with an IP-Adapter (config "model.ip_adapter"): the CLIP image tower
+    <dir>/image_proj.safetensors     optional, likewise: IP-Adapter's image projection (its to_k_ip / to_v_ip are
+                                     UNet parameters, in unet.safetensors)
     <dir>/sources.json             the files it was made from, with sizes and sha256, and the conversion report
 
 A directory is written complete or not at all (`pia_jax.files.atomic_write`: a temporary sibling renamed into place
@@ -27,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import files, weights
-from pia_jax.models import PARTS, build
+from pia_jax.models import IP_ADAPTER_PARTS, PARTS, build
 from pia_jax.models import config as config_lib
 
 FORMAT, VERSION = "pia-jax-model", 1
@@ -46,6 +49,8 @@ class ModelDir:
     vae: nnx.Module | None = None
     text_encoder: nnx.Module | None = None
     tokenizer: object = None
+    image_encoder: nnx.Module | None = None  # the IP-Adapter parts, loaded when asked for
+    image_proj: nnx.Module | None = None
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -103,9 +108,11 @@ def save_model_dir(path, config: config_lib.PIAConfig, models: dict, *, tokenize
     list of `describe_source` records, or a function returning it, called once the weights are written (so that
     hashing the inputs can overlap the writing)."""
     storage = config_lib.dtype(dtype)
-    unknown = sorted(set(models) - set(PARTS))
+    unknown = sorted(set(models) - set(PARTS + IP_ADAPTER_PARTS))
     if unknown:
-        raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS}")
+        raise ValueError(f"unknown model parts {unknown}; expected some of {PARTS + IP_ADAPTER_PARTS}")
+    if config.ip_adapter is not None and not set(IP_ADAPTER_PARTS) <= set(models):
+        raise ValueError(f"a model with an IP-Adapter needs the parts {IP_ADAPTER_PARTS}, got {sorted(models)}")
     with files.atomic_write(path, directory=True, force=force, mark="config.json",
                             log=lambda m: print(m, file=sys.stderr)) as tmp:
         for part, model in models.items():
@@ -150,6 +157,10 @@ def read_config(path) -> tuple[config_lib.PIAConfig, dict, dict]:
         config = config_lib.from_dict(config_lib.PIAConfig, meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"{str(meta_file)!r} has an invalid model config ({type(e).__name__}: {e})") from None
+    ip_parts = sorted(set(IP_ADAPTER_PARTS) & set(meta.get("parts", [])))
+    if ip_parts != (sorted(IP_ADAPTER_PARTS) if config.ip_adapter else []):
+        raise ModelDirError(f"{str(meta_file)!r}: the IP-Adapter parts {ip_parts} do not fit its model config (ip_adapter "
+                            f"{'set' if config.ip_adapter else 'unset'}); convert the model again")
     return config, meta.get("scheduler", {}), meta
 
 
