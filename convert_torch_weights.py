@@ -62,10 +62,17 @@ def parse(argv=None) -> Request:
     p.add_argument("--scheduler-config", choices=list(SCHEDULER_PRESETS),
                    help="the scheduler config stored with the model: pia (DDIM), animatelcm (for --scheduler lcm), "
                         "lightning (trailing spacing, for --scheduler euler); default: by the motion file's name")
+    p.add_argument("--ip-adapter", type=Path, metavar="FILE",
+                   help="IP-Adapter SD1.5 weights (ip-adapter_sd15.bin or .safetensors), added to the model with "
+                        "--image-encoder")
+    p.add_argument("--image-encoder", type=Path, metavar="DIR",
+                   help="the IP-Adapter's image encoder: a transformers CLIPVisionModelWithProjection folder "
+                        "(h94/IP-Adapter models/image_encoder, OpenCLIP ViT-H/14)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
     return Request(base=a.base, motion=a.motion, out=a.out, vae=a.vae, loras=tuple(a.lora), config_from=a.config_from,
                    motion_loras=tuple(a.motion_lora),
+                   ip_adapter=a.ip_adapter, image_encoder=a.image_encoder,
                    conv_in=a.conv_in, legacy_lora_alpha=a.legacy_lora_alpha, extract_ema=a.extract_ema,
                    widen_conv_in=a.widen_conv_in, motion_heads=a.motion_heads, norm_semantics=a.norm_semantics,
                    dtype=a.dtype, force=a.force, scheduler_config=a.scheduler_config)

@@ -4,6 +4,7 @@ cross-attention against diffusers' UNetMotionModel after its own IP-Adapter load
 directory, and the bad inputs, each refused before any model is read."""
 
 import dataclasses
+import json
 import time
 
 import jax
@@ -186,3 +187,107 @@ def test_unet_decoupled_cross_attention_matches_diffusers(tmp_path):
     # no image prompt (None): zero image rows, whose attention adds exactly 0 (uniform weights over zero values)
     context = append_image_tokens(jnp.asarray(x["context"]), None, 1.0, TINY_IP.num_tokens)
     assert context.shape == (2, 7 + 2 * TINY_IP.num_tokens, cfg.cross_attention_dim) and not np.any(context[:, 7:])
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny SD1.5 diffusers folder, a PIA condition adapter, an IP-Adapter .bin and .safetensors of the same
+    weights, and its image encoder folder as transformers saves one."""
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("ip-src")
+    tm.write_diffusers_base(root / "sd", config.TINY, seed=8)
+    tm.write_motion_adapter(root / "adapter", config.TINY.unet, seed=9)
+    adapter = random_adapter(config.TINY.unet, TINY_IP, seed=10)
+    torch.save(adapter, root / "ip-adapter.bin")
+    save_file({f"{g}.{k}": v.contiguous() for g in adapter for k, v in adapter[g].items()},
+              str(root / "ip-adapter.safetensors"))
+    encoder = torch_encoder(TINY_IP, seed=11)
+    encoder.save_pretrained(str(root / "image_encoder"))
+    return root, adapter, encoder
+
+
+def request(root, out, **kw):
+    from pia_jax.weights.convert.build import Request
+    kw = {"ip_adapter": root / "ip-adapter.bin", "image_encoder": root / "image_encoder", **kw}
+    return Request(base=root / "sd", motion=root / "adapter", out=out, motion_heads=4, **kw)
+
+
+def test_convert_adds_the_ip_adapter_to_the_model_directory(src, tmp_path):
+    from pia_jax.models import IP_ADAPTER_PARTS, PARTS
+    from pia_jax.weights import model_dir
+    from pia_jax.weights.convert.build import convert
+    root, adapter, encoder = src
+    logs = []
+    out = convert(request(root, tmp_path / "model"), log=logs.append)
+    assert any(line.startswith("ip-adapter:") and "4 image tokens" in line for line in logs)
+    md = model_dir.load_model_dir(out, parts=PARTS + IP_ADAPTER_PARTS, tokenizer=False)
+    assert md.config.ip_adapter == TINY_IP and md.config.unet.ip_adapter_tokens == 4
+    assert json.loads((out / "config.json").read_text())["parts"] == sorted(PARTS + IP_ADAPTER_PARTS)
+    roles = [s["role"] for s in json.loads((out / "sources.json").read_text())["sources"]]
+    assert roles[:2] == ["ip_adapter", "image_encoder"]
+    check_encoder(md.image_encoder, encoder, TINY_IP, 2, seed=12)
+    # each file tensor where the rules put it (our layouts: Linear kernels are (in, out)); layer 2k+1 -> site k
+    flat = {p: model_dir.flat_params(getattr(md, p)) for p in ("unet", "image_proj")}
+    np.testing.assert_array_equal(flat["image_proj"]["proj.kernel"], adapter["image_proj"]["proj.weight"].numpy().T)
+    np.testing.assert_array_equal(flat["image_proj"]["norm.bias"], adapter["image_proj"]["norm.bias"].numpy())
+    for k, site in enumerate(cross_attention_sites(md.config.unet)):
+        for name in ("to_k_ip", "to_v_ip"):
+            np.testing.assert_array_equal(flat["unet"][f"{site}.attn2.{name}.kernel"],
+                                          adapter["ip_adapter"][f"{2 * k + 1}.{name}.weight"].numpy().T)
+    # the .safetensors form of the same weights converts to the same model
+    again = convert(request(root, tmp_path / "st", ip_adapter=root / "ip-adapter.safetensors"), log=lambda _: None)
+    for part in ("unet", "image_proj", "image_encoder"):
+        a, b = (model_dir.flat_params(getattr(model_dir.load_model_dir(d, parts=(part,), tokenizer=False), part))
+                for d in (out, again))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), part
+    # the model without its IP-Adapter parts is refused at load (strict: the config says it has them)
+    (out / "image_proj.safetensors").unlink()
+    with pytest.raises(model_dir.ModelDirError, match="incomplete"):
+        model_dir.load_model_dir(out, tokenizer=False)
+
+
+def _save(state: dict, path):
+    torch.save({g: {k: torch.as_tensor(v) for k, v in d.items()} for g, d in state.items()}, path)
+    return path
+
+
+def bad_adapters(root, tmp):
+    """(case, request kwargs, expected message) of inputs refused before any model is read."""
+    plain = random_adapter(config.TINY.unet, TINY_IP, seed=13)
+    sdxl = {"image_proj": {"proj.weight": torch.zeros(4 * 2048, 1280), "proj.bias": torch.zeros(4 * 2048),
+                           "norm.weight": torch.ones(2048), "norm.bias": torch.zeros(2048)},
+            "ip_adapter": {"1.to_k_ip.weight": torch.zeros(8, 2048), "1.to_v_ip.weight": torch.zeros(8, 2048)}}
+    vit_h = {"image_proj": {"proj.weight": torch.zeros(4 * 32, 1024), "proj.bias": torch.zeros(128),
+                            "norm.weight": torch.ones(32), "norm.bias": torch.zeros(32)},
+             "ip_adapter": plain["ip_adapter"]}
+    (tmp / "vit-l").mkdir()  # openai/clip-vit-large-patch14's vision tower: 768-dim embeddings
+    (tmp / "vit-l" / "config.json").write_text(json.dumps({"hidden_size": 1024, "num_hidden_layers": 24,
+                                                           "hidden_act": "quick_gelu", "projection_dim": 768}))
+    plus = {"image_proj": {"latents": torch.zeros(1, 16, 32), "proj_in.weight": torch.zeros(32, 48)},
+            "ip_adapter": plain["ip_adapter"]}
+    faceid = {"image_proj": {"proj.0.weight": torch.zeros(64, 512), "proj.2.weight": torch.zeros(128, 64),
+                             "norm.weight": torch.ones(32), "norm.bias": torch.zeros(32)},
+              "ip_adapter": {**plain["ip_adapter"], "1.to_k_lora.down.weight": torch.zeros(4, 32)}}
+    truncated = tmp / "truncated.bin"
+    truncated.write_bytes((root / "ip-adapter.bin").read_bytes()[:5000])
+    return [("sdxl", {"ip_adapter": _save(sdxl, tmp / "sdxl.bin")}, "SDXL IP-Adapter"),
+            ("vit-l encoder", {"ip_adapter": _save(vit_h, tmp / "vit-h.bin"), "image_encoder": tmp / "vit-l"},
+             "projects to 768 dims .* takes 1024-dim image embeddings"),
+            ("plus", {"ip_adapter": _save(plus, tmp / "plus.bin")}, "IP-Adapter Plus"),
+            ("faceid", {"ip_adapter": _save(faceid, tmp / "faceid.bin")}, "IP-Adapter FaceID"),
+            ("truncated", {"ip_adapter": truncated}, "truncated"),
+            ("no encoder", {"image_encoder": None}, "--ip-adapter and --image-encoder go together")]
+
+
+def test_bad_ip_adapters_are_refused_before_any_model_is_read(src, tmp_path, monkeypatch):
+    from pia_jax.weights.convert import build
+    root = src[0]
+
+    def no_base(*_):
+        raise AssertionError("the base model was read before the IP-Adapter was checked")
+
+    monkeypatch.setattr(build, "read_base", no_base)
+    for case, kw, message in bad_adapters(root, tmp_path):
+        with pytest.raises(ValueError, match=message):
+            build.convert(request(root, tmp_path / "out", **kw), log=lambda _: None)
+        assert not (tmp_path / "out").exists(), case

@@ -53,6 +53,8 @@ class Request:
     norm_semantics: str = "pia"
     dtype: str = "fp32"
     force: bool = False
+    ip_adapter: Path | None = None  # IP-Adapter file (ip-adapter_sd15.bin / .safetensors), with image_encoder
+    image_encoder: Path | None = None  # its image encoder: a transformers CLIPVisionModelWithProjection folder
     scheduler_config: str | None = None  # a SCHEDULER_PRESETS name; None: by the motion file's name (presets.py)
 
 
@@ -101,6 +103,11 @@ def check_request(req: Request):
         _need(path, "LoRA", folder_ok=False)
         if not np.isfinite(multiplier):
             raise ValueError(f"LoRA multiplier for {str(path)!r} must be finite, got {multiplier}")
+    if (req.ip_adapter is None) != (req.image_encoder is None):
+        raise ValueError("--ip-adapter and --image-encoder go together: the adapter file and its image encoder folder "
+                         "(h94/IP-Adapter models/ip-adapter_sd15.bin and models/image_encoder)")
+    _need(req.ip_adapter, "IP-Adapter", folder_ok=False)
+    _need(req.image_encoder, "image encoder", folder_ok=True)
     if req.out.exists() and not req.force:
         raise FileExistsError(f"output {str(req.out)!r} already exists; pass --force to replace it")
     parent = req.out.absolute().parent
@@ -296,6 +303,41 @@ def ignored_summary(report: dict) -> str:
                                                                             counts.most_common())
 
 
+def read_base_and_ip_adapter(req: Request, report: dict, sources: Sources, log):
+    """`read_base`, with the IP-Adapter (`ip_adapter.py`) read and checked against its image encoder first when
+    asked for: its to_k_ip/to_v_ip join the base UNet's tensors, its image encoder and projection come as the parts
+    image_encoder and image_proj, and the config gains its section (the UNet's image tokens)."""
+    if req.ip_adapter is None:
+        return read_base(req, report, sources)
+    from pia_jax.weights.convert import ip_adapter
+    ip = ip_adapter.read_ip_adapter(req.ip_adapter, req.image_encoder)
+    sources.add("ip_adapter", req.ip_adapter)
+    sources.add("image_encoder", req.image_encoder, [req.image_encoder / "config.json", *ip.files])
+    vision = ip.config.image_encoder
+    log(f"ip-adapter: {req.ip_adapter} ({len(ip.layers)} cross-attention layers, {ip.config.num_tokens} image tokens) "
+        f"with image encoder {req.image_encoder} ({vision.num_hidden_layers} layers x {vision.hidden_size}, "
+        f"{vision.hidden_act}, {ip.config.image_embed_dim}-dim embeddings)")
+    parts, cfg, tokenizer_dir = read_base(req, report, sources)
+    where = f"the IP-Adapter {str(req.ip_adapter)!r}"
+    cfg = ip_adapter.with_ip_adapter(cfg, ip.config, where)
+    parts["unet"] = {**parts["unet"], **ip_adapter.unet_ip_state(ip.layers, cfg.unet, where)}
+    parts["image_encoder"], parts["image_proj"] = ip.encoder, ip.image_proj
+    return parts, cfg, tokenizer_dir
+
+
+def ip_adapter_parts(parts: dict, cfg: config_lib.PIAConfig, ignored: dict) -> dict:
+    """The IP-Adapter's image_encoder and image_proj parts mapped strictly, none without one."""
+    if cfg.ip_adapter is None:
+        return {}
+    from pia_jax.models.clip_vision import CLIPVisionModelWithProjection
+    from pia_jax.models.ip_adapter import ImageProjection
+    from pia_jax.weights.convert import ip_adapter
+    return {"image_encoder": to_nnx(parts.pop("image_encoder"), CLIPVisionModelWithProjection, cfg.ip_adapter,
+                                    ip_adapter.TRANSFORMERS_CLIP_VISION, ignored),
+            "image_proj": to_nnx(parts.pop("image_proj"), ImageProjection, cfg.ip_adapter, ip_adapter.IMAGE_PROJ,
+                                 ignored)}
+
+
 def convert(req: Request, log=print) -> Path:
     """Converts and writes `req.out` (see the module docstring); `log` gets one line per step and the counts."""
     check_request(req)
@@ -313,7 +355,7 @@ def _convert(req: Request, sources: Sources, log) -> Path:
 
     start, report = time.perf_counter(), {}
     loras, motion_loras = read_loras(req)
-    parts, cfg, tokenizer_dir = read_base(req, report, sources)
+    parts, cfg, tokenizer_dir = read_base_and_ip_adapter(req, report, sources, log)
     log(f"base: {req.base} ({', '.join(f'{k} {len(v)} tensors' for k, v in parts.items())})")
     if req.vae is not None:
         parts["vae"] = read_vae(req.vae, cfg.vae, report, sources)
@@ -354,6 +396,7 @@ def _convert(req: Request, sources: Sources, log) -> Path:
                          report["mapping"]["ignored"])
     flat["text_encoder"] = to_nnx(parts.pop("text_encoder"), CLIPTextModel, cfg.text, weights.TRANSFORMERS_CLIP_TEXT,
                                   report["mapping"]["ignored"])
+    flat.update(ip_adapter_parts(parts, cfg, report["mapping"]["ignored"]))
     report["converted"] = {part: len(v) for part, v in flat.items()}
     log(ignored_summary(report))
     preset = presets.scheduler_preset(req.motion, req.scheduler_config)
