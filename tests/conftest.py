@@ -46,7 +46,7 @@ def _release_memory_after_each_module():
 # Modules whose full-SD1.5-size tests hold GBs of weights run first, while the process holds little else, so the
 # suite's peak memory is theirs alone rather than theirs on top of what earlier modules left in the heap.
 _HEAVY_FIRST = ("test_unet.py", "test_convert.py", "test_convert_ldm.py", "test_text_encoder.py", "test_vae.py",
-                "test_eval_clip.py")
+                "test_eval_clip.py", "test_ip_adapter.py")
 
 
 def pytest_configure(config):  # pytest-xdist registers it too; without xdist the marker is inert
