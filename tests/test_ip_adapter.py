@@ -187,6 +187,11 @@ def test_unet_decoupled_cross_attention_matches_diffusers(tmp_path):
     # no image prompt (None): zero image rows, whose attention adds exactly 0 (uniform weights over zero values)
     context = append_image_tokens(jnp.asarray(x["context"]), None, 1.0, TINY_IP.num_tokens)
     assert context.shape == (2, 7 + 2 * TINY_IP.num_tokens, cfg.cross_attention_dim) and not np.any(context[:, 7:])
+    # per-frame text (b, f, T, D): every frame gets the same image rows as the per-video context
+    per_video = np.asarray(append_image_tokens(jnp.asarray(x["context"]), tokens, 0.6, TINY_IP.num_tokens))
+    per_frame = append_image_tokens(jnp.asarray(np.repeat(x["context"][:, None], 3, 1)), tokens, 0.6,
+                                    TINY_IP.num_tokens)
+    np.testing.assert_array_equal(per_frame, np.repeat(per_video[:, None], 3, 1))
 
 
 @pytest.fixture(scope="module")
