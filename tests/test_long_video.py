@@ -1,13 +1,6 @@
-"""Long videos and prompt travel on a tiny 4-channel (text-to-video) UNet against diffusers.
-
-Oracle: diffusers' `AnimateDiffPipeline` with `enable_free_noise(context_length, context_stride, "pyramid",
-"shuffle_context")` and a prompt dict, DDIM and classifier-free guidance, against a small DDIM loop here around our
-UNet with the same window fusion (`temporal_windows`), per-frame text states interpolated by our prompt-travel rule,
-and the initial noise rescheduled by our `freenoise_noise` with the permutations torch drew. Same random weights,
-fp32 on both sides: they differ only in summation order, ~1e-6 of the scale per network evaluation (see
-tests/test_unet.py), over 2 text encodings and 3 guided UNet steps; TOL = 1e-4 bounds that with room, while a wrong
-window, weight, interpolation or shuffle changes latents by 1e-2 or more (measured: no windows 0.53, flat instead
-of pyramid weights 0.10, one prompt 0.60, the second key at frame 6 instead of 7 0.048, unshuffled noise 1.3).
+"""Long videos and prompt travel on a tiny 4-channel (text-to-video) UNet against diffusers, at the UNet level and
+through sample.py with one window. The many-window command-line cases of both context modes are in
+tests/test_context_modes.py (which replaced the FreeNoise + prompt-travel sampling loop that was here).
 
 The memory-bounded alternative, `windowed_eps` (whole UNet per window), has no diffusers counterpart; its oracle is
 diffusers' UNetMotionModel run on each window with the per-frame text slice, blended by the weighted mean formula.
@@ -27,12 +20,11 @@ from pia_jax.models import config
 from pia_jax.models.text_encoder import CLIPTextModel
 from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from pia_jax.models.unet import UNetMotionModel
-from pia_jax.sampling import prompt_travel, schedulers, windows
+from pia_jax.sampling import prompt_travel, windows
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close, numpy_state
 
-TOL = 1e-4
 UNET_TOL = 2e-5  # one UNet evaluation, fp32 both sides (tests/test_unet.py)
 # Small enough to compile fast; still cross-attention down/up blocks, a plain down/up block and the mid block.
 UNET = dataclasses.replace(
@@ -41,8 +33,8 @@ UNET = dataclasses.replace(
     up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), layers_per_block=1, num_attention_heads=2,
     motion_num_attention_heads=2, norm_num_groups=4)
 CFG = dataclasses.replace(config.TINY, unet=UNET)
-FRAMES, LENGTH, STRIDE, H, W = 13, 8, 2, 16, 16  # windows start 0, 2, 4 and 5; latents 8 x 8
-PROMPTS, NEGATIVE, STEPS, GUIDANCE = {0: "hello cat", 7: "a dog"}, "cat", 3, 7.5
+STRIDE, H, W = 2, 16, 16  # latents 8 x 8
+NEGATIVE, STEPS, GUIDANCE = "cat", 3, 7.5
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def models(tmp_path_factory):
     state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in numpy_state(text).items()}
     ours_text = weights.load_state_dict(nnx.eval_shape(lambda: CLIPTextModel(CFG.text, rngs=nnx.Rngs(0))), state,
                                         weights.TRANSFORMERS_CLIP_TEXT)
-    return dict(unet=unet, text=text, tok_dir=tok_dir, ours_unet=ours_unet, ours_text=ours_text)
+    return {"unet": unet, "text": text, "tok_dir": tok_dir, "ours_unet": ours_unet, "ours_text": ours_text}
 
 
 def jit_unet(model, **static):
@@ -71,40 +63,6 @@ def per_frame_text(models, prompts: dict, num_frames):
     ids = tokenize(load_tokenizer(models["tok_dir"]), [prompts[k] for k in keys])
     embeds = models["ours_text"](jnp.asarray(ids))
     return prompt_travel.interpolate(embeds, *prompt_travel.interpolation(keys, num_frames))
-
-
-def test_freenoise_prompt_travel_matches_diffusers_animatediff(models):
-    from diffusers import AnimateDiffPipeline, DDIMScheduler
-    from transformers import CLIPTokenizer
-
-    sched = windows.WindowSchedule(FRAMES, LENGTH, STRIDE, "pyramid")
-    g = torch.Generator().manual_seed(7)  # what diffusers draws from it: the noise, then one randperm per block
-    noise = torch.randn((1, 4, FRAMES, H // 2, W // 2), generator=g).numpy().transpose(0, 2, 3, 4, 1)
-    perms = np.stack([torch.randperm(STRIDE, generator=g).numpy() for _ in range(LENGTH, FRAMES, STRIDE)])
-
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
-                              clip_sample=False, set_alpha_to_one=True)
-    pipe = AnimateDiffPipeline(vae=tm.vae(CFG.vae, seed=2), text_encoder=models["text"],
-                               tokenizer=CLIPTokenizer.from_pretrained(str(models["tok_dir"])),
-                               unet=tm.unet_motion(UNET, seed=1), motion_adapter=tm.motion_adapter(UNET),
-                               scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.enable_free_noise(context_length=LENGTH, context_stride=STRIDE, weighting_scheme="pyramid",
-                           noise_type="shuffle_context")
-    with torch.no_grad():
-        expected = pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, num_frames=FRAMES, height=H, width=W,
-                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(7),
-                        output_type="latent").frames.numpy().transpose(0, 2, 3, 4, 1)
-
-    context = jnp.stack([per_frame_text(models, {0: NEGATIVE}, FRAMES), per_frame_text(models, PROMPTS, FRAMES)])
-    unet = jit_unet(models["ours_unet"], temporal_windows=sched.arrays())
-    schedule = schedulers.make_schedule("ddim", schedulers.PIA_DDIM, STEPS)
-    x = windows.freenoise_noise(noise, sched, "shuffle_context", perms)
-    state = schedulers.init_state(schedule, x)
-    for i in range(STEPS):
-        eps = unet(jnp.concatenate([x, x]), schedule.timesteps[i], context)  # [negative, prompt]
-        x, state = schedulers.step(schedule, state, i, eps[:1] + GUIDANCE * (eps[1:] - eps[:1]), x)
-    assert_close(x, expected, TOL, "FreeNoise + prompt travel latents vs AnimateDiffPipeline")
 
 
 def torch_unet_per_frame(model, x, t, context_BxFxTxD):
@@ -132,7 +90,7 @@ def test_per_frame_context_and_full_windows(models):
     @jax.jit
     def run(st, x, ctx):
         model = nnx.merge(graphdef, st)
-        eps = lambda xw, fr: model(xw, t, jnp.take(ctx, fr[0], axis=1))  # noqa: E731  (one window: k = 1)
+        eps = lambda xw, fr: model(xw, t, jnp.take(ctx, fr[0], axis=1))
         return model(x, t, ctx), windows.windowed_eps(eps, x, full)
 
     plain, windowed = run(state, x, per_frame)
@@ -178,8 +136,8 @@ def test_per_frame_context_must_match_the_frames(models):
 def test_text_to_video_cli_matches_diffusers_animatediff(models, tmp_path, capsys):
     """sample.py on a 4-channel model directory: text-to-video without --image, a prompt map (travel), the injected
     noise, against AnimateDiffPipeline with the same prompt dict (free noise on, one window of all frames, so nothing
-    is rescheduled). Frames are written as 8-bit PNGs: the float frames agree to ~1e-5 (the module's TOL covers the
-    latents), so the written values differ by at most one level where the rounding falls between them."""
+    is rescheduled). Frames are written as 8-bit PNGs: the float frames agree to ~1e-5 (as the latents do,
+    tests/test_context_modes.py), so the written values differ by at most one level where the rounding falls between them."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler
     from PIL import Image
     from transformers import CLIPTokenizer

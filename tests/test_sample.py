@@ -336,7 +336,8 @@ def test_long_video_windows_cli(model, tmp_path, capsys):
     path, img = model
     out = tmp_path / "long.gif"
     code, io = run(capsys, "--model", path, "--prompt", "a cat", "--frames", 48, "--steps", 1,
-                   "--size", 16, "--context-stride", 8, "--free-noise", "shuffle_context", "--window-batch", 2,
+                   "--size", 16, "--context-stride", 8, "--free-noise", "shuffle_context", "--context-mode", "unet",
+                   "--window-batch", 2,
                    "--out", out, "--no-progress", "--keyframe", f"0:{img}", "--keyframe", f"47:{img}")
     assert code == 0, io.err
     with Image.open(out) as gif:  # keyframes at 0 and the last frame

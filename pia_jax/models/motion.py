@@ -5,6 +5,7 @@ Names mirror diffusers' `AnimateDiffTransformer3D`; the original AnimateDiff/PIA
 converter maps onto these names by rule.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,9 +36,9 @@ class TemporalTransformerBlock(nnx.Module):
         self.ff = FeedForward(mk, dim)
 
     def __call__(self, x_NxFxC, windows=None):
-        """windows: None, or (frames (W, L) int, weights (W, L)) static arrays: the two attentions run on each
-        window of L frames (positions 0..L-1) and their results are blended per frame by weighted mean before the
-        feed-forward (FreeNoise's window fusion; see pia_jax/sampling/windows.py)."""
+        """windows: None, or (frames (W, L) int, weights (W, L), norm (F,)) static arrays: the two attentions run on
+        each window of L frames (positions 0..L-1) and their results are blended per frame, sum_w w·y_w / norm,
+        before the feed-forward (FreeNoise's window fusion; see pia_jax/sampling/windows.py)."""
         n, frames, dim = x_NxFxC.shape
         length = frames if windows is None else windows[0].shape[1]
         if length > self.max_len:
@@ -51,8 +52,8 @@ class TemporalTransformerBlock(nnx.Module):
         if windows is None:
             x_NxFxC = attend(x_NxFxC)
         else:
-            idx_WxL, w_WxL = np.asarray(windows[0]), np.asarray(windows[1], np.float32)
-            norm = np.bincount(idx_WxL.ravel(), w_WxL.ravel(), frames).astype(np.float32)
+            idx_WxL, w_WxL, norm = (np.asarray(a) for a in windows)
+            w_WxL, norm = w_WxL.astype(np.float32), norm.astype(np.float32)
             y = attend(x_NxFxC[:, idx_WxL].reshape(n * len(idx_WxL), length, dim)).reshape(n, *idx_WxL.shape, dim)
             acc = jnp.zeros(x_NxFxC.shape, jnp.float32).at[:, idx_WxL].add(y * w_WxL[None, :, :, None])
             x_NxFxC = (acc / norm[None, :, None]).astype(x_NxFxC.dtype)
@@ -70,15 +71,33 @@ class MotionModule(nnx.Module):
         self.transformer_blocks = nnx.List([TemporalTransformerBlock(mk, channels, heads, max_len, kernel)])
         self.proj_out = mk.linear(channels, channels, zero=True)
 
-    def __call__(self, x, frames: int, windows=None):
+    def __call__(self, x, frames: int, windows=None, chunks: int = 1):
+        """`chunks` > 1: everything after the GroupNorm (whose statistics see all sites) runs on that many chunks
+        of the spatial sites, one after another (`site_chunks`), bounding its temporaries (diffusers'
+        `enable_free_noise_split_inference` splits the same way)."""
         bf, h, w, c = x.shape
         b = bf // frames
         y = self.norm(x, frames if self.pooled_norm else 1)
         # sites become the batch, frames the sequence: (b*f, h, w, c) -> (b*h*w, f, c)
         y = y.reshape(b, frames, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, frames, c)
-        y = self.proj_in(y)
-        for block in self.transformer_blocks:
-            y = block(y, windows)
-        y = self.proj_out(y)
+
+        def temporal(y):
+            y = self.proj_in(y)
+            for block in self.transformer_blocks:
+                y = block(y, windows)
+            return self.proj_out(y)
+
+        y = site_chunks(temporal, y, chunks)
         y = y.reshape(b, h * w, frames, c).transpose(0, 2, 1, 3).reshape(bf, h, w, c)
         return x + y
+
+
+def site_chunks(fn, y_SxFxC, chunks: int):
+    """fn on `chunks` equal row chunks of y (the last padded with zeros, dropped after), in a `lax.map`."""
+    s = y_SxFxC.shape[0]
+    if chunks <= 1 or s < 2:
+        return fn(y_SxFxC)
+    size = -(-s // chunks)
+    padded = jnp.pad(y_SxFxC, [(0, size * chunks - s)] + [(0, 0)] * (y_SxFxC.ndim - 1))
+    out = jax.lax.map(fn, padded.reshape((chunks, size) + y_SxFxC.shape[1:]))
+    return out.reshape((chunks * size,) + out.shape[2:])[:s]

@@ -102,6 +102,32 @@ class Upsample2D(nnx.Module):
         return self.conv(nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2])))
 
 
+def frame_chunks(fn, chunks: int, frames: int, rows: tuple, context):
+    """fn(*rows, context) with each clip's frames in `chunks` equal chunks run one after another (a `lax.map`), so
+    a layer's temporaries hold one chunk: for layers whose output at a frame depends on that frame alone.
+
+    rows: (b*f, ...) arrays, frames fastest (activations, temb); context: (b, T, D) per video, or (b, f, T, D) per
+    frame (cut with the rows). Each clip is padded at its end to chunks·k frames (k = ceil(f / chunks)); the padded
+    frames are computed and dropped.
+    """
+    if chunks <= 1:
+        return fn(*rows, context)
+    b = rows[0].shape[0] // frames
+    k = -(-frames // chunks)
+
+    def split(a, lead):  # (b, f, ...) -> (chunks, b * k, ...) or, for per-frame text, (chunks, b, k, ...)
+        a = jnp.pad(a, [(0, 0), (0, chunks * k - frames)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape((b, chunks, k) + a.shape[2:]).swapaxes(0, 1)
+        return a if lead else a.reshape((chunks, b * k) + a.shape[3:])
+
+    per_frame = context.ndim == 4
+    xs = tuple(split(r.reshape((b, frames) + r.shape[1:]), False) for r in rows)
+    xs += (split(context, True),) if per_frame else ()
+    out = jax.lax.map(lambda a: fn(*a[:len(rows)], a[-1] if per_frame else context), xs)
+    out = out.reshape((chunks, b, k) + out.shape[2:]).swapaxes(0, 1)
+    return out.reshape((b, chunks * k) + out.shape[3:])[:, :frames].reshape((b * frames,) + out.shape[3:])
+
+
 class _Layers(nnx.Module):
     """resnet -> [spatial transformer] -> motion module, per layer; the shared body of all UNet blocks."""
 
@@ -116,11 +142,24 @@ class _Layers(nnx.Module):
             MotionModule(mk, channels, heads, groups, cfg.motion_max_seq_length, cfg.pooled("motion"),
                          kernels["temporal"]) for _ in cins])
 
-    def layer(self, i, x, temb, context, frames, windows=None):
-        x = self.resnets[i](x, temb, frames)
-        if self.attentions:
-            x = self.attentions[i](x, context)
-        return self.motion_modules[i](x, frames, windows)
+    def layer(self, i, x, temb, context, frames, windows=None, chunks=1, skip=None):
+        """resnet -> [attention] -> motion module on x (with `skip` concatenated first: up blocks); the resnet and
+        attention on `chunks` chunks of frames (`frame_chunks`), except a resnet whose GroupNorm statistics pool
+        over the frames ('pia' norm semantics), which sees all of them."""
+        resnet, pooled = self.resnets[i], self.resnets[i].frames_pooled
+        if pooled:
+            x = resnet(x if skip is None else jnp.concatenate([x, skip], axis=-1), temb, frames)
+
+        def spatial(x, temb, *rest):
+            skip, ctx = rest if len(rest) == 2 else (None, rest[0])
+            if not pooled:
+                x = resnet(x if skip is None else jnp.concatenate([x, skip], axis=-1), temb, 1)
+            return self.attentions[i](x, ctx) if self.attentions else x
+
+        if self.attentions or not pooled:
+            rows = (x, temb) if pooled or skip is None else (x, temb, skip)
+            x = frame_chunks(spatial, chunks, frames, rows, context)
+        return self.motion_modules[i](x, frames, windows, chunks)
 
 
 class DownBlock(_Layers):
@@ -130,13 +169,13 @@ class DownBlock(_Layers):
         super().__init__(mk, cfg, cout, [cin] + [cout] * (cfg.layers_per_block - 1), cross_attention, kernels)
         self.downsamplers = nnx.List([Downsample2D(mk, cout)] if add_downsample else [])
 
-    def __call__(self, x, temb, context, frames, windows=None):
+    def __call__(self, x, temb, context, frames, windows=None, chunks=1):
         skips = []
         for i in range(len(self.resnets)):
-            x = self.layer(i, x, temb, context, frames, windows)
+            x = self.layer(i, x, temb, context, frames, windows, chunks)
             skips.append(x)
         if self.downsamplers:
-            x = self.downsamplers[0](x)
+            x = frame_chunks(lambda x, _: self.downsamplers[0](x), chunks, frames, (x,), context)
             skips.append(x)
         return x, skips
 
@@ -149,12 +188,11 @@ class UpBlock(_Layers):
         super().__init__(mk, cfg, cout, self.cins, cross_attention, kernels)
         self.upsamplers = nnx.List([Upsample2D(mk, cout)] if add_upsample else [])
 
-    def __call__(self, x, skips, temb, context, frames, upsample_size=None, windows=None):
+    def __call__(self, x, skips, temb, context, frames, upsample_size=None, windows=None, chunks=1):
         for i in range(len(self.resnets)):
-            x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = self.layer(i, x, temb, context, frames, windows)
+            x = self.layer(i, x, temb, context, frames, windows, chunks, skip=skips.pop())
         if self.upsamplers:
-            x = self.upsamplers[0](x, upsample_size)
+            x = frame_chunks(lambda x, _: self.upsamplers[0](x, upsample_size), chunks, frames, (x,), context)
         return x
 
 
@@ -170,12 +208,16 @@ class MidBlock(nnx.Module):
             MotionModule(mk, c, cfg.motion_num_attention_heads, cfg.norm_num_groups, cfg.motion_max_seq_length,
                          cfg.pooled("motion"), kernels["temporal"])] if cfg.motion_mid_block else [])
 
-    def __call__(self, x, temb, context, frames, windows=None):
-        x = self.resnets[0](x, temb, frames)
-        x = self.attentions[0](x, context)
+    def __call__(self, x, temb, context, frames, windows=None, chunks=1):
+        pooled = self.resnets[0].frames_pooled  # pooled statistics see every frame: those resnets are not chunked
+        x = self.resnets[0](x, temb, frames) if pooled else x
+        x = frame_chunks(lambda x, temb, ctx: self.attentions[0](x if pooled else self.resnets[0](x, temb, 1), ctx),
+                         chunks, frames, (x, temb), context)
         if self.motion_modules:
-            x = self.motion_modules[0](x, frames, windows)
-        return self.resnets[1](x, temb, frames)
+            x = self.motion_modules[0](x, frames, windows, chunks)
+        if pooled:
+            return self.resnets[1](x, temb, frames)
+        return frame_chunks(lambda x, temb, _: self.resnets[1](x, temb, 1), chunks, frames, (x, temb), context)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -189,15 +231,18 @@ class TimestepEmbedding(nnx.Module):
 class UNetMotionModel(nnx.Module):
     """Noise prediction for video latents.
 
-    __call__(sample, timestep, encoder_hidden_states, mask, condition, temporal_windows):
+    __call__(sample, timestep, encoder_hidden_states, mask, condition, temporal_windows, frame_chunk):
       sample (b, f, h, w, 4) noisy latents; timestep scalar or (b,); encoder_hidden_states (b, 77, 768), or
       (b, f, 77, 768) for a text per frame (prompt travel; the per-video form is cheaper when all frames share one);
       mask broadcastable to (b, f, h, w, 1) (per-frame affinity), condition broadcastable to (b, f, h, w, 4)
       (condition-image latent), both only for the 9-channel model (None = zeros, the condition-dropped mode);
-      temporal_windows None, or static (frames (W, L), weights (W, L)) arrays: the motion modules attend within
-      these frame windows and blend (FreeNoise, `pia_jax.sampling.windows.WindowSchedule.arrays()`), so f may
-      exceed motion_max_seq_length; image_tokens (b, ip_adapter_tokens, 768) and ip_adapter_scale (a number or
-      (b,)), only for a UNet with an IP-Adapter (`ip_adapter.py`; image_tokens None there: no image prompt).
+      temporal_windows None, or static (frames (W, L), weights (W, L), norm (f,)) arrays: the motion modules attend
+      within these frame windows and blend (FreeNoise, `pia_jax.sampling.windows.WindowSchedule.arrays()`), so f
+      may exceed motion_max_seq_length; frame_chunk None, or a static int: when f exceeds it, the spatial layers
+      run on ceil(f / frame_chunk) chunks of frames and the motion modules on as many chunks of spatial sites,
+      one chunk at a time (`frame_chunks`): the same result, with one chunk's temporaries per layer;
+      image_tokens (b, ip_adapter_tokens, 768) and ip_adapter_scale (a number or (b,)), only for a UNet with an
+      IP-Adapter (`ip_adapter.py`; image_tokens None there: no image prompt).
     Returns the predicted noise (b, f, h, w, out_channels) in fp32.
 
     `remat_policy` (one of REMAT_POLICIES, None = off) recomputes each down/mid/up block's activations in the
@@ -235,7 +280,7 @@ class UNetMotionModel(nnx.Module):
             ip_adapter.add_ip_attention(self, mk, cfg)
 
     def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None, temporal_windows=None,
-                 image_tokens=None, ip_adapter_scale=1.0):
+                 frame_chunk: int | None = None, image_tokens=None, ip_adapter_scale=1.0):
         cfg = self.config
         b, f, h, w, _ = sample.shape
         x = sample
@@ -260,20 +305,24 @@ class UNetMotionModel(nnx.Module):
             raise ValueError(f"per-frame text states must be (b, f, T, D) = ({b}, {f}, ...), got {context.shape}")
         context = ip_adapter.append_image_tokens(context, image_tokens, ip_adapter_scale, cfg.ip_adapter_tokens)
         win = temporal_windows
+        if frame_chunk is not None and frame_chunk < 1:
+            raise ValueError(f"frame_chunk must be None or >= 1, got {frame_chunk}")
+        n = 1 if frame_chunk is None else -(-f // frame_chunk)
 
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win), block, x, temb, context)
+            x, block_skips = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win, n), block, x, temb,
+                                       context)
             skips += block_skips
-        x = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win), self.mid_block, x, temb, context)
+        x = self._run(lambda blk, x, temb, ctx: blk(x, temb, ctx, f, win, n), self.mid_block, x, temb, context)
         for block in self.up_blocks:
             layer_skips = skips[len(skips) - len(block.resnets):]
             del skips[len(skips) - len(block.resnets):]
             # the next block's skips fix the upsampled size (matters when h, w are not multiples of 2**blocks)
             size = skips[-1].shape[1:3] if skips else None
-            x = self._run(lambda blk, x, sk, temb, ctx: blk(x, sk, temb, ctx, f, size, win), block, x, layer_skips,
-                          temb, context)
+            x = self._run(lambda blk, x, sk, temb, ctx, size=size: blk(x, sk, temb, ctx, f, size, win, n), block,
+                          x, layer_skips, temb, context)
         x = jax.nn.silu(self.conv_norm_out(x, f if cfg.pooled("out") else 1))
         x = self.conv_out(x)
         return x.reshape(b, f, h, w, -1).astype(jnp.float32)

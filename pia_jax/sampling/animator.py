@@ -47,7 +47,7 @@ from pia_jax.sampling import noise as noise_lib
 from pia_jax.sampling.decode import decode
 from pia_jax.sampling.encode import encode
 from pia_jax.sampling.keyframes import nearest_keyframe
-from pia_jax.sampling.loop import denoise, guided_eps, start, windowed
+from pia_jax.sampling.loop import denoise, fused, guided_eps, start, windowed
 from pia_jax.sampling.options import Result, SampleOptions
 from pia_jax.sampling.prompt_travel import interpolation, parse_prompt_map
 from pia_jax.sampling.windows import WindowSchedule, freenoise_noise, shuffle_permutations
@@ -70,16 +70,18 @@ class Settings:
     clip_skip: int | None = None  # encode: CLIP layers skipped
     cfg: bool = True  # denoise: classifier-free guidance on (the UNet sees [negative, prompt])
     window: WindowSchedule | None = None  # denoise: context windows (long videos)
-    window_batch: int = 1  # denoise: windows per UNet call
+    window_batch: int = 1  # denoise: windows per UNet call (context mode unet)
     decode_chunk: int = 1  # decode: frames per video decoded at once
     as_uint8: bool = True  # decode: uint8 frames, else float32 in [0, 1]
+    context_mode: str = "attention"  # denoise: where the windows blend (options.CONTEXT_MODES)
 
     def only(self, phase: str) -> "Settings":
         """The settings `phase` reads, the others at their defaults."""
         return Settings(**{name: getattr(self, name) for name in _READS[phase]})
 
 
-_READS = {"encode": ("clip_skip",), "denoise": ("cfg", "window", "window_batch"), "decode": ("decode_chunk", "as_uint8")}
+_READS = {"encode": ("clip_skip",), "denoise": ("cfg", "window", "window_batch", "context_mode"),
+          "decode": ("decode_chunk", "as_uint8")}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,7 +130,12 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
     if parts.text_to_video:
         mask = cond = None
     # what the loop denoises with is fixed by the static settings (no mutable hook outside the compile key)
-    denoiser = guided_eps if settings.window is None else windowed(guided_eps, settings.window, settings.window_batch)
+    if settings.window is None:
+        denoiser = guided_eps
+    elif settings.context_mode == "attention":
+        denoiser = fused(guided_eps, settings.window)
+    else:
+        denoiser = windowed(guided_eps, settings.window, settings.window_batch)
     latents, solver_state = denoise(parts.unet.merge(weights), schedule, latents, solver_state, text, mask, cond,
                                     guidance, step_keys, begin, end, cfg=settings.cfg, denoiser=denoiser)
     return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
@@ -210,8 +217,10 @@ class Animator:
         self.text_to_video = config.unet.in_channels == 4
         parts = Parts(text_graph, vae_graph, unet_graph, config.vae.scaling_factor, self.text_to_video)
         # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
+        # identity: all a program closes over is in `parts`' repr, so its executables are stored beside the
+        # persistent compile cache when that is on and a later process loads them (pia_jax.compiled.store)
         program = lambda fn, **jit: compiled.Program(functools.partial(fn, parts), self.mesh, settings=True,  # noqa
-                                                     out_shardings=self._by_video, **jit)
+                                                     identity="sampler", out_shardings=self._by_video, **jit)
         donate = ("latents", "solver_state") if jax.default_backend() != "cpu" else ()  # CPU cannot reuse them
         self._encode, self._denoise, self._decode = (program(_encode_fn), program(_denoise_fn, donate_argnames=donate),
                                                      program(_decode_fn))
@@ -258,8 +267,10 @@ class Animator:
     # ---- compiling, from shapes alone ----
 
     def _settings(self, options: SampleOptions, frames: int, float_frames: bool = False) -> Settings:
-        return Settings(options.clip_skip, options.cfg, options.window(frames, self.config.unet.motion_max_seq_length),
-                        options.window_batch, max(1, min(options.decode_chunk, frames)), not float_frames)
+        window = options.window(frames, self.config.unet.motion_max_seq_length)
+        mode = options.mode if window is not None else Settings.context_mode  # no windows: one program for both
+        return Settings(options.clip_skip, options.cfg, window, options.window_batch,
+                        max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode)
 
     def _schedule(self, options: SampleOptions):
         config = self.scheduler_config
@@ -396,6 +407,9 @@ class Animator:
             raise ValueError(f"{b} videos need {b} seeds, got {len(seeds)}")
         if seeds is None and (noise is None or posterior_noise is None or options.step_noise):
             raise ValueError("pass seeds (one per video) or both noise arrays (and seeds for eta > 0 or lcm)")
+        if noise is not None and options.free_noise != "none":
+            raise ValueError("free noise reschedules the seeded noise; given noise is used as it is: reschedule it "
+                             "first (windows.freenoise_noise), or give seeds")
         return _Call(b, f, height, width, images.astype(np.float32) / 255 * 2 - 1, affinity, nearest,
                      0 if keyframes is None else len(keyframes))
 

@@ -478,6 +478,9 @@ def load_noise(plan_: Plan, noise_path=None, posterior_path=None) -> tuple[np.nd
     if len(plan_.groups) != 1:
         raise ValueError("--noise/--posterior-noise need a single batch (one image size and one set of options)")
     g = plan_.groups[0]
+    if noise_path is not None and g.options.free_noise != "none":
+        raise ValueError("--free-noise reschedules the seeded noise; --noise is used as it is: drop --free-noise "
+                         "(and save the noise already rescheduled, e.g. with --save-noise from a seeded run)")
     shape = (len(g.videos),) + plan_.config.vae.latent_shape(g.height, g.width, g.frames)
     out = []
     for name, path, expected in (("noise", noise_path, shape), ("posterior noise", posterior_path,

@@ -5,8 +5,11 @@ convolution kernels, dtype casts) is hoisted out of the loop body by XLA, so it 
 (tests/test_sampling.py reads the compiled program to check it).
 
 Every step: eps = denoiser(...) (the UNet with classifier-free guidance; a replaceable function, e.g. for context
-windows over long videos), then the scheduler's pure `step`.
+windows over long videos: `windowed` around the whole UNet, `fused` inside its motion modules), then the
+scheduler's pure `step`.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +56,19 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
             cond_w = take_windows(cond, frames_KxL) if cond.ndim == 5 else jnp.repeat(cond, k, axis=0)
             return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), cond_w, guidance, cfg)
         return windowed_eps(fn, latents, window, k)
+
+    return eps
+
+
+def fused(denoiser, window: WindowSchedule):
+    """`denoiser` with the UNet's motion modules attending within the windows of `window` and blending there
+    (FreeNoise, context mode attention); the spatial layers see every frame once, in chunks of `window.length`
+    frames (the UNet's `frame_chunk`), so their temporaries do not grow with the frames. Every input stays whole."""
+    arrays = window.arrays()
+
+    def eps(unet, latents, t, text, mask, cond, guidance, cfg):
+        unet = functools.partial(unet, temporal_windows=arrays, frame_chunk=window.length)
+        return denoiser(unet, latents, t, text, mask, cond, guidance, cfg)
 
     return eps
 

@@ -18,7 +18,9 @@ from pia_jax.models.config import SCHEDULER_KINDS, PIAConfig, SchedulerConfig, o
 from pia_jax.sampling.windows import NOISE_TYPES, WEIGHTINGS, WindowSchedule, check_window
 
 DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
-_WINDOW_OPTIONS = ("context_stride", "context_weighting", "window_batch")  # used only with context windows
+_WINDOW_OPTIONS = ("context_mode", "context_stride", "context_weighting", "window_batch")  # only with windows
+CONTEXT_MODES = ("attention", "unet")
+DEFAULT_CONTEXT_MODE = "attention"
 
 # The reference's negative prompt when a config gives none (PIA i2v_pipeline.py DEFAULT_N_PROMPT).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -35,8 +37,9 @@ def key(f: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class SampleOptions:
-    """Long videos (pia_jax.sampling.windows): the UNet runs on context windows of `context_length` frames every
-    `context_stride` frames and the overlapping noise predictions are blended with `context_weighting`.
+    """Long videos (pia_jax.sampling.windows): context windows of `context_length` frames every `context_stride`
+    frames, blended with `context_weighting`, inside the motion modules' temporal attention (`context_mode`
+    "attention", FreeNoise as diffusers) or around the whole UNet ("unet").
 
     `scheduler`, `clip_skip`, `decode_chunk`, the window fields but `free_noise`, and whether guidance is on (> 1)
     shape the compiled programs; everything else is their data: changing it compiles nothing."""
@@ -55,10 +58,19 @@ class SampleOptions:
     context_length: int | None = opt(None, "context window length, at most the frames (default: windows of 16 only "
                                            "past the motion modules' positions; a length always windows, and one "
                                            "as long as the video is one window: the plain sampler)")
+    context_mode: str | None = opt(
+        None, "where windows blend: attention = inside the motion modules' temporal attention, every other layer "
+              "sees each frame once, in chunks of context-length frames (FreeNoise, matches diffusers' "
+              "enable_free_noise); unet = the whole UNet per window, noise predictions blended (memory bounded by "
+              "--window-batch whatever the frames, but ~length/stride times the UNet work). Default attention: the "
+              "published FreeNoise, ~3x less compute at stride 4; unet when memory is the limit (README)",
+        CONTEXT_MODES)
     context_stride: int = opt(4, "frames between window starts")
     context_weighting: str = opt("pyramid", "blend weights of overlapping windows", WEIGHTINGS)
-    window_batch: int = opt(1, "windows per UNet call (memory grows with it, not with the frames)")
-    free_noise: str = opt("none", "FreeNoise rescheduling of the seeded noise (needs context windows)",
+    window_batch: int = opt(1, "context mode unet: windows per UNet call (memory grows with it, not with the "
+                                 "frames)")
+    free_noise: str = opt("none", "FreeNoise rescheduling of the seeded noise (needs context windows; refused with "
+                                  "--noise, which is used as given: reschedule it before saving it)",
                           ("none", *NOISE_TYPES))
 
     @property
@@ -70,13 +82,20 @@ class SampleOptions:
         """Whether the sampler draws noise between steps (DDIM with eta > 0, LCM), from each video's seed."""
         return self.eta > 0 or self.scheduler == "lcm"
 
+    @property
+    def mode(self) -> str:
+        """The context mode, the default filled in."""
+        return self.context_mode or DEFAULT_CONTEXT_MODE
+
     def window(self, num_frames: int, max_positions: int) -> WindowSchedule | None:
-        """The context-window schedule for a video of `num_frames` frames, or None (the UNet sees every frame)."""
+        """The context-window schedule for a video of `num_frames` frames, or None (the UNet sees every frame). Its
+        tail rule is diffusers' in attention mode (the oracle there), exact in unet mode (windows.py)."""
         if self.context_length is None and num_frames <= max_positions:
             return None
         length = DEFAULT_CONTEXT_LENGTH if self.context_length is None else self.context_length
         check_window(num_frames, length, self.context_stride, max_positions)
-        return WindowSchedule(num_frames, length, self.context_stride, self.context_weighting)
+        return WindowSchedule(num_frames, length, self.context_stride, self.context_weighting,
+                              "diffusers" if self.mode == "attention" else "exact")
 
     def check_frames(self, num_frames: int, config: PIAConfig):
         """ValueError when this model cannot make `num_frames` frames with these window options."""
@@ -94,12 +113,17 @@ class SampleOptions:
             raise ValueError(f"{', '.join(unused)}: used only by context windows, which a {num_frames}-frame video "
                              f"gets past the motion modules' {config.unet.motion_max_seq_length} positions or with a "
                              "context length: give a context length, or drop them")
+        if self.window_batch != 1 and self.mode == "attention":
+            raise ValueError(f"window batch {self.window_batch}: windows per UNet call, used only by context mode "
+                             "unet (attention mode runs the UNet once on all frames): give --context-mode unet, or "
+                             "drop it")
 
     def check_choices(self):
         """ValueError naming the first field whose value is not one of its choices."""
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices is not None and value not in choices:
+            unset = value is None and f.default is None  # a default filled in later (context_mode)
+            if choices is not None and value not in choices and not unset:
                 raise ValueError(f"{key(f).replace('_', ' ')} must be one of {', '.join(map(str, choices))}, got "
                                  f"{value!r}")
 

@@ -8,16 +8,21 @@ window is one window of all its frames.
 
 Overlapping results are blended by a weighted mean, weight w[j] for the j-th frame of a window (`frame_weights`):
 flat [1, 1, ...], pyramid [1, 2, .., 2, 1] (FreeNoise Eq. 9) or delayed_reverse_sawtooth [0.01, .., m, .., 2, 1].
-Deliberate difference: for the frames only the tail window covers, diffusers divides by one weight (that of the
-tail's first new frame) for all of them, so with non-flat weights those hidden states come out scaled by w[j] / w[t];
-here every frame is divided by the sum of the weights it actually received (so a frame seen once is unchanged).
+The tail rule (`tail`): "exact" divides every frame by the sum of the weights it received (a frame seen once is
+unchanged); "diffusers" divides the frames only the tail window covers all by one weight, that of the tail's first
+new frame w[t], as diffusers' `FreeNoiseTransformerBlock` does, so with non-flat weights those frames come out
+scaled by w[j] / w[t] (pyramid, 16 every 4, a 4-frame tail: x1, x3/4, x1/2, x1/4). No tail window (N - length a
+multiple of stride, or one window): both rules are the same.
 
-Two places to blend (both use the same `WindowSchedule`):
-  * `windowed_eps`: the whole UNet runs per window and the noise predictions are blended (AnimateDiff-Evolved /
-    prompt-travel "context windows"). Memory grows with the window batch, not with N.
-  * temporal fusion inside the motion modules (`UNetMotionModel(..., temporal_windows=schedule.arrays())`): only the
-    motion modules' attention runs per window; every other layer sees all N frames. This is diffusers' FreeNoise
-    (`AnimateDiffPipeline.enable_free_noise`, up to the tail normalisation above); memory grows with N.
+Two places to blend (both use a `WindowSchedule`; sampling.options' `context_mode` picks one):
+  * "unet", `windowed_eps`: the whole UNet runs per window and the noise predictions are blended (AnimateDiff-
+    Evolved / prompt-travel "context windows"), tail "exact". Memory grows with the window batch, not with N; the
+    UNet runs on ~N·length/stride frames.
+  * "attention", temporal fusion inside the motion modules (`UNetMotionModel(..., temporal_windows=
+    schedule.arrays())`): only the motion modules' attention runs per window; every other layer sees each frame
+    once. This is diffusers' FreeNoise (`AnimateDiffPipeline.enable_free_noise`), tail "diffusers". With a
+    `frame_chunk` the spatial layers run on chunks of frames (diffusers' `enable_free_noise_split_inference`): what
+    grows with N is then the per-frame activations the UNet keeps (skips, residual stream), not the layers' work.
 
 FreeNoise noise rescheduling (`freenoise_source_frames`): frames past the first window take copies of the frames one
 window length earlier, shuffled within each block of `stride` frames (diffusers' `_prepare_latents_free_noise`,
@@ -37,6 +42,7 @@ import numpy as np
 # (pia_jax.sampling.options: input checking imports no jax).
 
 WEIGHTINGS = ("flat", "pyramid", "delayed_reverse_sawtooth")
+TAILS = ("exact", "diffusers")
 NOISE_TYPES = ("random", "shuffle_context", "repeat_context")
 
 
@@ -72,17 +78,21 @@ class WindowSchedule:
     static argument of `jax.jit`. Arrays (W windows, L = min(length, num_frames) frames):
       frames  (W, L) int32    frame indices of each window
       weights (W, L) float32  blend weight of each window frame (0: this window does not contribute the frame)
-      norm    (N,) float32    per-frame sum of the weights (> 0 for every frame)
+      norm    (N,) float32    per-frame divisor of the blend (> 0 for every frame): the sum of the weights, but
+                              with tail "diffusers" w[t] for the frames only the tail window covers (module doc)
     """
     num_frames: int
     length: int = 16
     stride: int = 4
     weighting: str = "pyramid"
+    tail: str = "exact"
 
     def __post_init__(self):
         check_window(self.num_frames, self.length, self.stride)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
 
     @functools.cached_property
     def frames(self) -> np.ndarray:
@@ -101,11 +111,15 @@ class WindowSchedule:
 
     @functools.cached_property
     def norm(self) -> np.ndarray:
-        return np.bincount(self.frames.ravel(), self.weights.ravel(), self.num_frames).astype(np.float32)
+        norm = np.bincount(self.frames.ravel(), self.weights.ravel(), self.num_frames).astype(np.float32)
+        tail = self.weights[-1] > 0
+        if self.tail == "diffusers" and not tail.all():  # an added tail window: its new frames share one divisor
+            norm[self.frames[-1][tail]] = self.weights[-1][tail][0]
+        return norm
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(frames, weights): what the motion modules' temporal fusion takes."""
-        return self.frames, self.weights
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frames, weights, norm): what the motion modules' temporal fusion takes."""
+        return self.frames, self.weights, self.norm
 
 
 def check_window(num_frames: int, length: int, stride: int, max_positions: int | None = None):
