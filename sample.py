@@ -146,6 +146,7 @@ def main(argv=None) -> int:
             result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
                               np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
                               noise=noise, posterior_noise=post, batch_size=size, keyframes=g.keyframes,
+                              ip_adapter_images=g.ip_images,
                               progress=None if a.no_progress else Progress(len(g.videos), g.frames))
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -39,13 +39,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pia_jax import compiled
+from pia_jax import compiled, media
 from pia_jax.models.config import PIAConfig
 from pia_jax.models.tokenizer import tokenize
 from pia_jax.sampling import compile_cache, memory, schedulers
 from pia_jax.sampling import noise as noise_lib
 from pia_jax.sampling.decode import decode
-from pia_jax.sampling.encode import encode
+from pia_jax.sampling.encode import encode, encode_image_prompt
 from pia_jax.sampling.keyframes import nearest_keyframe
 from pia_jax.sampling.loop import denoise, fused, guided_eps, start, windowed
 from pia_jax.sampling.options import Result, SampleOptions
@@ -111,22 +111,28 @@ class Parts:
     unet: Graph
     scaling_factor: float  # the VAE's latent scaling
     text_to_video: bool  # a 4-channel UNet: no condition branch, the affinity and condition latent are not used
+    image_encoder: Graph | None = None  # the IP-Adapter's image tower and projection (encode), None without one
+    image_proj: Graph | None = None
 
 
 def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_noise, noise, schedule, from_image,
-               travel, nearest):
-    """-> (text states, condition latent, first latents, solver state); weights = (text encoder, VAE) leaves."""
+               travel, nearest, clip_pixels=None):
+    """-> (text states, condition latent, first latents, solver state, IP-Adapter image tokens (B, 2, n, D) or None);
+    weights = (text encoder, VAE) leaves, and (image encoder, image projection) with an IP-Adapter."""
     text_encoder, vae = parts.text.merge(weights[0]), parts.vae.merge(weights[1])
     text, cond = encode(text_encoder, vae, parts.scaling_factor, ids, pixels, post_noise, settings.clip_skip, travel,
                         nearest)
-    return (text, cond) + start(schedule, noise, cond, from_image)
+    image = None if clip_pixels is None else encode_image_prompt(parts.image_encoder.merge(weights[2]),
+                                                                 parts.image_proj.merge(weights[3]), clip_pixels)
+    return (text, cond) + start(schedule, noise, cond, from_image) + (image,)
 
 
 def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state, schedule, text, mask, cond,
-                guidance, step_keys, begin, end):
+                guidance, step_keys, begin, end, image=None, ip_scale=None):
     """-> (latents, solver state, whether each video's latents are finite) after steps begin..end-1: the flags are
     ready when the latents are, and unlike the latents (donated to the next piece on accelerators) they can be
-    waited for. weights = the UNet's leaves."""
+    waited for. weights = the UNet's leaves. `image`, `ip_scale`: the IP-Adapter's tokens (B, 2, n, D) and scale
+    (data: one program for every scale), None without one (the program is then the one without the adapter)."""
     if parts.text_to_video:
         mask = cond = None
     # what the loop denoises with is fixed by the static settings (no mutable hook outside the compile key)
@@ -137,7 +143,8 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
     else:
         denoiser = windowed(guided_eps, settings.window, settings.window_batch)
     latents, solver_state = denoise(parts.unet.merge(weights), schedule, latents, solver_state, text, mask, cond,
-                                    guidance, step_keys, begin, end, cfg=settings.cfg, denoiser=denoiser)
+                                    guidance, step_keys, begin, end, cfg=settings.cfg, denoiser=denoiser,
+                                    image=None if image is None else (image, ip_scale))
     return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
 
 
@@ -166,6 +173,7 @@ class _Call:
     affinity: np.ndarray  # (B, F) float32
     nearest: np.ndarray | None  # (F,) each frame's nearest keyframe, or None
     keyframes: int  # K, 0 for one image per video
+    clip_pixels: np.ndarray | None = None  # (B, S, S, 3) the IP-Adapter's image prompts, CLIP-preprocessed
     noise: np.ndarray | None = None  # (B, F, h, w, c)
     posterior_noise: np.ndarray | None = None  # (B, h, w, c)
     step_keys: np.ndarray | None = None  # (B, 2) DDIM step-noise key data
@@ -188,6 +196,7 @@ class _Run:
     nearest: jax.Array | None
     steps: int  # the schedule's step count
     pieces: bool  # denoise in one-step pieces (progress)
+    ip_scale: jax.Array | None = None  # the IP-Adapter's scale, None without one
 
 
 def _silent(*_):
@@ -199,11 +208,12 @@ class Animator:
 
     def __init__(self, config: PIAConfig, unet: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module, tokenizer,
                  scheduler: schedulers.SchedulerConfig = schedulers.PIA_DDIM, mesh: Mesh | None = None, *,
-                 compile_cache_dir=None):
+                 compile_cache_dir=None, image_encoder: nnx.Module | None = None, image_proj: nnx.Module | None = None):
         """`tokenizer`: a CLIP tokenizer (pia_jax.models.tokenizer.load_tokenizer); `mesh`: devices to split videos over
         (default: this host's); `compile_cache_dir`: None (default) leaves jax's settings alone, as a library
         should; 'default', a folder or 'off' turn the persistent compilation cache on or off for the whole process
-        (the CLIs do: see compile_cache.py)."""
+        (the CLIs do: see compile_cache.py). `image_encoder`, `image_proj`: the IP-Adapter's parts, required
+        with (and only with) a config that has one (`config.ip_adapter`)."""
         self.compile_cache = compile_cache.enable(compile_cache_dir)
         self.config, self.tokenizer, self.scheduler_config = config, tokenizer, scheduler
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
@@ -215,7 +225,13 @@ class Animator:
         # a 4-channel UNet (AnimateDiff motion modules without PIA's condition branch) makes text-to-video: the
         # image only gives the size (encoded, but unused) and the affinity is ignored
         self.text_to_video = config.unet.in_channels == 4
-        parts = Parts(text_graph, vae_graph, unet_graph, config.vae.scaling_factor, self.text_to_video)
+        if (config.ip_adapter is None) != (image_encoder is None) or (image_encoder is None) != (image_proj is None):
+            raise ValueError("image_encoder and image_proj go with a config that has an IP-Adapter, and only with one")
+        image_graphs, self._image = (None, None), ()
+        if config.ip_adapter is not None:  # the image prompt is encoded in the encode phase, with its weights
+            (enc_graph, enc), (proj_graph, proj) = map(Graph.split, (image_encoder, image_proj))
+            image_graphs, self._image = (enc_graph, proj_graph), jax.device_put((enc, proj), self._replicated)
+        parts = Parts(text_graph, vae_graph, unet_graph, config.vae.scaling_factor, self.text_to_video, *image_graphs)
         # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
         # identity: all a program closes over is in `parts`' repr, so its executables are stored beside the
         # persistent compile cache when that is on and a later process loads them (pia_jax.compiled.store)
@@ -232,13 +248,15 @@ class Animator:
              compile_cache_dir=None) -> "Animator":
         """An animator from a converted model directory (the only code here that knows that format); `dtype`
         defaults to bf16 on accelerators, fp32 on CPU."""
-        from pia_jax.weights.model_dir import load_model_dir
+        from pia_jax.models import IP_ADAPTER_PARTS, PARTS
+        from pia_jax.weights.model_dir import load_model_dir, read_config
         dtype = dtype or accelerator_default_dtype()
         kwargs = {"unet": {"attention_kernels": attention_kernels}} if attention_kernels else None
-        md = load_model_dir(path, dtype=dtype, param_dtype=param_dtype or dtype, model_kwargs=kwargs)
+        parts = PARTS + (IP_ADAPTER_PARTS if read_config(path)[0].ip_adapter is not None else ())
+        md = load_model_dir(path, parts=parts, dtype=dtype, param_dtype=param_dtype or dtype, model_kwargs=kwargs)
         scheduler = schedulers.from_dict(md.scheduler) if md.scheduler else schedulers.PIA_DDIM
         return cls(md.config, md.unet, md.vae, md.text_encoder, md.tokenizer, scheduler, mesh,
-                   compile_cache_dir=compile_cache_dir)
+                   compile_cache_dir=compile_cache_dir, image_encoder=md.image_encoder, image_proj=md.image_proj)
 
     def update_unet(self, unet: nnx.Module):
         """Swaps in new UNet weights of the same structure, shapes and dtypes (e.g. while training) without
@@ -281,7 +299,7 @@ class Animator:
         return jax.device_put(schedule, self._replicated)
 
     def _weights(self, phase: str):
-        return {"encode": (self._text, self._vae), "denoise": self._unet, "decode": self._vae}[phase]
+        return {"encode": (self._text, self._vae) + self._image, "denoise": self._unet, "decode": self._vae}[phase]
 
     def _get(self, phase: str, settings: Settings, *arrays):
         """`phase`'s executable for these arrays (or shapes) and the settings it reads, compiled on first use."""
@@ -303,11 +321,14 @@ class Animator:
             else None
         pixels = videos((b, keyframes, height, width, 3) if keyframes else (b, height, width, 3))
         nearest = jax.ShapeDtypeStruct((f,), jnp.int32, sharding=self._replicated) if keyframes else None
+        ip = self.config.ip_adapter  # with an IP-Adapter: its image prompts, and the scale for the loop
+        clip_pixels = ip and videos((b,) + (ip.image_encoder.image_size,) * 2 + (3,))
         encode_exe = self._get("encode", settings, ids, pixels, videos((b, h, w, c)), videos((b, f, h, w, c)),
-                               schedule, scalar(jnp.bool_), travel, nearest)
-        text, cond, latents, state = _shapes(encode_exe.out_info, self._by_video)
+                               schedule, scalar(jnp.bool_), travel, nearest, clip_pixels)
+        text, cond, latents, state, image = _shapes(encode_exe.out_info, self._by_video)
         denoise_exe = self._get("denoise", settings, latents, state, schedule, text, videos((b, f)), cond,
-                                scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32), scalar(jnp.int32))
+                                scalar(jnp.float32), videos((b, 2), jnp.uint32), scalar(jnp.int32), scalar(jnp.int32),
+                                image, ip and scalar(jnp.float32))
         return Executables(encode_exe, denoise_exe, self._get("decode", settings, latents))
 
     def _executables(self, b, height, width, frames, options: SampleOptions, float_frames=False, text_keys=0,
@@ -358,7 +379,8 @@ class Animator:
 
     def __call__(self, images, prompts, negative_prompts, affinity, options: SampleOptions = SampleOptions(), *,
                  seeds=None, noise=None, posterior_noise=None, progress: Callable | None = None,
-                 batch_size: int | None = None, float_frames: bool = False, keyframes=None) -> Result:
+                 batch_size: int | None = None, float_frames: bool = False, keyframes=None,
+                 ip_adapter_images=None) -> Result:
         """Animates B images: `images` (B, H, W, 3) uint8 (H, W multiples of the VAE factor), one prompt and one
         negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `affinity`
         (B, F) per-frame affinities (affinity.py). Noise comes from `seeds` (one int per
@@ -369,9 +391,13 @@ class Animator:
         gives the frame count (e.g. np.ones((B, F))).
         Keyframes: `keyframes` = the K frames the images show (e.g. [0, 15]) and `images` (B, K, H, W, 3); every frame
         is conditioned on its nearest keyframe's latent (keyframes.py; give the affinity from
-        affinity.preset_affinity with the keyframes)."""
+        affinity.preset_affinity with the keyframes).
+        IP-Adapter (a model converted with one): `ip_adapter_images`, one uint8 (H, W, 3) image prompt per video (any
+        size: CLIP-preprocessed here), default the condition images (the first keyframe's); at
+        `options.ip_adapter_scale` (default 1.0; 0: exactly the model without it)."""
         call = self._inputs(images, prompts, negative_prompts, affinity, options, seeds, noise, posterior_noise,
                             keyframes)
+        call.clip_pixels = self._image_prompts(images, ip_adapter_images, options, call)
         cache, compile_seconds = compile_cache.counts(), self.compile_seconds
         call.noise, call.posterior_noise, call.step_keys = self._noise(call, options, seeds, noise, posterior_noise)
         call.ids, call.travel = self._text_inputs(prompts, negative_prompts, call.frames)
@@ -413,6 +439,26 @@ class Animator:
         return _Call(b, f, height, width, images.astype(np.float32) / 255 * 2 - 1, affinity, nearest,
                      0 if keyframes is None else len(keyframes))
 
+    def _image_prompts(self, images, ip_adapter_images, options: SampleOptions, call: _Call):
+        """The IP-Adapter's image prompts, CLIP-preprocessed on the host (B, S, S, 3), or None without one."""
+        ip = self.config.ip_adapter
+        if ip is None:
+            if ip_adapter_images is not None:
+                raise ValueError("ip_adapter_images given to a model without an IP-Adapter; convert it with "
+                                 "convert_torch_weights.py --ip-adapter FILE --image-encoder DIR")
+            return None
+        if ip_adapter_images is None:
+            if self.text_to_video and options.image_prompt_scale(self.config) != 0:
+                raise ValueError("a text-to-video model has no condition image to use as the IP-Adapter's image "
+                                 "prompt: give ip_adapter_images (--ip-adapter-image), or an ip adapter scale of 0")
+            images = np.asarray(images) if not self.text_to_video else np.zeros((call.videos, 8, 8, 3), np.uint8)
+            ip_adapter_images = images[:, 0] if images.ndim == 5 else images  # keyframes: the first one's image
+        if len(ip_adapter_images) != call.videos:
+            raise ValueError(f"{call.videos} videos need {call.videos} IP-Adapter images, got {len(ip_adapter_images)}")
+        size = ip.image_encoder.image_size
+        return np.concatenate([media.clip_preprocess(im, resize=ip.resize, crop=size, mean=ip.image_mean,
+                                                     std=ip.image_std) for im in ip_adapter_images])
+
     def _noise(self, call: _Call, options: SampleOptions, seeds, noise, posterior_noise):
         """-> (initial noise, posterior noise, DDIM step-noise keys) per video: from its seed, unless given."""
         b, shape = call.videos, self.config.vae.latent_shape(call.height, call.width, call.frames)
@@ -441,19 +487,20 @@ class Animator:
         exes = self._compile(per_batch, call.height, call.width, call.frames,
                              self._settings(options, call.frames, float_frames), schedule, call.text_keys,
                              call.keyframes)
+        ip_scale = self._put(np.float32(options.image_prompt_scale(self.config))) if self.config.ip_adapter else None
         return _Run(per_batch, exes, schedule, self._put(np.bool_(options.strength < 1)),
                     self._put(np.float32(options.guidance_scale)),
-                    None if call.nearest is None else self._put(call.nearest), int(schedule.count), pieces)
+                    None if call.nearest is None else self._put(call.nearest), int(schedule.count), pieces, ip_scale)
 
     def _batch(self, call: _Call, run: _Run, lo: int, seconds: dict, report: Callable) -> np.ndarray:
         """Videos lo.. of the call, one batch: encode, denoise, decode -> their frames (the padding dropped)."""
         rows = functools.partial(self._rows, lo=lo, n=run.per_batch)
         tick = time.perf_counter()
         report("encode", 0, 1)
-        text, cond, latents, state = self._encode_batch(call, run, rows)
+        text, cond, latents, state, image = self._encode_batch(call, run, rows)
         report("encode", 1, 1)
         tick = self._lap(seconds, "encode", tick)
-        latents = self._denoise_batch(call, run, rows, text, cond, latents, state, report)
+        latents = self._denoise_batch(call, run, rows, text, cond, latents, state, report, image)
         tick = self._lap(seconds, "denoise", tick)
         frames = self._decode_batch(run, latents, call.videos - lo)
         report("decode", call.frames, call.frames)
@@ -461,21 +508,24 @@ class Animator:
         return frames
 
     def _encode_batch(self, call: _Call, run: _Run, rows: Callable):
-        """-> (text states, condition latent, first latents, solver state) of a batch, ready."""
+        """-> (text states, condition latent, first latents, solver state, image tokens or None) of a batch, ready."""
         travel = None if call.travel is None else tuple(map(rows, call.travel))
-        out = run.exes.encode((self._text, self._vae), rows(call.ids), rows(call.pixels), rows(call.posterior_noise),
-                              rows(call.noise), run.schedule, run.from_image, travel, run.nearest)
+        clip_pixels = None if call.clip_pixels is None else rows(call.clip_pixels)
+        out = run.exes.encode(self._weights("encode"), rows(call.ids), rows(call.pixels), rows(call.posterior_noise),
+                              rows(call.noise), run.schedule, run.from_image, travel, run.nearest, clip_pixels)
         jax.block_until_ready(out[2])
         return out
 
-    def _denoise_batch(self, call: _Call, run: _Run, rows: Callable, text, cond, latents, state, report: Callable):
+    def _denoise_batch(self, call: _Call, run: _Run, rows: Callable, text, cond, latents, state, report: Callable,
+                       image=None):
         """The loop in one call, or (progress) in one-step pieces all queued before the first is waited for."""
         args = (rows(call.affinity), cond, run.guidance, rows(call.step_keys))
         bounds = [(i, i + 1) for i in range(run.steps)] if run.pieces else [(0, run.steps)]
         pieces = []
         for begin, end in bounds:
             latents, state, finite = run.exes.denoise(self._unet, latents, state, run.schedule, text, *args,
-                                                      self._put(np.int32(begin)), self._put(np.int32(end)))
+                                                      self._put(np.int32(begin)), self._put(np.int32(end)), image,
+                                                      run.ip_scale)
             pieces.append((end, finite))
             if self._wait_each_step:
                 finite.block_until_ready()

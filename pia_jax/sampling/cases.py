@@ -70,6 +70,9 @@ class Settings(SampleOptions):
     size: int = opt(512, "long side of the image (reference preprocessing)")
     height: int | None = opt(None, "explicit size (with --width): resize to cover, centre-crop")
     width: int | None = opt(None, "explicit size (with --height)")
+    ip_adapter_image: str | None = opt(None, "the IP-Adapter's image prompt, for a model converted with --ip-adapter "
+                                             "(default: the condition image; text-to-video needs one, or --ip-adapter-"
+                                             "scale 0); in a batch file relative to it")
 
     def options(self) -> SampleOptions:
         hints = typing.get_type_hints(SampleOptions)
@@ -117,6 +120,7 @@ class Group:
     videos: list  # [Video]
     images: list  # [(H, W, 3) uint8], one per video ((K, H, W, 3) with keyframes)
     keyframes: list | None = None  # the keyframes' frames, shared by the group's videos
+    ip_images: list | None = None  # [(H, W, 3) uint8] the IP-Adapter's image prompts, or None: the condition images
 
 
 @dataclass
@@ -307,6 +311,8 @@ def _case_videos(path: Path, where: str, case: dict, base: Settings, default_see
     motions = case.get("motion", base.motion)
     seeds = case.get("seeds") or [case.get("seed", default_seed)]
     fields = {_FIELD_NAMES[k]: v for k, v in case.items() if k in _FIELD_NAMES}
+    if fields.get("ip_adapter_image") is not None:
+        fields["ip_adapter_image"] = str(_image_path(path, where, "ip_adapter_image", fields["ip_adapter_image"]))
     name = case.get("name", image.stem if image else "t2v")
     videos = []
     for prompt in prompts:
@@ -390,6 +396,8 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
                                   Group(height, width, v.settings.frames, options, [], [], frames))
         group.videos.append(v)
         group.images.append(image)
+    for group in groups.values():
+        group.ip_images = _ip_images(group, images)
     for v in videos:
         for path in output_paths(out, v.name, len(videos) == 1, formats).values():
             media.check_writable(path, directory=path.suffix == "")
@@ -428,6 +436,12 @@ def _check_video(v: Video, model, config: PIAConfig, scheduler: SchedulerConfig)
                               "AnimateDiff model directory)")
     if text_to_video and s.strength < 1:
         raise ValueError(f"{v.name}: strength < 1 starts from an image; text-to-video has none")
+    if s.ip_adapter_image is not None and config.ip_adapter is None:
+        raise ValueError(f"{v.name}: ip adapter image: {model} has no IP-Adapter; convert it with "
+                         "convert_torch_weights.py --ip-adapter FILE --image-encoder DIR (or drop the option)")
+    if text_to_video and s.ip_adapter_image is None and s.options().image_prompt_scale(config) != 0:
+        raise ValueError(f"{v.name}: a text-to-video model has no condition image for its IP-Adapter: give an ip "
+                         "adapter image, or an ip adapter scale of 0")
     placed = [k for k, given in (("motion", s.motion != _DEFAULT_MOTION), ("affinity", s.affinity is not None),
                                  ("cond frame", s.cond_frame is not None)) if given]
     if text_to_video and placed:
@@ -442,6 +456,18 @@ def _check_video(v: Video, model, config: PIAConfig, scheduler: SchedulerConfig)
     except ValueError as e:
         raise ValueError(f"{v.name}: {e}") from None
     return options
+
+
+def _ip_images(group: Group, images: dict) -> list | None:
+    """The IP-Adapter's image prompts of a group, read once per path into `images` (the condition image, the first
+    keyframe's, where a video gives none), or None where no video gives one."""
+    paths = [v.settings.ip_adapter_image for v in group.videos]
+    if not any(paths):
+        return None
+    for path in filter(None, paths):
+        if path not in images:
+            images[path] = media.load_image(path)
+    return [images[p] if p else image[0] if image.ndim == 4 else image for p, image in zip(paths, group.images)]
 
 
 def _image(v: Video, images: dict, text_to_video: bool) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Encode: prompts -> CLIP text states, image -> condition latent (the first phase; one compiled program).
 
 As the reference (PIA `i2v_pipeline.py`): the text states of [negative prompt, prompt] per video (guidance picks
-what it needs), and the VAE posterior *sample* of the image times the scaling factor, the same on every frame.
+what it needs), and the VAE posterior *sample* of the image times the scaling factor, the same on every frame;
+with an IP-Adapter, the image prompt's tokens beside the text, [unconditional, image prompt] per video.
 """
 
 import jax
@@ -31,3 +32,12 @@ def encode(text_encoder, vae, scaling_factor: float, ids_Bx2xL, pixels_BxHxWx3, 
     if nearest_F is not None:
         latent = latent.reshape(pixels_BxHxWx3.shape[:2] + latent.shape[1:])[:, nearest_F]  # (B, F, h, w, c)
     return states, latent
+
+
+def encode_image_prompt(image_encoder, image_proj, clip_pixels_BxSxSx3):
+    """IP-Adapter: CLIP-preprocessed images (media.clip_preprocess) -> image tokens (B, 2, n, D) float32 [unconditional,
+    image prompt]. The unconditional tokens are the projection of zero image embeddings, as diffusers'
+    `prepare_ip_adapter_image_embeds` makes them for classifier-free guidance."""
+    embeds = image_encoder(clip_pixels_BxSxSx3)
+    tokens = image_proj(jnp.concatenate([jnp.zeros_like(embeds), embeds]))
+    return jnp.moveaxis(tokens.reshape((2, -1) + tokens.shape[1:]), 0, 1).astype(jnp.float32)

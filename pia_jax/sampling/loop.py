@@ -19,14 +19,19 @@ from pia_jax.sampling.noise import step_noise
 from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 
-def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool):
+def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool, image=None):
     """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
     next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only.
-    Text may be per frame, (B, 2, F, L, D) (prompt travel)."""
+    Text may be per frame, (B, 2, F, L, D) (prompt travel). `image`: None, or the IP-Adapter's (tokens (B, 2, n, D)
+    [unconditional, image prompt], scale (a number or (B,))), paired with the text branches as the text is."""
     b = latents_BxFxhxwxc.shape[0]
     n = 2 if cfg else 1
     x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
     text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
+    if image is not None:
+        tokens, scale = image
+        unet = functools.partial(unet, image_tokens=tokens[:, -n:].reshape((b * n,) + tokens.shape[2:]),
+                                 ip_adapter_scale=jnp.repeat(jnp.broadcast_to(scale, (b,)), n))
     if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
         eps = unet(x, t, text)
     else:
@@ -41,10 +46,15 @@ def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc,
 def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
     """`denoiser` run on the context windows of `window` (`window_batch` at a time), the predictions blended
     (windows.windowed_eps); the same signature as `denoiser`. Per-video inputs are repeated for each window of a
-    call, the mask (B, F) is cut to the windows' frames."""
+    call (the IP-Adapter's image tokens too: one image per video, the same for every window), the mask (B, F) is
+    cut to the windows' frames."""
     k = max(1, min(window_batch, len(window.frames)))
 
-    def eps(unet, latents, t, text, mask, cond, guidance, cfg):
+    def eps(unet, latents, t, text, mask, cond, guidance, cfg, image=None):
+        if image is not None:
+            tokens, scale = image
+            image = (jnp.repeat(tokens, k, axis=0), scale if jnp.ndim(scale) == 0 else jnp.repeat(scale, k))
+
         def fn(x, frames_KxL):
             if text.ndim == 5:  # per-frame text (B, 2, F, L, D) (prompt travel) -> (B·k, 2, window, L, D)
                 text_w = jnp.moveaxis(jnp.take(text, frames_KxL, axis=2), 2, 1)
@@ -52,9 +62,10 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
             else:
                 text_w = jnp.repeat(text, k, axis=0)
             if mask is None:  # text-to-video
-                return denoiser(unet, x, t, text_w, None, None, guidance, cfg)
+                return denoiser(unet, x, t, text_w, None, None, guidance, cfg, **_image_kw(image))
             cond_w = take_windows(cond, frames_KxL) if cond.ndim == 5 else jnp.repeat(cond, k, axis=0)
-            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), cond_w, guidance, cfg)
+            return denoiser(unet, x, t, text_w, take_windows(mask, frames_KxL), cond_w, guidance, cfg,
+                            **_image_kw(image))
         return windowed_eps(fn, latents, window, k)
 
     return eps
@@ -66,11 +77,16 @@ def fused(denoiser, window: WindowSchedule):
     frames (the UNet's `frame_chunk`), so their temporaries do not grow with the frames. Every input stays whole."""
     arrays = window.arrays()
 
-    def eps(unet, latents, t, text, mask, cond, guidance, cfg):
+    def eps(unet, latents, t, text, mask, cond, guidance, cfg, image=None):
         unet = functools.partial(unet, temporal_windows=arrays, frame_chunk=window.length)
-        return denoiser(unet, latents, t, text, mask, cond, guidance, cfg)
+        return denoiser(unet, latents, t, text, mask, cond, guidance, cfg, **_image_kw(image))
 
     return eps
+
+
+def _image_kw(image) -> dict:
+    """The `image` argument for a denoiser, left out without an IP-Adapter (denoisers that take none still work)."""
+    return {} if image is None else {"image": image}
 
 
 def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_image):
@@ -84,13 +100,14 @@ def start(schedule: schedulers.Schedule, noise_BxFxhxwxc, cond_Bxhxwxc, from_ima
 
 
 def denoise(unet, schedule: schedulers.Schedule, latents, solver_state, text, mask, cond, guidance, step_keys,
-            begin, end, *, cfg: bool, denoiser=guided_eps):
+            begin, end, *, cfg: bool, denoiser=guided_eps, image=None):
     """Runs steps begin..end-1 of the schedule -> (latents, solver state). `step_keys` (B, 2) is each video's DDIM
-    step-noise key (unused by DPM-Solver); `denoiser(unet, latents, t, text, mask, cond, guidance, cfg) -> eps`."""
+    step-noise key (unused by DPM-Solver); `denoiser(unet, latents, t, text, mask, cond, guidance, cfg) -> eps`
+    (and `image=` the IP-Adapter's (tokens, scale) when given: guided_eps)."""
 
     def body(i, carry):
         x, state = carry
-        eps = denoiser(unet, x, schedule.timesteps[i], text, mask, cond, guidance, cfg)
+        eps = denoiser(unet, x, schedule.timesteps[i], text, mask, cond, guidance, cfg, **_image_kw(image))
         noise = step_noise(step_keys, i, x.shape[1:]) if getattr(schedule, "stochastic", False) else None
         return schedulers.step(schedule, state, i, eps, x, noise)
 

@@ -72,6 +72,9 @@ class SampleOptions:
     free_noise: str = opt("none", "FreeNoise rescheduling of the seeded noise (needs context windows; refused with "
                                   "--noise, which is used as given: reschedule it before saving it)",
                           ("none", *NOISE_TYPES))
+    ip_adapter_scale: float | None = opt(
+        None, "IP-Adapter image prompt strength, for a model converted with --ip-adapter (default there 1.0, as "
+              "diffusers; 0 disables it); the image is --ip-adapter-image, else the condition image")
 
     @property
     def cfg(self) -> bool:
@@ -81,6 +84,12 @@ class SampleOptions:
     def step_noise(self) -> bool:
         """Whether the sampler draws noise between steps (DDIM with eta > 0, LCM), from each video's seed."""
         return self.eta > 0 or self.scheduler == "lcm"
+
+    def image_prompt_scale(self, config: PIAConfig) -> float:
+        """The IP-Adapter scale, the default filled in: 1.0 on a model with an IP-Adapter, else 0."""
+        if self.ip_adapter_scale is not None:
+            return float(self.ip_adapter_scale)
+        return 1.0 if config.ip_adapter is not None else 0.0
 
     @property
     def mode(self) -> str:
@@ -146,6 +155,16 @@ class SampleOptions:
                              f"{self.clip_skip}")
         if self.decode_chunk < 1:
             raise ValueError(f"decode chunk must be >= 1 frame, got {self.decode_chunk}")
+        self.check_ip_adapter(config)
+
+    def check_ip_adapter(self, config: PIAConfig):
+        """ValueError for an IP-Adapter scale this model cannot use."""
+        scale = self.ip_adapter_scale
+        if scale is not None and not np.isfinite(scale):
+            raise ValueError(f"ip adapter scale must be a finite number, got {scale}")
+        if scale and config.ip_adapter is None:
+            raise ValueError(f"ip adapter scale {scale}: this model has no IP-Adapter; convert it with "
+                             "convert_torch_weights.py --ip-adapter FILE --image-encoder DIR (or drop the option)")
 
 
 @dataclass
