@@ -1,11 +1,11 @@
 """IP-Adapter sampling end to end against diffusers' PIAPipeline (`load_ip_adapter` + `set_ip_adapter_scale`, the
 same `ip_adapter_image`), random weights in the real formats (the adapter as an `ip-adapter_sd15.bin` state, the
-image encoder as transformers' CLIPVisionModelWithProjection): guidance on and off, scale 0, windows, bad inputs.
+image encoder as transformers' CLIPVisionModelWithProjection), with guidance, and at scale 0; the pairing of image
+tokens with the guidance branches and context windows against a stand-in UNet; bad inputs.
 
 Tolerance: tests/test_sampling.py's TOL (1e-4 of the frame range, fp32 on both sides, only summation order differs;
 its argument holds with the image encoder's few extra evaluations, ~1e-6 each: tests/test_ip_adapter.py), well inside
-one uint8 level (3.9e-3); a wrong unconditional branch (zeros instead of the projection of zero embeddings), a
-missing scale or a swapped token order changes frames by 1e-2 or more.
+one uint8 level (3.9e-3); the image prompt itself moves these frames by more than 1e-2 (asserted).
 """
 
 import copy
@@ -141,10 +141,27 @@ def test_matches_diffusers_pia_pipeline_with_ip_adapter(tiny_ip, animator):
     assert np.abs(got - off).max() > 1e-2  # the image prompt changes this video
 
 
-def test_without_guidance_matches_diffusers(tiny_ip, animator):
-    """Guidance off: the UNet sees only the image prompt's tokens (diffusers makes no negative embeddings)."""
-    got, expected = run_both(tiny_ip, animator, 1.0, 1.3, seed=5)
-    assert_close(got, expected, TOL, "IP-Adapter scale 1.3, no guidance vs PIAPipeline")
+def _gain_unet(x, t, text, image_tokens=None, ip_adapter_scale=None, **_):
+    """A stand-in UNet whose prediction is x · (mean of its image tokens · scale), row by row."""
+    gain = image_tokens.mean(axis=(1, 2)) * ip_adapter_scale
+    return x * gain.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def test_guidance_pairs_the_image_tokens_with_the_text_branches():
+    """Guidance on: the negative branch gets the unconditional tokens, the prompt's the image prompt's; off: only
+    the image prompt's (as diffusers, which makes no negative image embeddings without guidance)."""
+    import jax.numpy as jnp
+
+    from pia_jax.sampling import loop
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 2, 2, 4)).astype(np.float32)
+    tokens = rng.standard_normal((2, 2, 4, 8)).astype(np.float32)
+    scale = np.asarray([0.5, 2.0], np.float32)
+    neg, pos = ((tokens[:, i].mean(axis=(1, 2)) * scale)[:, None, None, None, None] for i in (0, 1))
+    text = np.zeros((2, 2, 3, 8), np.float32)
+    for cfg, expected in ((True, x * neg + 7.5 * (x * pos - x * neg)), (False, x * pos)):
+        got = loop.guided_eps(_gain_unet, jnp.asarray(x), 1, text, None, None, 7.5, cfg, image=(tokens, scale))
+        assert_close(np.asarray(got), expected, 1e-6, f"cfg {cfg}")
 
 
 def test_windows_pair_each_video_with_its_image_tokens():
@@ -156,10 +173,6 @@ def test_windows_pair_each_video_with_its_image_tokens():
     from pia_jax.sampling import loop
     from pia_jax.sampling.windows import WindowSchedule
 
-    def unet(x, t, text, image_tokens=None, ip_adapter_scale=None, **_):
-        gain = image_tokens.mean(axis=(1, 2)) * ip_adapter_scale
-        return x * gain.reshape((-1,) + (1,) * (x.ndim - 1))
-
     rng = np.random.default_rng(0)
     b, f = 2, 10
     x = rng.standard_normal((b, f, 2, 2, 4)).astype(np.float32)
@@ -169,7 +182,7 @@ def test_windows_pair_each_video_with_its_image_tokens():
     expected = x * (tokens[:, 1].mean(axis=(1, 2)) * scale)[:, None, None, None, None]  # no guidance: the image's
     for mode, denoiser in (("unet", loop.windowed(loop.guided_eps, WindowSchedule(f, 4, 2, "pyramid", "exact"), 2)),
                            ("attention", loop.fused(loop.guided_eps, WindowSchedule(f, 4, 2, "pyramid", "diffusers")))):
-        got = denoiser(unet, jnp.asarray(x), 1, text, None, None, 1.0, False, image=(tokens, scale))
+        got = denoiser(_gain_unet, jnp.asarray(x), 1, text, None, None, 1.0, False, image=(tokens, scale))
         assert_close(np.asarray(got), expected, 1e-6, f"context mode {mode}")
 
 
