@@ -114,7 +114,7 @@ def diffusers_ip_video(tiny_ip, img, ip_img, scale, guidance, steps, post_seed, 
     return np.asarray(out.frames)
 
 
-STEPS = 3
+STEPS = 2
 
 
 def run_both(tiny_ip, animator, guidance, scale, seed=4):
