@@ -125,7 +125,7 @@ cases: [{{keyframes: {spelling}, prompt: a cat, motion: moderate, seed: 5}}]
 
 
 YAML_CASES = {  # a batch file's case -> (what the error names)
-    "bad_scheduler": ("{{image: {img}, prompt: x, scheduler: euler}}", "case 0: key 'scheduler' must be one of"),
+    "bad_scheduler": ("{{image: {img}, prompt: x, scheduler: pndm}}", "case 0: key 'scheduler' must be one of"),
     "prompt_list": ("{{image: {img}, prompt: [a, b]}}", "key 'prompt' must be a string (several prompts go in a "
                                                         "list under 'prompts:')"),
     "karras_string": ("{{name: k, image: {img}, prompt: x, karras: 'no'}}", "case 0 (k): key 'karras' must be true "

@@ -98,7 +98,7 @@ def test_a_damaged_entry_is_named_and_never_used(executable_store, damage):
 def test_nothing_is_stored_without_an_identity_or_a_cache(executable_store, tmp_path):
     program(identity=None).get("k", *ARGS)
     assert not executable_store.exists()
-    jax.config.update("jax_compilation_executable_store", None)
+    jax.config.update("jax_compilation_cache_dir", None)
     program().get("k", *ARGS)
     assert not executable_store.exists()
 
