@@ -19,9 +19,7 @@ import numpy as np
 
 from pia_jax import media
 from pia_jax.sampling import cases
-from pia_jax.sampling.keyframes import parse_keyed
 from pia_jax.sampling.options import key
-from pia_jax.sampling.prompt_travel import parse_prompt_map
 
 
 def build_parser():
@@ -74,7 +72,7 @@ def add_settings(p: argparse.ArgumentParser):
 
 def plan(a) -> tuple:
     """Every check that needs no model weights -> (plan, noise, posterior noise)."""
-    settings = cases.Settings(**{f.name: getattr(a, f.name) for f in cases.FIELDS})
+    settings = cases.settings_of(a)
     if a.batch_size is not None and a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 video per device, got {a.batch_size}")
     if a.config is not None:
@@ -82,16 +80,7 @@ def plan(a) -> tuple:
             raise ValueError("use either --config or --image/--prompt/--prompt-map/--num-videos")
         videos = cases.read_batch_file(a.config, settings, a.seed[0])
     else:
-        if not a.prompt and not a.prompt_map:
-            raise ValueError("--image and --prompt are required (--prompt-map instead for prompt travel; no --image "
-                             "for a text-to-video model), or --config with a batch file")
-        if a.prompt and a.prompt_map:
-            raise ValueError("give --prompt or --prompt-map, not both")
-        if a.keyframe and (a.image or a.cond_frame is not None):
-            raise ValueError("--keyframe replaces --image and --cond-frame")
-        prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
-        keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
-        videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
+        videos = cases.videos_from_args(a, settings)
     p = cases.plan(a.model, videos, a.out, a.format.split(",") if a.format else None, a.fps)
     from pia_jax.toy.vocab import check_prompts
     check_prompts(a.model, videos)  # the toy model knows only its world's words

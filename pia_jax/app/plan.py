@@ -16,9 +16,7 @@ import typing
 from pathlib import Path
 
 from pia_jax.sampling import cases
-from pia_jax.sampling.keyframes import parse_keyed
 from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, key
-from pia_jax.sampling.prompt_travel import parse_prompt_map
 
 FORMATS = ("mp4", "gif")  # every request writes both: the page plays the MP4, the GIF is a download
 # One run's inputs besides the Settings fields: key -> (default, type). The defaults are sample.py's.
@@ -107,17 +105,7 @@ def namespace(model, request: dict, out, dtype="auto", compile_cache="default") 
 def check(a: argparse.Namespace) -> cases.Plan:
     """sample.py's `plan` for one image and prompt (no batch file, no noise files): every check before loading, in
     its order and with its messages; ValueError (or OSError) for the user."""
-    settings = cases.Settings(**{f.name: getattr(a, f.name) for f in cases.FIELDS})
-    if not a.prompt and not a.prompt_map:
-        raise ValueError("--image and --prompt are required (--prompt-map instead for prompt travel; no --image "
-                         "for a text-to-video model), or --config with a batch file")
-    if a.prompt and a.prompt_map:
-        raise ValueError("give --prompt or --prompt-map, not both")
-    if a.keyframe and (a.image or a.cond_frame is not None):
-        raise ValueError("--keyframe replaces --image and --cond-frame")
-    prompts = a.prompt or [parse_prompt_map(a.prompt_map)]
-    keyframes = parse_keyed(a.keyframe, "keyframe") if a.keyframe else None
-    videos = cases.videos_from_values(a.image, prompts, a.seed, settings, a.num_videos, keyframes)
+    videos = cases.videos_from_args(a, cases.settings_of(a))
     p = cases.plan(a.model, videos, a.out, a.format.split(","), a.fps)
     from pia_jax.toy.vocab import check_prompts
     check_prompts(a.model, videos)  # the toy model knows only its world's words

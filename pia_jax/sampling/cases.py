@@ -346,6 +346,26 @@ def _video(name, image, prompt, affinity, seed, s: Settings, where="", keyframes
     return Video(name, image and files.path(image), prompt, negative, affinity, int(seed), s, keyframes)
 
 
+def settings_of(args) -> Settings:
+    """The option values of an argparse namespace made by sample.py's parser (or the web UI's equivalent)."""
+    return Settings(**{f.name: getattr(args, f.name) for f in FIELDS})
+
+
+def videos_from_args(args, settings: Settings) -> list[Video]:
+    """The videos of sample.py's command-line form (no batch file): --image or --keyframe, --prompt or --prompt-map,
+    --seed, --num-videos; checked in one order with one wording for sample.py and the web UI."""
+    if not args.prompt and not args.prompt_map:
+        raise ValueError("--image and --prompt are required (--prompt-map instead for prompt travel; no --image "
+                         "for a text-to-video model), or --config with a batch file")
+    if args.prompt and args.prompt_map:
+        raise ValueError("give --prompt or --prompt-map, not both")
+    if args.keyframe and (args.image or args.cond_frame is not None):
+        raise ValueError("--keyframe replaces --image and --cond-frame")
+    prompts = args.prompt or [parse_prompt_map(args.prompt_map)]
+    keyframes = parse_keyed(args.keyframe, "keyframe") if args.keyframe else None
+    return videos_from_values(args.image, prompts, args.seed, settings, args.num_videos, keyframes)
+
+
 def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settings: Settings,
                        num_videos: int | None = None, keyframes: dict | None = None) -> list[Video]:
     """The videos of one image (or of `keyframes` {frame: image path}): one per prompt x seed (`num_videos`: seeds
