@@ -3,6 +3,7 @@
 The device mesh has two logical axes. `data`: plain data parallelism, weights replicated. `fsdp`: data parallelism
 whose devices also split the weights and the optimizer state between them (ZeRO-3 storage). A batch is split over
 both axes by video, never by frame, so the motion modules' frame<->site reshapes need no communication.
+Sampling lays the same devices out as (video, cfg, window) instead (`SAMPLER_AXES`, `sampler_split`).
 """
 
 import re
@@ -63,6 +64,34 @@ def param_shardings(shapes: dict, mesh: jax.sharding.Mesh, rules=RULES) -> dict:
 def batch_sharding(mesh: jax.sharding.Mesh, batch_dim: int = 0) -> NamedSharding:
     """Arrays whose dimension `batch_dim` indexes videos, split over all batch axes (leading dims replicated)."""
     return NamedSharding(mesh, P(*(None,) * batch_dim, BATCH_AXES))
+
+
+# Sampling (pia_jax.sampling.animator): videos split over "video"; one video's devices split the UNet batch's two
+# classifier-free guidance halves over "cfg" and, in context mode unet, its context windows over "window".
+SAMPLER_AXES = ("video", "cfg", "window")
+
+
+def sampler_split(devices: int, videos: int, cfg: bool, windows: int, per_video: int | None = None) -> tuple:
+    """(video, cfg, window) axis sizes for `videos` videos on `devices` devices: `per_video` devices per video
+    (None: as many as the video can use, 2 for guidance x the windows it can spread, while every video keeps its
+    own devices), the cfg halves first. `windows`: context windows a device group may split (0: none)."""
+    useful = (2 if cfg else 1) * max(1, windows)
+    if per_video is None:
+        per_video = max(d for d in range(1, devices + 1) if devices % d == 0 and d <= useful
+                        and (d == 1 or videos * d <= devices))
+    if per_video < 1 or devices % per_video:
+        raise ValueError(f"devices per video must divide the {devices} devices, got {per_video}")
+    if per_video > useful or (cfg and per_video % 2 and per_video > 1):
+        raise ValueError(f"devices per video {per_video}: a video can use {useful} (2 for guidance's halves, times "
+                         f"its {max(1, windows)} context windows in context mode unet), as an even number with "
+                         "guidance; give fewer")
+    halves = 2 if cfg and per_video % 2 == 0 else 1
+    return devices // per_video, halves, per_video // halves
+
+
+def sampler_mesh(devices, split: tuple) -> jax.sharding.Mesh:
+    """`devices` (in their order) as a (video, cfg, window) mesh of the axis sizes `split`."""
+    return jax.sharding.Mesh(np.asarray(list(devices)).reshape(split), SAMPLER_AXES)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -176,7 +176,8 @@ cases:
     with pytest.raises(ValueError, match="batch size 2 needs .* use a batch size of at most 1"):
         two(*args, seeds=[v.seed for v in videos], batch_size=2)
     for i, v in enumerate(videos):
-        alone = two(*(a[i:i + 1] for a in args[:4]), group.options, seeds=[v.seed])
+        alone = two(*(a[i:i + 1] for a in args[:4]), dataclasses.replace(group.options, devices_per_video=1),
+                    seeds=[v.seed])  # one device per video as in the batch (alone it would get 2: guidance's halves)
         np.testing.assert_array_equal(alone.videos[0], together.videos[i])
     # encode, denoise and decode for 1 and 2 videos per device (measured above; 2 is also the planner's first try,
     # which does not fit); none for the batches themselves

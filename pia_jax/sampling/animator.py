@@ -15,10 +15,14 @@ a flat list of arrays. What a program is compiled for besides its arguments' sha
 `plan_batch_size`, which reads their memory needs; the batches then run the executables found, so a call walks no
 weight to find them.
 
-Videos are the unit of parallelism: a batch of videos is split over the mesh's devices (never the frames of one
-video, so the motion modules need no communication) and the weights are replicated. Batches hold `batch_size`
-videos per device (default: as many as the measured memory allows, memory.py) and run one after another through
-the same programs; the last is padded with copies of its last video.
+Devices: each call lays the mesh's devices out as (video, cfg, window) (sharding.sampler_split, from the device
+count and the batch, or `SampleOptions.devices_per_video`): a batch of videos is split over "video" groups; a
+group's devices split one video's UNet batch, its two guidance halves over "cfg" and, in context mode unet, its
+context windows over "window" (guided_eps, loop.py; never the frames inside a UNet call, so the motion modules need
+no communication). The layout is a static setting of all three programs (`Settings.split`), each placing its
+outputs by video on it; the weights are replicated. Batches hold `batch_size` videos per group (default: as many
+as the measured memory allows, memory.py) and run one after another through the same programs; the last is padded
+with copies of its last video.
 
 Progress: with a `progress` function the loop runs in one-step pieces, all dispatched at once, and a step is
 reported when its latents are ready: truthful per step, the device never waits for the host. (A host callback in
@@ -39,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pia_jax import compiled, media
+from pia_jax import compiled, media, sharding
 from pia_jax.models.config import PIAConfig
 from pia_jax.models.tokenizer import tokenize
 from pia_jax.sampling import compile_cache, memory, schedulers
@@ -74,14 +78,15 @@ class Settings:
     decode_chunk: int = 1  # decode: frames per video decoded at once
     as_uint8: bool = True  # decode: uint8 frames, else float32 in [0, 1]
     context_mode: str = "attention"  # denoise: where the windows blend (options.CONTEXT_MODES)
+    split: Mesh | None = None  # all: the devices as (video, cfg, window) (sharding.SAMPLER_AXES); outputs by video
 
     def only(self, phase: str) -> "Settings":
         """The settings `phase` reads, the others at their defaults."""
         return Settings(**{name: getattr(self, name) for name in _READS[phase]})
 
 
-_READS = {"encode": ("clip_skip",), "denoise": ("cfg", "window", "window_batch", "context_mode"),
-          "decode": ("decode_chunk", "as_uint8")}
+_READS = {"encode": ("clip_skip", "split"), "denoise": ("cfg", "window", "window_batch", "context_mode", "split"),
+          "decode": ("decode_chunk", "as_uint8", "split")}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -124,7 +129,7 @@ def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_nois
                         nearest)
     image = None if clip_pixels is None else encode_image_prompt(parts.image_encoder.merge(weights[2]),
                                                                  parts.image_proj.merge(weights[3]), clip_pixels)
-    return (text, cond) + start(schedule, noise, cond, from_image) + (image,)
+    return _by_video(settings, (text, cond) + start(schedule, noise, cond, from_image) + (image,))
 
 
 def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state, schedule, text, mask, cond,
@@ -136,21 +141,30 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
     if parts.text_to_video:
         mask = cond = None
     # what the loop denoises with is fixed by the static settings (no mutable hook outside the compile key)
+    guided = functools.partial(guided_eps, split=settings.split)
     if settings.window is None:
-        denoiser = guided_eps
+        denoiser = guided
     elif settings.context_mode == "attention":
-        denoiser = fused(guided_eps, settings.window)
+        denoiser = fused(guided, settings.window)
     else:
-        denoiser = windowed(guided_eps, settings.window, settings.window_batch)
+        denoiser = windowed(guided, settings.window, settings.window_batch)
     latents, solver_state = denoise(parts.unet.merge(weights), schedule, latents, solver_state, text, mask, cond,
                                     guidance, step_keys, begin, end, cfg=settings.cfg, denoiser=denoiser,
                                     image=None if image is None else (image, ip_scale))
-    return latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))
+    return _by_video(settings, (latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))))
 
 
 def _decode_fn(parts: Parts, settings: Settings, weights, latents):
     """-> (frames, whether each video is finite); weights = the VAE's leaves."""
-    return decode(parts.vae.merge(weights), parts.scaling_factor, latents, settings.decode_chunk, settings.as_uint8)
+    return _by_video(settings, decode(parts.vae.merge(weights), parts.scaling_factor, latents, settings.decode_chunk,
+                                      settings.as_uint8))
+
+
+def _by_video(settings: Settings, outputs):
+    """A program's outputs placed by video on its split (so the next program gets exactly what it was compiled
+    for), replicated over a video's devices."""
+    by_video = NamedSharding(settings.split, P("video"))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_video), outputs)
 
 
 class Executables(NamedTuple):
@@ -217,8 +231,8 @@ class Animator:
         self.compile_cache = compile_cache.enable(compile_cache_dir)
         self.config, self.tokenizer, self.scheduler_config = config, tokenizer, scheduler
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self._by_video = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+        self._use_split((self.devices, 1, 1))  # each call picks its own (_inputs)
+        self._weight_sharding = self._replicated  # the weights' placement for every split (the same devices)
         (text_graph, text), (vae_graph, vae), (unet_graph, unet) = map(Graph.split, (text_encoder, vae, unet))
         self._text, self._vae, self._unet = jax.device_put((text, vae, unet), self._replicated)
         self.latent_factor = config.vae.latent_factor
@@ -232,11 +246,11 @@ class Animator:
             (enc_graph, enc), (proj_graph, proj) = map(Graph.split, (image_encoder, image_proj))
             image_graphs, self._image = (enc_graph, proj_graph), jax.device_put((enc, proj), self._replicated)
         parts = Parts(text_graph, vae_graph, unet_graph, config.vae.scaling_factor, self.text_to_video, *image_graphs)
-        # Outputs are placed by video explicitly, so the loop's outputs have exactly the placement its inputs had.
-        # identity: all a program closes over is in `parts`' repr, so its executables are stored beside the
+        # Outputs are placed by video explicitly (_by_video), so the loop's outputs have exactly the placement its
+        # inputs had. identity: all a program closes over is in `parts`' repr, so its executables are stored beside the
         # persistent compile cache when that is on and a later process loads them (pia_jax.compiled.store)
         program = lambda fn, **jit: compiled.Program(functools.partial(fn, parts), self.mesh, settings=True,  # noqa
-                                                     identity="sampler", out_shardings=self._by_video, **jit)
+                                                     identity="sampler", **jit)
         donate = ("latents", "solver_state") if jax.default_backend() != "cpu" else ()  # CPU cannot reuse them
         self._encode, self._denoise, self._decode = (program(_encode_fn), program(_denoise_fn, donate_argnames=donate),
                                                      program(_decode_fn))
@@ -264,7 +278,7 @@ class Animator:
         graph, leaves = Graph.split(unet)
         if not graph.same_as(self._parts.unet):
             raise ValueError("update_unet needs a UNet of the same architecture as the animator's")
-        leaves = jax.device_put(leaves, self._replicated)
+        leaves = jax.device_put(leaves, self._weight_sharding)
         if compiled.signature(leaves) != compiled.signature(self._unet):
             raise ValueError("update_unet needs UNet weights of the animator's shapes and dtypes")
         self._unet = leaves
@@ -282,13 +296,34 @@ class Animator:
     def devices(self) -> int:
         return self.mesh.devices.size
 
+    @property
+    def groups(self) -> int:
+        """Device groups a batch's videos are split over (devices / devices per video)."""
+        return self._split.shape["video"]
+
+    def _use_split(self, split: tuple):
+        """Runs the next batches on the devices as (video, cfg, window) of these sizes (sharding.sampler_split)."""
+        self._split = sharding.sampler_mesh(self.mesh.devices.flat, split)
+        self._replicated = NamedSharding(self._split, P())
+        self._by_video = NamedSharding(self._split, P("video"))
+
+    def split_for(self, videos: int, frames: int, options: SampleOptions) -> tuple:
+        """(video, cfg, window) axis sizes for a call (ValueError for a --devices-per-video that cannot be used)."""
+        window = options.window(frames, self.config.unet.motion_max_seq_length)
+        windows = len(window.frames) if window is not None and options.mode == "unet" else 0
+        return sharding.sampler_split(self.devices, videos, options.cfg, windows, options.devices_per_video)
+
     # ---- compiling, from shapes alone ----
 
     def _settings(self, options: SampleOptions, frames: int, float_frames: bool = False) -> Settings:
         window = options.window(frames, self.config.unet.motion_max_seq_length)
         mode = options.mode if window is not None else Settings.context_mode  # no windows: one program for both
-        return Settings(options.clip_skip, options.cfg, window, options.window_batch,
-                        max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode)
+        window_batch, spread = options.window_batch, self._split.shape["window"]
+        if spread > 1:  # each of a video's window devices runs window_batch / spread windows per UNet call
+            window_batch = spread * max(1, min(window_batch, len(window.frames)) // spread)
+        return Settings(options.clip_skip, options.cfg, window, window_batch,
+                        max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode,
+                        split=self._split)
 
     def _schedule(self, options: SampleOptions):
         config = self.scheduler_config
@@ -343,17 +378,17 @@ class Animator:
                     keyframes=0) -> int:
         """Device memory a batch of `per_device` videos per device needs beyond the weights (compiles the phases
         for that batch size; they are then ready to run)."""
-        exes = self._executables(per_device * self.devices, height, width, frames, options, float_frames, text_keys,
+        exes = self._executables(per_device * self.groups, height, width, frames, options, float_frames, text_keys,
                                  keyframes)
         return max(memory.program_bytes(exe, resident) for exe, resident in exes)
 
     def plan_batch_size(self, videos: int, height: int, width: int, frames: int, options: SampleOptions,
                         batch_size: int | None = None, float_frames=False, text_keys=0, keyframes=0) -> int:
-        """Videos per device per batch, at most what `videos` need. An explicit `batch_size` is checked against the
-        free device memory (ValueError when it cannot fit); the default is as many as fit."""
+        """Videos per device group per batch, at most what `videos` need. An explicit `batch_size` is checked
+        against the free device memory (ValueError when it cannot fit); the default is as many as fit."""
         free = memory.free_bytes(self.mesh.devices.flat)
         shape = (height, width, frames, options)
-        wanted = -(-videos // self.devices)
+        wanted = -(-videos // self.groups)
         if batch_size is not None:
             if batch_size < 1:
                 raise ValueError(f"batch size must be >= 1 video per device, got {batch_size}")
@@ -385,7 +420,7 @@ class Animator:
         negative prompt per video (each a string or a prompt map {frame: prompt} for prompt travel), `affinity`
         (B, F) per-frame affinities (affinity.py). Noise comes from `seeds` (one int per
         video) unless given as arrays: `noise` (B, F, h, w, 4), `posterior_noise` (B, h, w, 4). `progress(phase,
-        done, total)` is called as phases advance. `batch_size`: videos per device per batch (default: from the
+        done, total)` is called as phases advance. `batch_size`: videos per device group per batch (default: from the
         measured memory). The videos come back as uint8 frames, or float32 in [0, 1] with `float_frames`.
         Text-to-video (a 4-channel model): `images` may be a size (height, width) instead, `affinity` (B, F) only
         gives the frame count (e.g. np.ones((B, F))).
@@ -403,7 +438,7 @@ class Animator:
         call.ids, call.travel = self._text_inputs(prompts, negative_prompts, call.frames)
         per_device = self.plan_batch_size(call.videos, call.height, call.width, call.frames, options, batch_size,
                                           float_frames, call.text_keys, call.keyframes)
-        run = self._prepare(call, options, per_device * self.devices, float_frames, progress is not None)
+        run = self._prepare(call, options, per_device * self.groups, float_frames, progress is not None)
         seconds = dict.fromkeys(PHASES, 0.0)
         videos = [self._batch(call, run, lo, seconds, progress or _silent)
                   for lo in range(0, call.videos, run.per_batch)]
@@ -429,6 +464,7 @@ class Animator:
             raise ValueError(f"image size {height}x{width} must be a multiple of {self.latent_factor}")
         options.check(self.config, self.scheduler_config)
         options.check_frames(f, self.config)
+        self._use_split(self.split_for(b, f, options))
         if seeds is not None and len(seeds) != b:
             raise ValueError(f"{b} videos need {b} seeds, got {len(seeds)}")
         if seeds is None and (noise is None or posterior_noise is None or options.step_noise):

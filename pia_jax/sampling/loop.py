@@ -13,34 +13,54 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pia_jax.sampling import schedulers
 from pia_jax.sampling.noise import step_noise
 from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 
-def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool, image=None):
+def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool, image=None,
+               split=None):
     """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
     next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only.
     Text may be per frame, (B, 2, F, L, D) (prompt travel). `image`: None, or the IP-Adapter's (tokens (B, 2, n, D)
-    [unconditional, image prompt], scale (a number or (B,))), paired with the text branches as the text is."""
+    [unconditional, image prompt], scale (a number or (B,))), paired with the text branches as the text is.
+    `split`: the sampler's mesh (sharding.SAMPLER_AXES) or None. Its rows are split over ("video", "window") (the
+    window axis: a windowed call's windows, rows video-major); with a cfg axis of 2 the two branches go to its two
+    devices: the UNet batch is then branch-major [negatives; prompts], and the combination gathers the halves."""
     b = latents_BxFxhxwxc.shape[0]
     n = 2 if cfg else 1
-    x = jnp.repeat(latents_BxFxhxwxc, n, axis=0)
-    text = text_Bx2xLxD[:, -n:].reshape((b * n,) + text_Bx2xLxD.shape[2:])
+    major = cfg and split is not None and split.shape["cfg"] > 1  # branch-major rows, one branch per cfg device
+    rows = _rows(n, major, split)
+    x = rows(jnp.broadcast_to(latents_BxFxhxwxc[:, None], (b, n) + latents_BxFxhxwxc.shape[1:]))
+    text = rows(text_Bx2xLxD[:, -n:])
     if image is not None:
         tokens, scale = image
-        unet = functools.partial(unet, image_tokens=tokens[:, -n:].reshape((b * n,) + tokens.shape[2:]),
-                                 ip_adapter_scale=jnp.repeat(jnp.broadcast_to(scale, (b,)), n))
+        unet = functools.partial(unet, image_tokens=rows(tokens[:, -n:]),
+                                 ip_adapter_scale=rows(jnp.broadcast_to(jnp.reshape(scale, (-1, 1)), (b, n))))
     if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
         eps = unet(x, t, text)
     else:
-        mask = jnp.repeat(mask_BxF, n, axis=0)[:, :, None, None, None]
-        cond = jnp.repeat(cond_Bxhxwxc, n, axis=0)
-        cond = cond if cond.ndim == 5 else cond[:, None]  # per frame (keyframes) or per video
-        eps = unet(x, t, text, mask=mask, condition=cond)
-    eps = eps.reshape((b, n) + x.shape[1:])
-    return eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0]) if cfg else eps[:, 0]
+        mask = rows(jnp.broadcast_to(mask_BxF[:, None], (b, n) + mask_BxF.shape[1:]))[:, :, None, None, None]
+        cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame (keyframes) or video
+        eps = unet(x, t, text, mask=mask, condition=rows(jnp.broadcast_to(cond[:, None], (b, n) + cond.shape[1:])))
+    eps = eps.reshape((n, b) + x.shape[1:]) if major else eps.reshape((b, n) + x.shape[1:]).swapaxes(0, 1)
+    return eps[0] + guidance * (eps[1] - eps[0]) if cfg else eps[0]
+
+
+def _rows(n: int, major: bool, split):
+    """(b, n, ...) per video and branch -> the UNet batch (b·n, ...): video-major, or branch-major (`major`),
+    constrained to the split of `split` (guided_eps) when given."""
+    def rows(a):
+        a = a.swapaxes(0, 1) if major else a
+        a = a.reshape((-1,) + a.shape[2:])
+        if split is None:
+            return a
+        spec = P(("cfg", "video", "window")) if major else P(("video", "window"))
+        return jax.lax.with_sharding_constraint(a, NamedSharding(split, spec))
+    return rows
 
 
 def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):

@@ -41,8 +41,8 @@ class SampleOptions:
     frames, blended with `context_weighting`, inside the motion modules' temporal attention (`context_mode`
     "attention", FreeNoise as diffusers) or around the whole UNet ("unet").
 
-    `scheduler`, `clip_skip`, `decode_chunk`, the window fields but `free_noise`, and whether guidance is on (> 1)
-    shape the compiled programs; everything else is their data: changing it compiles nothing."""
+    `scheduler`, `clip_skip`, `decode_chunk`, the window fields but `free_noise`, `devices_per_video` and whether
+    guidance is on (> 1) shape the compiled programs; everything else is their data: changing it compiles nothing."""
     steps: int = opt(25, "denoising steps")
     scheduler: str = opt("ddim", "the sampler (pia_jax.sampling.schedulers; the model directory holds its config): "
                                  "lcm for AnimateLCM (4-8 steps, guidance 1-2), euler for AnimateDiff-Lightning "
@@ -72,6 +72,9 @@ class SampleOptions:
     free_noise: str = opt("none", "FreeNoise rescheduling of the seeded noise (needs context windows; refused with "
                                   "--noise, which is used as given: reschedule it before saving it)",
                           ("none", *NOISE_TYPES))
+    devices_per_video: int | None = opt(
+        None, "devices one video runs on: guidance's two halves (2) times, in context mode unet, its context windows "
+              "spread over them (default: as many as it can use while every video of the batch has its own)")
     ip_adapter_scale: float | None = opt(
         None, "IP-Adapter image prompt strength, for a model converted with --ip-adapter (default there 1.0, as "
               "diffusers; 0 disables it); the image is --ip-adapter-image, else the condition image")
@@ -153,6 +156,8 @@ class SampleOptions:
         if self.clip_skip is not None and not 0 <= self.clip_skip <= layers:
             raise ValueError(f"clip skip must be in [0, {layers}] for this model's {layers}-layer text encoder, got "
                              f"{self.clip_skip}")
+        if self.devices_per_video is not None and self.devices_per_video < 1:
+            raise ValueError(f"devices per video must be >= 1, got {self.devices_per_video}")
         if self.decode_chunk < 1:
             raise ValueError(f"decode chunk must be >= 1 frame, got {self.decode_chunk}")
         self.check_ip_adapter(config)
@@ -173,5 +178,5 @@ class Result:
     noise: np.ndarray  # (B, F, h, w, 4) the initial noise used
     posterior_noise: np.ndarray  # (B, h, w, 4) the VAE posterior noise used
     seconds: dict  # wall time per phase ('compile' counted apart)
-    batch_size: int = 0  # videos per device per batch
+    batch_size: int = 0  # videos per device group (sharding.sampler_split) per batch
     cache: dict | None = None  # persistent compilation cache {'hits', 'misses'} during this call

@@ -1,0 +1,99 @@
+"""One video over many devices (issue 30): guidance's two halves on a `cfg` mesh axis, a long video's context
+windows (context mode unet) on a `window` axis, chosen from the device count and the batch.
+
+Oracle: the same video on one device. Both sides are fp32 on the same CPU and run the same per-row UNet; the
+split only changes which device computes a row and the order of the blend's and the guidance's sums (an all-reduce
+or a gather instead of a local sum): measured 5e-6 of the frame range, guidance 7.5 amplifying the
+rounding of each UNet evaluation; the bound is 1e-5 of the [0, 1] frame range
+(test_sampling.py uses the same for 8 devices vs 1). A wrong branch pairing, window, weight or text slice moves
+frames by > 1e-2 (test_context_modes.py). That the work is split, not replicated, is read from the compiled denoise
+program: XLA's per-device FLOP count falls with the devices a video gets.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from pia_jax import sharding
+from pia_jax.models import config
+from pia_jax.sampling import Animator, SampleOptions
+from tests import torch_models as tm
+from tests.assets import write_vocab
+from tests.oracle import assert_close
+
+TOL = 1e-5  # of the [0, 1] range: only summation order differs (module docstring)
+UNET = dataclasses.replace(
+    config.TINY.unet, in_channels=9, norm_semantics="pia", block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), layers_per_block=1, num_attention_heads=2,
+    motion_num_attention_heads=2, norm_num_groups=4)
+VAE = config.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)  # 8x
+CFG = dataclasses.replace(config.TINY, unet=UNET, vae=VAE)
+SIZE = 16  # latents 2 x 2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    write_vocab(root / "tokenizer")
+    return tm.write_model_dir(root / "model", CFG, tm.unet_motion(UNET, seed=4), tm.vae(VAE, seed=2),
+                              tm.clip_text(CFG.text, seed=3), root / "tokenizer")
+
+
+def video(animator, frames, options, prompt=None):
+    """One PIA video with keyframes at the first and last frame and a prompt map (prompt travel)."""
+    images = np.random.default_rng(1).integers(0, 256, (1, 2, SIZE, SIZE, 3), dtype=np.uint8)
+    affinity = np.linspace(1.0, 0.6, frames, dtype=np.float32)[None]
+    prompt = prompt or {0: "hello cat", frames // 2: "a dog"}
+    return animator(images, [prompt], ["dog"], affinity, options, seeds=[3], float_frames=True,
+                    keyframes=[0, frames - 1]).videos
+
+
+def denoise_flops(animator) -> float:
+    """XLA's FLOP estimate of one device's part of the last compiled denoise program."""
+    exe = list(animator._denoise.executables.values())[-1]
+    cost = exe.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def test_the_split_follows_the_devices_and_the_batch():
+    assert sharding.sampler_split(8, 1, True, 0) == (4, 2, 1)  # one video: guidance's halves on two devices
+    assert sharding.sampler_split(8, 8, True, 0) == (8, 1, 1)  # a video per device: nothing to split
+    assert sharding.sampler_split(8, 3, True, 0) == (4, 2, 1)  # 3 videos, 4 groups of 2
+    assert sharding.sampler_split(8, 1, True, 13) == (1, 2, 4)  # unet-mode windows over the rest
+    assert sharding.sampler_split(8, 1, False, 13) == (1, 1, 8)
+    assert sharding.sampler_split(8, 1, True, 0, per_video=1) == (8, 1, 1)
+    with pytest.raises(ValueError, match="devices per video 4: a video can use 2"):
+        sharding.sampler_split(8, 1, True, 0, per_video=4)
+    with pytest.raises(ValueError, match="must divide the 8 devices, got 3"):
+        sharding.sampler_split(8, 1, True, 13, per_video=3)
+
+
+def test_one_video_over_many_devices_is_the_one_device_video(model):
+    """16 frames with guidance (cfg = 2 on 8 devices: 4 groups, the batch padded to 4) and 64 frames in context
+    mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the frames of
+    one device, and each device's share of the denoise work is 1/2 resp. ~1/8 of the one-device program's."""
+    one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    many = Animator.load(model)
+    assert many.devices == 8
+    short = SampleOptions(steps=2)
+    expected, flops_one = video(one, 16, short), denoise_flops(one)
+    got = video(many, 16, short)
+    assert many._split.shape == {"video": 4, "cfg": 2, "window": 1}
+    assert_close(got, expected, TOL, "16 frames, cfg over 2 devices")
+    assert denoise_flops(many) < 0.6 * flops_one, "each device runs one guidance half of its video"
+
+    long = SampleOptions(steps=2, context_length=16, context_mode="unet")
+    # one device runs 4 windows per UNet call (the same sums, grouped as the 4 window devices take them), so both
+    # loops have 4 iterations (13 windows padded to 16) and XLA's count of one iteration compares them
+    expected = video(one, 64, dataclasses.replace(long, window_batch=4))
+    flops_one = denoise_flops(one)
+    got = video(many, 64, long)
+    assert many._split.shape == {"video": 1, "cfg": 2, "window": 4}
+    assert_close(got, expected, TOL, "64 frames, cfg x windows over 8 devices")
+    assert denoise_flops(many) < 0.2 * flops_one, "each device runs 1 of the 4 windows of one guidance half"
+    with pytest.raises(ValueError, match="devices per video 8: a video can use 2"):
+        video(many, 16, SampleOptions(steps=2, devices_per_video=8))
