@@ -52,32 +52,39 @@ def _flat(cls, cfg, state, keymap):
     return model_dir.flat_params(weights.load_state_dict(abstract, state, keymap))
 
 
-@pytest.fixture(scope="module")
-def tiny_ip(tmp_path_factory):
-    """(model directory with an IP-Adapter, the same without, torch modules, adapter state, tokenizer folder)."""
-    root = tmp_path_factory.mktemp("pia-ip")
+def write_ip_models(root, cfg):
+    """(model directory of `cfg` with an IP-Adapter, the same without, torch modules, adapter state, tokenizer
+    folder) from random weights in the real formats."""
+    cfg_ip = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, ip_adapter_tokens=TINY_IP.num_tokens),
+                                 ip_adapter=TINY_IP)
     write_vocab(root / "tokenizer")
     (root / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
-    modules = {"unet": tm.unet_motion(CFG.unet, seed=1), "vae": tm.vae(CFG.vae, seed=2),
-               "text_encoder": tm.clip_text(CFG.text, seed=3), "image_encoder": torch_encoder(TINY_IP, seed=11)}
-    adapter = random_adapter(CFG.unet, TINY_IP, seed=10)
+    modules = {"unet": tm.unet_motion(cfg.unet, seed=1), "vae": tm.vae(cfg.vae, seed=2),
+               "text_encoder": tm.clip_text(cfg.text, seed=3), "image_encoder": torch_encoder(TINY_IP, seed=11)}
+    adapter = random_adapter(cfg.unet, TINY_IP, seed=10)
     torch.save(adapter, root / "ip-adapter.bin")
     # the adapter's tensors through the converter's rules (the conversion itself: tests/test_ip_adapter.py)
     image_proj, layers, _, _ = ip_convert.split_adapter(ip_convert.read_adapter_file(root / "ip-adapter.bin"), "test")
     unet_state = numpy_state(modules["unet"])
-    base = {"unet": _flat(UNetMotionModel, CFG.unet, unet_state, weights.DIFFUSERS_UNET),
-            "vae": _flat(AutoencoderKL, CFG.vae, numpy_state(modules["vae"]), weights.DIFFUSERS_VAE),
-            "text_encoder": _flat(CLIPTextModel, CFG.text, numpy_state(modules["text_encoder"]),
+    base = {"unet": _flat(UNetMotionModel, cfg.unet, unet_state, weights.DIFFUSERS_UNET),
+            "vae": _flat(AutoencoderKL, cfg.vae, numpy_state(modules["vae"]), weights.DIFFUSERS_VAE),
+            "text_encoder": _flat(CLIPTextModel, cfg.text, numpy_state(modules["text_encoder"]),
                                   weights.TRANSFORMERS_CLIP_TEXT)}
-    with_ip = {**base, "unet": _flat(UNetMotionModel, CFG_IP.unet,
-                                     {**unet_state, **ip_convert.unet_ip_state(layers, CFG_IP.unet)},
+    with_ip = {**base, "unet": _flat(UNetMotionModel, cfg_ip.unet,
+                                     {**unet_state, **ip_convert.unet_ip_state(layers, cfg_ip.unet)},
                                      weights.DIFFUSERS_UNET),
                "image_encoder": _flat(CLIPVisionModelWithProjection, TINY_IP, numpy_state(modules["image_encoder"]),
                                       ip_convert.TRANSFORMERS_CLIP_VISION),
                "image_proj": _flat(ImageProjection, TINY_IP, image_proj, ip_convert.IMAGE_PROJ)}
     save = lambda name, cfg, models: model_dir.save_model_dir(
         root / name, cfg, models, tokenizer=root / "tokenizer", scheduler=schedulers.to_dict(schedulers.PIA_DDIM))
-    return save("ip", CFG_IP, with_ip), save("base", CFG, base), modules, adapter, root / "tokenizer"
+    return save("ip", cfg_ip, with_ip), save("base", cfg, base), modules, adapter, root / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny_ip(tmp_path_factory):
+    """The PIA (9-channel) models of write_ip_models."""
+    return write_ip_models(tmp_path_factory.mktemp("pia-ip"), CFG)
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +97,23 @@ def ip_image():
     return np.random.default_rng(9).integers(0, 256, (40, 56, 3), dtype=np.uint8)
 
 
+def extractor():
+    """transformers' CLIPImageProcessor as the IP-Adapter's image encoder folder configures it."""
+    from transformers import CLIPImageProcessor
+    crop = TINY_IP.image_encoder.image_size
+    return CLIPImageProcessor(size={"shortest_edge": TINY_IP.resize}, crop_size={"height": crop, "width": crop},
+                              image_mean=list(TINY_IP.image_mean), image_std=list(TINY_IP.image_std))
+
+
 def diffusers_ip_video(tiny_ip, img, ip_img, scale, guidance, steps, post_seed, latents_nchw):
     """PIAPipeline's video after `load_ip_adapter` (scale None: without loading it; ip_adapter_image unused)."""
     from diffusers import PIAPipeline
-    from transformers import CLIPImageProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
     _, _, modules, adapter, tok = tiny_ip
     unet = copy.deepcopy(modules["unet"])  # a copy: load_ip_adapter changes the UNet's processors
-    crop = TINY_IP.image_encoder.image_size
-    extractor = CLIPImageProcessor(size={"shortest_edge": TINY_IP.resize}, crop_size={"height": crop, "width": crop},
-                                   image_mean=list(TINY_IP.image_mean), image_std=list(TINY_IP.image_std))
     pipe = PIAPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"],
                        tokenizer=CLIPTokenizer.from_pretrained(str(tok)), unet=unet, scheduler=ddim(),
-                       image_encoder=modules["image_encoder"], feature_extractor=extractor)
+                       image_encoder=modules["image_encoder"], feature_extractor=extractor())
     if scale is not None:
         pipe.load_ip_adapter(adapter, subfolder="", weight_name="")
         pipe.set_ip_adapter_scale(scale)
@@ -219,3 +231,33 @@ def test_bad_ip_adapter_images_fail_before_compiling(tiny_ip, animator):
         with pytest.raises(ValueError, match=message):
             which(*args, seeds=[1], **kw)
         assert which.compilations == compiled
+
+
+def test_text_to_video_matches_diffusers_animatediff_pipeline_with_ip_adapter(tmp_path):
+    """A 4-channel (AnimateDiff) model with an IP-Adapter: the image prompt alone conditions the video (there is no
+    condition image), against AnimateDiffPipeline + load_ip_adapter + set_ip_adapter_scale, same noise, guidance on."""
+    from diffusers import AnimateDiffPipeline
+    from transformers import CLIPTokenizer
+    cfg = dataclasses.replace(CFG, unet=dataclasses.replace(CFG.unet, in_channels=4))
+    path, _, modules, adapter, tok = write_ip_models(tmp_path, cfg)
+    noise = np.random.default_rng(5).standard_normal((1, FRAMES, H // 2, W // 2, 4)).astype(np.float32)
+    pipe = AnimateDiffPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"],
+                               tokenizer=CLIPTokenizer.from_pretrained(str(tok)), unet=modules["unet"],
+                               motion_adapter=None, scheduler=ddim(), feature_extractor=extractor(),
+                               image_encoder=modules["image_encoder"])
+    pipe.load_ip_adapter(adapter, subfolder="", weight_name="")
+    pipe.set_ip_adapter_scale(0.8)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=FRAMES, height=H, width=W,
+                        num_inference_steps=STEPS, guidance_scale=7.5, latents=torch.from_numpy(
+                            noise.transpose(0, 4, 1, 2, 3)), ip_adapter_image=Image.fromarray(ip_image()),
+                        output_type="np").frames
+    animator = Animator.load(path)
+    run = lambda scale: animator(  # noqa: E731
+        image(5)[None], [PROMPT], [NEGATIVE], affinity.preset_affinity("small", FRAMES)[None],
+        SampleOptions(steps=STEPS, guidance_scale=7.5, ip_adapter_scale=scale), noise=noise,
+        posterior_noise=posterior_noise(5), float_frames=True, ip_adapter_images=[ip_image()]).videos
+    got = run(0.8)
+    assert_close(got, np.asarray(expected), TOL, "text-to-video, IP-Adapter 0.8 vs AnimateDiffPipeline")
+    assert np.abs(got - run(0.0)).max() > 1e-2  # the image prompt moves the frames: the check is not vacuous
