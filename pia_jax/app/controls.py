@@ -16,6 +16,7 @@ SECTIONS = {
     "Video": ("frames", "size", "height", "width"),
     "Long videos": ("context_length", "context_mode", "context_stride", "context_weighting", "window_batch",
                     "free_noise"),
+    "IP-Adapter": ("ip_adapter_scale", "ip_adapter_image"),
 }
 OTHER = "More options"
 PROMPT_FIELDS = ("negative_prompt",)  # beside the prompt, not in a section
@@ -41,6 +42,8 @@ def control(k: str, value=None) -> gr.components.Component:
     common = {"label": plan.label(k), "info": info(k), "elem_id": f"pia-{k}"}
     choices = f.metadata.get("choices")
     tp = cases.value_type(f)
+    if k in plan.IMAGE_FIELDS:  # empty: not given (the image prompt is then the condition image)
+        return gr.Image(type="filepath", image_mode=None, height=160, **common)
     if k == "motion":  # its declaration takes a name or a PIA index; the page offers the names
         return gr.Dropdown([p.name for p in PRESETS], value=value, **common)
     if choices is not None:  # an option that may be left unset gets a blank choice: 'not given'

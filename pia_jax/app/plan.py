@@ -20,6 +20,7 @@ from pia_jax.sampling.options import DEFAULT_NEGATIVE_PROMPT, key
 
 FORMATS = ("mp4", "gif")  # every request writes both: the page plays the MP4, the GIF is a download
 # One run's inputs besides the Settings fields: key -> (default, type). The defaults are sample.py's.
+IMAGE_FIELDS = ("ip_adapter_image",)  # Settings fields that are image files: uploads on the page, copied per request
 RUN = {"image": (None, str), "last_frame": (None, str), "prompt": ("", str), "prompt_map": ("", str),
        "seed": (42, int), "num_videos": (1, int), "fps": (8.0, float)}
 FIELDS = {key(f): f for f in cases.FIELDS}  # request key -> Settings field

@@ -117,8 +117,8 @@ def _with_copied_inputs(params: dict, folder: Path) -> dict:
     """The request with its images copied into its folder (an upload's temporary file may go; the command line
     must keep working), each under its own name (output names come from the image's stem)."""
     params = dict(params)
-    for k in ("image", "last_frame"):
-        source = params[k] and Path(params[k])
+    for k in ("image", "last_frame", *plan.IMAGE_FIELDS):
+        source = params.get(k) and Path(params[k])
         if source and source.is_file():  # else the checks name what is wrong with it
             target = folder / k / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
