@@ -81,7 +81,10 @@ def test_one_video_over_many_devices_is_the_one_device_video(model):
     assert many.devices == 8
     short = SampleOptions(steps=2)
     expected, flops_one = video(one, 16, short), denoise_flops(one)
+    many.plan_batch_size(1, SIZE, SIZE, 16, short, float_frames=True, text_keys=2, keyframes=2)  # as sample.py does
+    compiled = many.compilations
     got = video(many, 16, short)
+    assert many.compilations == compiled, "the plan compiled the split the call runs"
     assert many._split.shape == {"video": 4, "cfg": 2, "window": 1}
     assert_close(got, expected, TOL, "16 frames, cfg over 2 devices")
     assert denoise_flops(many) < 0.6 * flops_one, "each device runs one guidance half of its video"

@@ -385,7 +385,9 @@ class Animator:
     def plan_batch_size(self, videos: int, height: int, width: int, frames: int, options: SampleOptions,
                         batch_size: int | None = None, float_frames=False, text_keys=0, keyframes=0) -> int:
         """Videos per device group per batch, at most what `videos` need. An explicit `batch_size` is checked
-        against the free device memory (ValueError when it cannot fit); the default is as many as fit."""
+        against the free device memory (ValueError when it cannot fit); the default is as many as fit. Lays the
+        devices out for these videos (split_for) as the call will."""
+        self._use_split(self.split_for(videos, frames, options))
         free = memory.free_bytes(self.mesh.devices.flat)
         shape = (height, width, frames, options)
         wanted = -(-videos // self.groups)
