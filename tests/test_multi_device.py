@@ -87,6 +87,7 @@ def test_one_video_over_many_devices_is_the_one_device_video(model):
     assert many.compilations == compiled, "the plan compiled the split the call runs"
     assert many._split.shape == {"video": 4, "cfg": 2, "window": 1}
     assert_close(got, expected, TOL, "16 frames, cfg over 2 devices")
+    print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.6 * flops_one, "each device runs one guidance half of its video"
 
     long = SampleOptions(steps=2, context_length=16, context_mode="unet")
@@ -97,6 +98,7 @@ def test_one_video_over_many_devices_is_the_one_device_video(model):
     got = video(many, 64, long)
     assert many._split.shape == {"video": 1, "cfg": 2, "window": 4}
     assert_close(got, expected, TOL, "64 frames, cfg x windows over 8 devices")
+    print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.2 * flops_one, "each device runs 1 of the 4 windows of one guidance half"
     with pytest.raises(ValueError, match="devices per video 8: a video can use 2"):
         video(many, 16, SampleOptions(steps=2, devices_per_video=8))
