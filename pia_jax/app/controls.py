@@ -42,8 +42,9 @@ def control(k: str, value=None) -> gr.components.Component:
     common = {"label": plan.label(k), "info": info(k), "elem_id": f"pia-{k}"}
     choices = f.metadata.get("choices")
     tp = cases.value_type(f)
-    if k in plan.IMAGE_FIELDS:  # empty: not given (the image prompt is then the condition image)
-        return gr.Image(type="filepath", image_mode=None, height=160, **common)
+    if k in plan.IMAGE_FIELDS:  # an image takes no info text: the flag goes in its label; empty is 'not given'
+        return gr.Image(type="filepath", image_mode=None, height=160, elem_id=common["elem_id"],
+                        label=f"{common['label']} (--{k.replace('_', '-')}; empty: not given)")
     if k == "motion":  # its declaration takes a name or a PIA index; the page offers the names
         return gr.Dropdown([p.name for p in PRESETS], value=value, **common)
     if choices is not None:  # an option that may be left unset gets a blank choice: 'not given'

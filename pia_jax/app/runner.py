@@ -101,8 +101,8 @@ class Runner:
         for g, size in zip(p.groups, sizes):
             result = animator(np.stack(g.images), [v.prompt for v in g.videos], [v.negative_prompt for v in g.videos],
                               np.stack([v.affinity for v in g.videos]), g.options, seeds=[v.seed for v in g.videos],
-                              batch_size=size, keyframes=g.keyframes,
-                              progress=_progress(report, math.ceil(len(g.videos) / (size * animator.devices))))
+                              batch_size=size, keyframes=g.keyframes, ip_adapter_images=g.ip_images,
+                              progress=_progress(report, _batches(animator, g, size)))
             for k, v in result.seconds.items():
                 seconds[k] = seconds.get(k, 0) + v
             files += _write(a, g, result, single=len(p.videos) == 1)
@@ -111,6 +111,13 @@ class Runner:
                          animator.compile_seconds - compile_seconds, counts, max(sizes))
         return Entry(self.count + 1, time.strftime("%H:%M:%S"), self.selected, params,
                      plan.shell(plan.command(a)), files, status)
+
+
+def _batches(animator, group, size: int) -> int:
+    """How many batches the animator runs `group`'s videos in: `size` videos per device group, as many groups as
+    its devices split into for this call (the progress bar's total)."""
+    groups = animator.split_for(len(group.videos), group.frames, group.options)[0]
+    return math.ceil(len(group.videos) / (size * groups))
 
 
 def _with_copied_inputs(params: dict, folder: Path) -> dict:
@@ -176,4 +183,5 @@ def _status(seconds: dict, animator, compiled: int, compile_seconds: float, cach
         compiling = "no compiling: the programs of an earlier request were reused"
     load = f"loaded the model in {seconds['load']:.1f}s" if seconds["load"] else "the model was in memory"
     sampling = " ".join(f"{k} {seconds.get(k, 0):.1f}s" for k in ("encode", "denoise", "decode"))
-    return f"{load} | {compiling} | {sampling} | batch {batch} video(s) x {animator.devices} device(s)"
+    return (f"{load} | {compiling} | {sampling} | batch {batch} video(s) x {animator.groups} device group(s) of "
+            f"{animator.devices // animator.groups} device(s)")
