@@ -301,15 +301,19 @@ def test_bad_model_directory(tmp_path, capsys):
 
 
 def test_one_window_equals_plain_sampler(model):
-    """A context window as long as the video is the plain sampler: one window, weight w/w = 1 on every frame. The two
-    programs differ only in the scan around the UNet call and the division by the weight sum, so in fp32 they agree
-    to rounding (1e-5 of the [0, 1] frame range; a wrong frame order or weighting changes frames by > 1e-2)."""
+    """Whole-UNet windows (context mode unet; attention mode's one window: tests/test_context_modes.py): a window as
+    long as the video is the plain sampler: one window, weight w/w = 1 on every frame. The two programs differ only
+    in the scan around the UNet call and the division by the weight sum, so in fp32 they agree to rounding (1e-5 of
+    the [0, 1] frame range; a wrong frame order or weighting changes frames by > 1e-2)."""
     from pia_jax.sampling import Animator, SampleOptions
     path, _ = model
     animator = Animator.load(path, compile_cache_dir=None)
     img = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)[None]
     affinity = np.asarray([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5]], np.float32)
-    run_ = lambda prompt="a cat", **kw: animator(img, [prompt], ["dog"], affinity, SampleOptions(steps=2, **kw),  # noqa
+
+    def options(**kw):
+        return SampleOptions(steps=2, **kw, **({"context_mode": "unet"} if "context_length" in kw else {}))
+    run_ = lambda prompt="a cat", **kw: animator(img, [prompt], ["dog"], affinity, options(**kw),  # noqa: E731
                                                  seeds=[3], float_frames=True).videos
     plain = run_()
     np.testing.assert_allclose(run_(context_length=6), plain, atol=1e-5)
@@ -324,7 +328,7 @@ def test_one_window_equals_plain_sampler(model):
     # keyframes at 0 and the last frame, through the windows: the same image at both is the one-image video (every
     # frame's condition latent is that image's); another image at the last frame changes it
     keyed = lambda last: animator(np.stack([img, last], axis=1), ["a cat"], ["dog"], affinity,  # noqa: E731
-                                  SampleOptions(steps=2, context_length=4, context_stride=2), seeds=[3],
+                                  options(context_length=4, context_stride=2), seeds=[3],
                                   float_frames=True, keyframes=[0, 5]).videos
     np.testing.assert_allclose(keyed(img), windows, atol=1e-5)
     assert np.abs(keyed(255 - img)[:, -1] - windows[:, -1]).max() > 1e-2
