@@ -80,7 +80,7 @@ class Program:
         with attention.compiling_for(self.mesh):
             exe = self.lower(*args).compile()
         self.compiles += 1
-        self.notes[key] = {}
+        self.notes.setdefault(key, {})  # a fact remembered before compiling is kept and stored with it
         self._save(key, exe)
         return exe
 
