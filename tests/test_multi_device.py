@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from PIL import Image
 
+import sample
 from pia_jax import sharding
 from pia_jax.models import config
 from pia_jax.sampling import Animator, SampleOptions
@@ -102,3 +104,18 @@ def test_one_video_over_many_devices_is_the_one_device_video(model):
     assert denoise_flops(many) < 0.2 * flops_one, "each device runs 1 of the 4 windows of one guidance half"
     with pytest.raises(ValueError, match="devices per video 8: a video can use 2"):
         video(many, 16, SampleOptions(steps=2, devices_per_video=8))
+
+
+def test_unusable_devices_per_video_fails_before_loading(model, tmp_path, capsys, monkeypatch):
+    """sample.py refuses a --devices-per-video the layout rule (sharding.sampler_split) cannot use while planning,
+    before any weight is read; a usable one passes the plan."""
+    monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "img.png")
+    argv = ["--model", str(model), "--image", str(tmp_path / "img.png"), "--prompt", "cat", "--size", str(SIZE),
+            "--out", str(tmp_path / "out")]
+    assert sample.main(argv + ["--devices-per-video", "4"]) == 2  # 16 frames with guidance: 2 devices of use
+    err = capsys.readouterr().err
+    assert err.startswith("error: img-cat-42: devices per video 4: a video can use 2"), err
+    assert not (tmp_path / "out").exists()
+    a = sample.build_parser().parse_args(argv + ["--devices-per-video", "2"])
+    assert sample.plan(a)[0].groups[0].options.devices_per_video == 2

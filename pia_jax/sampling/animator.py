@@ -309,9 +309,8 @@ class Animator:
 
     def split_for(self, videos: int, frames: int, options: SampleOptions) -> tuple:
         """(video, cfg, window) axis sizes for a call (ValueError for a --devices-per-video that cannot be used)."""
-        window = options.window(frames, self.config.unet.motion_max_seq_length)
-        windows = len(window.frames) if window is not None and options.mode == "unet" else 0
-        return sharding.sampler_split(self.devices, videos, options.cfg, windows, options.devices_per_video)
+        parts = options.device_parts(frames, self.config.unet.motion_max_seq_length)
+        return sharding.sampler_split(self.devices, videos, options.cfg, parts, options.devices_per_video)
 
     # ---- compiling, from shapes alone ----
 

@@ -389,10 +389,11 @@ def videos_from_values(image: Path, prompts: list[str], seeds: list[int], settin
 
 # ---- the plan: every check that needs no model weights ----
 
-def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) -> Plan:
+def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8, devices: int | None = None) -> Plan:
     """Checks the model directory (config, weight headers, tokenizer), every video's settings against it, the
     images, the output formats and paths, and groups the videos by shape and options; nothing is loaded or
-    compiled. Raises ValueError (or OSError) with a message for the user."""
+    compiled. Raises ValueError (or OSError) with a message for the user. `devices`: how many the sampler will lay
+    out (default: this host's, as `Animator.load` takes), for a --devices-per-video check."""
     config, scheduler = _check_model(model)
     out = files.path(out)  # gs://... outputs are written through pia_jax.files
     formats = _check_formats(out, formats, fps)
@@ -418,10 +419,28 @@ def plan(model, videos: list[Video], out: Path, formats=None, fps: float = 8) ->
         group.images.append(image)
     for group in groups.values():
         group.ip_images = _ip_images(group, images)
+    _check_devices(groups.values(), config, devices)
     for v in videos:
         for path in output_paths(out, v.name, len(videos) == 1, formats).values():
             media.check_writable(path, directory=path.suffix == "")
     return Plan(list(groups.values()), formats, config, scheduler)
+
+
+def _check_devices(groups, config: PIAConfig, devices: int | None):
+    """ValueError for a group's devices per video that `devices` devices cannot lay out, by the rule the sampler
+    applies (sharding.sampler_split, as `Animator.split_for` calls it: all a group's videos in one call)."""
+    from pia_jax import sharding  # imports jax, as _check_model does
+    for g in groups:
+        if g.options.devices_per_video is None:  # the default layout always exists
+            continue
+        if devices is None:
+            import jax
+            devices = jax.local_device_count()
+        parts = g.options.device_parts(g.frames, config.unet.motion_max_seq_length)
+        try:
+            sharding.sampler_split(devices, len(g.videos), g.options.cfg, parts, g.options.devices_per_video)
+        except ValueError as e:
+            raise ValueError(f"{g.videos[0].name}: {e}") from None
 
 
 def _check_model(model) -> tuple[PIAConfig, SchedulerConfig]:

@@ -109,6 +109,12 @@ class SampleOptions:
         return WindowSchedule(num_frames, length, self.context_stride, self.context_weighting,
                               "diffusers" if self.mode == "attention" else "exact")
 
+    def device_parts(self, num_frames: int, max_positions: int) -> int:
+        """What one video's devices may split beyond guidance's two halves (sharding.sampler_split's `parts`): its
+        context windows in context mode unet; 1 (nothing) otherwise."""
+        window = self.window(num_frames, max_positions)
+        return len(window.frames) if window is not None and self.mode == "unet" else 1
+
     def check_frames(self, num_frames: int, config: PIAConfig):
         """ValueError when this model cannot make `num_frames` frames with these window options."""
         if self.window_batch < 1:
