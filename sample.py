@@ -177,7 +177,7 @@ def summary(written, seconds: dict, animator, cache_before: dict, batch: int) ->
     shown = ", ".join(str(q) for q in written[:4]) + (f", ... ({len(written)} files)" if len(written) > 4 else "")
     return (f"wrote {shown} | " + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
             + f" | {cache} | batch {batch} video(s) x {animator.groups} device group(s) of "
-              f"{animator.devices // animator.groups} device(s)")
+              f"{animator.devices_per_group} device(s)")
 
 
 class Progress:

@@ -71,27 +71,38 @@ def batch_sharding(mesh: jax.sharding.Mesh, batch_dim: int = 0) -> NamedSharding
 SAMPLER_AXES = ("video", "cfg", "window")
 
 
-def sampler_split(devices: int, videos: int, cfg: bool, windows: int, per_video: int | None = None) -> tuple:
-    """(video, cfg, window) axis sizes for `videos` videos on `devices` devices: `per_video` devices per video
-    (None: as many as the video can use, 2 for guidance x the windows it can spread, while every video keeps its
-    own devices), the cfg halves first. `windows`: context windows a device group may split (0: none)."""
-    useful = (2 if cfg else 1) * max(1, windows)
+def sampler_split(devices: int, videos: int, cfg: bool, parts: int, per_video: int | None = None) -> tuple:
+    """(video, cfg, window) axis sizes for `videos` videos on at most `devices` devices: the sampler's one layout
+    rule (Animator.split_for; sample.py's and the web UI's planning check --devices-per-video by it).
+
+    A video can use 2 devices for guidance's halves (1 without guidance) times `parts`, what its devices may split
+    beyond them (SampleOptions.device_parts: its context windows in context mode unet; 1 for nothing). Each video
+    gets `per_video` devices, by default as many as it can use while every video of the batch has its own (even
+    with guidance, whose halves need a pair): spare devices go to the video. As many groups as the videos fill,
+    at most devices // per_video, and no more than one batch round needs (12 videos on 8 groups: 6 groups of 2):
+    devices nothing can use stay idle (`sampler_mesh` takes the first) rather than compute padding copies of a
+    video. ValueError for a `per_video` outside 1..devices, above what a video can use, or odd (> 1) with guidance.
+    """
+    useful = (2 if cfg else 1) * max(1, parts)
     if per_video is None:
-        per_video = max(d for d in range(1, devices + 1) if devices % d == 0 and d <= useful
-                        and (d == 1 or videos * d <= devices))
-    if per_video < 1 or devices % per_video:
-        raise ValueError(f"devices per video must divide the {devices} devices, got {per_video}")
+        per_video = max(1, min(useful, devices // max(1, videos)))
+        per_video -= per_video % 2 if cfg and per_video > 1 else 0
+    if not 1 <= per_video <= devices:
+        raise ValueError(f"devices per video must be in 1..{devices} (the devices there are), got {per_video}")
     if per_video > useful or (cfg and per_video % 2 and per_video > 1):
         raise ValueError(f"devices per video {per_video}: a video can use {useful} (2 for guidance's halves, times "
-                         f"its {max(1, windows)} context windows in context mode unet), as an even number with "
+                         f"its {max(1, parts)} context windows in context mode unet), as an even number with "
                          "guidance; give fewer")
     halves = 2 if cfg and per_video % 2 == 0 else 1
-    return devices // per_video, halves, per_video // halves
+    rounds = -(-videos // (devices // per_video))  # videos per group
+    return max(1, -(-videos // rounds)), halves, per_video // halves
 
 
 def sampler_mesh(devices, split: tuple) -> jax.sharding.Mesh:
-    """`devices` (in their order) as a (video, cfg, window) mesh of the axis sizes `split`."""
-    return jax.sharding.Mesh(np.asarray(list(devices)).reshape(split), SAMPLER_AXES)
+    """The first video x cfg x window of `devices` (in their order) as a (video, cfg, window) mesh of the axis sizes
+    `split` (sampler_split)."""
+    n = int(np.prod(split))
+    return jax.sharding.Mesh(np.asarray(list(devices)[:n]).reshape(split), SAMPLER_AXES)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -62,20 +62,28 @@ def denoise_flops(animator) -> float:
 
 
 def test_the_split_follows_the_devices_and_the_batch():
-    assert sharding.sampler_split(8, 1, True, 0) == (4, 2, 1)  # one video: guidance's halves on two devices
-    assert sharding.sampler_split(8, 8, True, 0) == (8, 1, 1)  # a video per device: nothing to split
-    assert sharding.sampler_split(8, 3, True, 0) == (4, 2, 1)  # 3 videos, 4 groups of 2
+    assert sharding.sampler_split(8, 1, True, 1) == (1, 2, 1)  # one video: guidance's halves on 2, 6 idle
+    assert sharding.sampler_split(8, 8, True, 1) == (8, 1, 1)  # a video per device: nothing to split
+    assert sharding.sampler_split(8, 3, True, 1) == (3, 2, 1)  # 3 videos on 3 pairs: no padding copy
+    assert sharding.sampler_split(8, 12, True, 1) == (6, 1, 1)  # 2 rounds either way: 6 groups, not 8 (4 copies)
     assert sharding.sampler_split(8, 1, True, 13) == (1, 2, 4)  # unet-mode windows over the rest
+    assert sharding.sampler_split(8, 1, True, 3) == (1, 2, 3)  # 3 windows: 6 devices of use
+    assert sharding.sampler_split(8, 2, True, 13) == (2, 2, 2)
     assert sharding.sampler_split(8, 1, False, 13) == (1, 1, 8)
-    assert sharding.sampler_split(8, 1, True, 0, per_video=1) == (8, 1, 1)
+    assert sharding.sampler_split(8, 1, True, 1, per_video=1) == (1, 1, 1)
+    assert sharding.sampler_split(8, 4, True, 13, per_video=6) == (1, 2, 3)  # 4 videos, one at a time, on 6
     with pytest.raises(ValueError, match="devices per video 4: a video can use 2"):
-        sharding.sampler_split(8, 1, True, 0, per_video=4)
-    with pytest.raises(ValueError, match="must divide the 8 devices, got 3"):
+        sharding.sampler_split(8, 1, True, 1, per_video=4)
+    with pytest.raises(ValueError, match="devices per video 3: .* as an even number with guidance"):
         sharding.sampler_split(8, 1, True, 13, per_video=3)
+    with pytest.raises(ValueError, match=r"must be in 1\.\.8 \(the devices there are\), got 10"):
+        sharding.sampler_split(8, 1, True, 13, per_video=10)
+    mesh = sharding.sampler_mesh(jax.devices(), (3, 2, 1))
+    assert list(mesh.devices.flat) == jax.devices()[:6]
 
 
 def test_one_video_over_many_devices_is_the_one_device_video(model):
-    """16 frames with guidance (cfg = 2 on 8 devices: 4 groups, the batch padded to 4) and 64 frames in context
+    """16 frames with guidance (cfg = 2: one group of 2 devices, 6 idle, no padding copies) and 64 frames in context
     mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the frames of
     one device, and each device's share of the denoise work is 1/2 resp. ~1/8 of the one-device program's."""
     one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
@@ -87,7 +95,7 @@ def test_one_video_over_many_devices_is_the_one_device_video(model):
     compiled = many.compilations
     got = video(many, 16, short)
     assert many.compilations == compiled, "the plan compiled the split the call runs"
-    assert many._split.shape == {"video": 4, "cfg": 2, "window": 1}
+    assert many._split.shape == {"video": 1, "cfg": 2, "window": 1} and many.devices_per_group == 2
     assert_close(got, expected, TOL, "16 frames, cfg over 2 devices")
     print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.6 * flops_one, "each device runs one guidance half of its video"

@@ -184,4 +184,4 @@ def _status(seconds: dict, animator, compiled: int, compile_seconds: float, cach
     load = f"loaded the model in {seconds['load']:.1f}s" if seconds["load"] else "the model was in memory"
     sampling = " ".join(f"{k} {seconds.get(k, 0):.1f}s" for k in ("encode", "denoise", "decode"))
     return (f"{load} | {compiling} | {sampling} | batch {batch} video(s) x {animator.groups} device group(s) of "
-            f"{animator.devices // animator.groups} device(s)")
+            f"{animator.devices_per_group} device(s)")

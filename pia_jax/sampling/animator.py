@@ -19,8 +19,10 @@ Devices: each call lays the mesh's devices out as (video, cfg, window) (sharding
 count and the batch, or `SampleOptions.devices_per_video`): a batch of videos is split over "video" groups; a
 group's devices split one video's UNet batch, its two guidance halves over "cfg" and, in context mode unet, its
 context windows over "window" (guided_eps, loop.py; never the frames inside a UNet call, so the motion modules need
-no communication). The layout is a static setting of all three programs (`Settings.split`), each placing its
-outputs by video on it; the weights are replicated. Batches hold `batch_size` videos per group (default: as many
+no communication). Spare devices go to a video as far as it can use them; the rest stay idle (the layout then holds
+the first devices only) instead of computing padding copies. The layout is a static setting of all three programs
+(`Settings.split`), each placing its outputs by video on it; the weights are replicated (`_weights` views them on
+the layout's devices). Batches hold `batch_size` videos per group (default: as many
 as the measured memory allows, memory.py) and run one after another through the same programs; the last is padded
 with copies of its last video.
 
@@ -232,7 +234,8 @@ class Animator:
         self.config, self.tokenizer, self.scheduler_config = config, tokenizer, scheduler
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
         self._use_split((self.devices, 1, 1))  # each call picks its own (_inputs)
-        self._weight_sharding = self._replicated  # the weights' placement for every split (the same devices)
+        self._weight_sharding = self._replicated  # the weights' placement: every device (a split's view: _weights)
+        self._placed = {}  # devices a split uses -> the weights viewed on them (_weights)
         (text_graph, text), (vae_graph, vae), (unet_graph, unet) = map(Graph.split, (text_encoder, vae, unet))
         self._text, self._vae, self._unet = jax.device_put((text, vae, unet), self._replicated)
         self.latent_factor = config.vae.latent_factor
@@ -281,7 +284,7 @@ class Animator:
         leaves = jax.device_put(leaves, self._weight_sharding)
         if compiled.signature(leaves) != compiled.signature(self._unet):
             raise ValueError("update_unet needs UNet weights of the animator's shapes and dtypes")
-        self._unet = leaves
+        self._unet, self._placed = leaves, {}
 
     @property
     def compilations(self) -> int:
@@ -298,8 +301,13 @@ class Animator:
 
     @property
     def groups(self) -> int:
-        """Device groups a batch's videos are split over (devices / devices per video)."""
+        """Device groups a batch's videos are split over (sharding.sampler_split)."""
         return self._split.shape["video"]
+
+    @property
+    def devices_per_group(self) -> int:
+        """Devices one video runs on (guidance's halves x its windows or frame chunks), in the split in use."""
+        return self._split.shape["cfg"] * self._split.shape["window"]
 
     def _use_split(self, split: tuple):
         """Runs the next batches on the devices as (video, cfg, window) of these sizes (sharding.sampler_split)."""
@@ -333,7 +341,14 @@ class Animator:
         return jax.device_put(schedule, self._replicated)
 
     def _weights(self, phase: str):
-        return {"encode": (self._text, self._vae) + self._image, "denoise": self._unet, "decode": self._vae}[phase]
+        """`phase`'s weights on the devices of the split in use: a split on fewer devices than the mesh views the
+        first devices' copies (device_put reuses each device's buffer: nothing is copied)."""
+        n = self._split.devices.size
+        if n not in self._placed:
+            every = (self._text, self._vae, self._unet, self._image)
+            self._placed[n] = every if n == self.devices else jax.device_put(every, self._replicated)
+        text, vae, unet, image = self._placed[n]
+        return {"encode": (text, vae) + image, "denoise": unet, "decode": vae}[phase]
 
     def _get(self, phase: str, settings: Settings, *arrays):
         """`phase`'s executable for these arrays (or shapes) and the settings it reads, compiled on first use."""
@@ -560,7 +575,7 @@ class Animator:
         bounds = [(i, i + 1) for i in range(run.steps)] if run.pieces else [(0, run.steps)]
         pieces = []
         for begin, end in bounds:
-            latents, state, finite = run.exes.denoise(self._unet, latents, state, run.schedule, text, *args,
+            latents, state, finite = run.exes.denoise(self._weights("denoise"), latents, state, run.schedule, text, *args,
                                                       self._put(np.int32(begin)), self._put(np.int32(end)), image,
                                                       run.ip_scale)
             pieces.append((end, finite))
@@ -573,7 +588,7 @@ class Animator:
 
     def _decode_batch(self, run: _Run, latents, real: int) -> np.ndarray:
         """The frames of a batch's first `real` videos (the rest is padding), on the host."""
-        frames, finite = run.exes.decode(self._vae, latents)
+        frames, finite = run.exes.decode(self._weights("decode"), latents)
         frames, finite = np.asarray(frames), np.asarray(finite)
         if not finite[:real].all():
             raise FloatingPointError("the decoded frames contain NaN or infinity (an fp16/bf16 overflow in the "
