@@ -8,11 +8,15 @@ test_unet.py: only summation order differs).
 
 import dataclasses
 
+import jax
+import numpy as np
+from flax import nnx
+
 from pia_jax.models import config
 from tests import torch_models as tm
-from tests.oracle import assert_close, rel_err
 from tests.helpers import UNET_TOL as TOL
 from tests.helpers import inputs, jitted, load_ours
+from tests.oracle import assert_close, rel_err
 
 
 def test_pia_norm_semantics_match_reference_computation():
@@ -31,3 +35,17 @@ def test_pia_norm_semantics_match_reference_computation():
     assert rel_err(got, diffusers_out) > 1e-3
     ours_diffusers = jitted(load_ours(dataclasses.replace(cfg, norm_semantics="diffusers"), state))
     assert_close(ours_diffusers(*args), diffusers_out, TOL, "diffusers semantics")
+
+
+def test_pia_norms_on_frame_chunks_match_reference_computation():
+    """With `frame_chunk` the per-frame layers run on chunks of frames while the frame-pooled ResNets and
+    conv_norm_out keep their statistics over all frames: 5 frames in chunks of 2 (the last chunk padded) give the
+    reference's pooled result within TOL (only summation order differs)."""
+    cfg = config.TINY.unet
+    torch_model = tm.unet_motion(cfg, seed=3)
+    graphdef, params = nnx.split(load_ours(cfg, tm.numpy_state(torch_model)))
+    x = inputs(cfg, 2, 5, 12, 16, seed=3)
+    args = (x["sample"], x["t"], x["context"], x["mask"], x["condition"])
+    reference = tm.run_unet_motion(tm.pia_reference(torch_model, frames=5), *args)
+    chunked = jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args, frame_chunk=2))
+    assert_close(np.asarray(chunked(params, *args)), reference, TOL, "pia semantics on frame chunks")

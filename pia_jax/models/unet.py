@@ -210,6 +210,7 @@ class MidBlock(nnx.Module):
 
     def __call__(self, x, temb, context, frames, windows=None, chunks=1):
         pooled = self.resnets[0].frames_pooled  # pooled statistics see every frame: those resnets are not chunked
+        # (a two-pass chunked version measured worse, 17.5 vs 11.6 GiB at 128 frames: BENCHMARKS.md, long videos)
         x = self.resnets[0](x, temb, frames) if pooled else x
         x = frame_chunks(lambda x, temb, ctx: self.attentions[0](x if pooled else self.resnets[0](x, temb, 1), ctx),
                          chunks, frames, (x, temb), context)
