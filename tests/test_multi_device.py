@@ -1,12 +1,13 @@
 """One video over many devices (issue 30): guidance's two halves on a `cfg` mesh axis, a long video's context
-windows (context mode unet) on a `window` axis, chosen from the device count and the batch.
+windows (context mode unet) or its frames inside the UNet (context mode attention: each chunk's frames in the
+spatial layers, its sites in the motion modules) on a `window` axis, chosen from the device count and the batch.
 
 Oracle: the same video on one device. Both sides are fp32 on the same CPU and run the same per-row UNet; the
-split only changes which device computes a row and the order of the blend's and the guidance's sums (an all-reduce
-or a gather instead of a local sum): measured 5e-6 of the frame range, guidance 7.5 amplifying the
-rounding of each UNet evaluation; the bound is 1e-5 of the [0, 1] frame range
-(test_sampling.py uses the same for 8 devices vs 1). A wrong branch pairing, window, weight or text slice moves
-frames by > 1e-2 (test_context_modes.py). That the work is split, not replicated, is read from the compiled denoise
+split only changes which device computes a row and the order of the blend's, the guidance's and the frame-pooled
+GroupNorm statistics' sums (an all-reduce or a gather instead of a local sum): measured 4e-6 to 5.5e-6 of the
+frame range, guidance 7.5 amplifying the rounding of each UNet evaluation; the bound is 1e-5 of the [0, 1] frame
+range (test_sampling.py uses the same for 8 devices vs 1). A wrong branch pairing, window, weight, text slice or
+frame order moves frames by > 1e-2 (test_context_modes.py). That the work is split, not replicated, is read from the compiled denoise
 program: XLA's per-device FLOP count falls with the devices a video gets.
 """
 
@@ -21,7 +22,7 @@ from PIL import Image
 import sample
 from pia_jax import sharding
 from pia_jax.models import config
-from pia_jax.sampling import Animator, SampleOptions
+from pia_jax.sampling import Animator, SampleOptions, loop
 from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close
@@ -127,3 +128,24 @@ def test_unusable_devices_per_video_fails_before_loading(model, tmp_path, capsys
     assert not (tmp_path / "out").exists()
     a = sample.build_parser().parse_args(argv + ["--devices-per-video", "2"])
     assert sample.plan(a)[0].groups[0].options.devices_per_video == 2
+
+
+def test_attention_mode_splits_a_videos_frames_over_the_devices(model, monkeypatch):
+    """32 frames in context mode attention (windows of 8 frames every 4: 4 chunks of 8 frames) with guidance,
+    keyframes and prompt travel on 8 devices: cfg 2 x window 4, each device a guidance half of 8 frames in the
+    spatial layers and of a quarter of the sites in the motion modules; the frames of one device. Each device's
+    FLOPs: measured 0.171 of one device's (0.125 would be an even split; at this tiny size the UNet's 1x1 level has
+    one site per video, padded to 4 for the 4 devices, and the sampler's per-video work is not split)."""
+    one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    many = Animator.load(model)
+    options = SampleOptions(steps=2, context_length=8)
+    # one device runs its spatial layers on all 32 frames at once (chunking changes no value), so its program has
+    # no chunk loop, whose body XLA's FLOP count takes once (8 devices: a chunk each, no loop either)
+    with monkeypatch.context() as m:
+        m.setattr("pia_jax.sampling.animator.fused", lambda denoiser, window: loop.fused(denoiser, window, False))
+        expected, flops_one = video(one, 32, options), denoise_flops(one)
+    got = video(many, 32, options)
+    assert many._split.shape == {"video": 1, "cfg": 2, "window": 4}
+    assert_close(got, expected, TOL, "32 frames, attention mode, cfg x frames over 8 devices")
+    print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
+    assert denoise_flops(many) < 0.25 * flops_one, "each device runs a quarter of a guidance half's frames"

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pia_jax.models import frame_split
 from pia_jax.models.layers import Attention, Builder, FeedForward
 
 
@@ -71,24 +72,30 @@ class MotionModule(nnx.Module):
         self.transformer_blocks = nnx.List([TemporalTransformerBlock(mk, channels, heads, max_len, kernel)])
         self.proj_out = mk.linear(channels, channels, zero=True)
 
-    def __call__(self, x, frames: int, windows=None, chunks: int = 1):
+    def __call__(self, x, frames: int, windows=None, chunks: int | frame_split.Chunks = 1):
         """`chunks` > 1: everything after the GroupNorm (whose statistics see all sites) runs on that many chunks
         of the spatial sites, one after another (`site_chunks`), bounding its temporaries (diffusers'
-        `enable_free_noise_split_inference` splits the same way)."""
+        `enable_free_noise_split_inference` splits the same way). A `frame_split.Chunks` also splits each chunk's
+        sites over its mesh axis (the frames, which the attention runs over, stay whole on each device)."""
         bf, h, w, c = x.shape
         b = bf // frames
-        y = self.norm(x, frames if self.pooled_norm else 1)
-        # sites become the batch, frames the sequence: (b*f, h, w, c) -> (b*h*w, f, c)
-        y = y.reshape(b, frames, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, frames, c)
+        y = self.norm(x, frames if self.pooled_norm else 1).reshape(b, frames, h * w, c)
 
-        def temporal(y):
-            y = self.proj_in(y)
+        def temporal(rows):  # (sites, f, c), or (b, sites, f, c) taken as b·sites rows
+            y = self.proj_in(rows.reshape((-1,) + rows.shape[-2:]))
             for block in self.transformer_blocks:
                 y = block(y, windows)
-            return self.proj_out(y)
+            return self.proj_out(y).reshape(rows.shape)
 
-        y = site_chunks(temporal, y, chunks)
-        y = y.reshape(b, h * w, frames, c).transpose(0, 2, 1, 3).reshape(bf, h, w, c)
+        # sites become the rows, frames the sequence: (b, f, h*w, c) -> (b*h*w, f, c)
+        n, axis = frame_split.of(chunks)
+        if axis is None:
+            y = site_chunks(temporal, y.transpose(0, 2, 1, 3).reshape(b * h * w, frames, c), n)
+            y = y.reshape(b, h * w, frames, c).transpose(0, 2, 1, 3)
+        else:  # the devices' frames become their sites (an all-to-all), and back after
+            sites = frame_split.over(y, axis).transpose(0, 2, 1, 3)
+            y = frame_split.over(frame_split.chunked(temporal, (sites,), n, axis).transpose(0, 2, 1, 3), axis)
+        y = y.reshape(bf, h, w, c)
         return x + y
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.models import ip_adapter
+from pia_jax.models import frame_split, ip_adapter
 from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
 from pia_jax.models.layers import Attention, Builder, FeedForward, nearest_resize
 from pia_jax.models.motion import MotionModule
@@ -108,8 +108,10 @@ def frame_chunks(fn, chunks: int, frames: int, rows: tuple, context):
 
     rows: (b*f, ...) arrays, frames fastest (activations, temb); context: (b, T, D) per video, or (b, f, T, D) per
     frame (cut with the rows). Each clip is padded at its end to chunks·k frames (k = ceil(f / chunks)); the padded
-    frames are computed and dropped.
+    frames are computed and dropped. A `frame_split.Chunks` also splits each chunk's frames over devices.
     """
+    if isinstance(chunks, frame_split.Chunks):
+        return frame_split.frame_rows(fn, chunks, frames, rows, context)
     if chunks <= 1:
         return fn(*rows, context)
     b = rows[0].shape[0] // frames
@@ -243,7 +245,10 @@ class UNetMotionModel(nnx.Module):
       run on ceil(f / frame_chunk) chunks of frames and the motion modules on as many chunks of spatial sites,
       one chunk at a time (`frame_chunks`): the same result, with one chunk's temporaries per layer;
       image_tokens (b, ip_adapter_tokens, 768) and ip_adapter_scale (a number or (b,)), only for a UNet with an
-      IP-Adapter (`ip_adapter.py`; image_tokens None there: no image prompt).
+      IP-Adapter (`ip_adapter.py`; image_tokens None there: no image prompt); frame_axis None, or the name of an
+      axis of the mesh the UNet is traced under (`jax.sharding.use_abstract_mesh`): each chunk's frames (spatial
+      layers) and spatial sites (motion modules) are split over its devices, about frame_chunk frames per device
+      (`frame_split.py`; the sampler's context mode attention over several devices).
     Returns the predicted noise (b, f, h, w, out_channels) in fp32.
 
     `remat_policy` (one of REMAT_POLICIES, None = off) recomputes each down/mid/up block's activations in the
@@ -281,7 +286,8 @@ class UNetMotionModel(nnx.Module):
             ip_adapter.add_ip_attention(self, mk, cfg)
 
     def __call__(self, sample, timestep, encoder_hidden_states, mask=None, condition=None, temporal_windows=None,
-                 frame_chunk: int | None = None, image_tokens=None, ip_adapter_scale=1.0):
+                 frame_chunk: int | None = None, image_tokens=None, ip_adapter_scale=1.0,
+                 frame_axis: str | None = None):
         cfg = self.config
         b, f, h, w, _ = sample.shape
         x = sample
@@ -309,6 +315,8 @@ class UNetMotionModel(nnx.Module):
         if frame_chunk is not None and frame_chunk < 1:
             raise ValueError(f"frame_chunk must be None or >= 1, got {frame_chunk}")
         n = 1 if frame_chunk is None else -(-f // frame_chunk)
+        if frame_axis is not None:  # a device's part of a chunk: about frame_chunk frames
+            n = frame_split.Chunks(-(-n // frame_split.devices(frame_axis)), frame_axis)
 
         x = self.conv_in(x)
         skips = [x]

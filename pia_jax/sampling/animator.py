@@ -17,10 +17,11 @@ weight to find them.
 
 Devices: each call lays the mesh's devices out as (video, cfg, window) (sharding.sampler_split, from the device
 count and the batch, or `SampleOptions.devices_per_video`): a batch of videos is split over "video" groups; a
-group's devices split one video's UNet batch, its two guidance halves over "cfg" and, in context mode unet, its
-context windows over "window" (guided_eps, loop.py; never the frames inside a UNet call, so the motion modules need
-no communication). Spare devices go to a video as far as it can use them; the rest stay idle (the layout then holds
-the first devices only) instead of computing padding copies. The layout is a static setting of all three programs
+group's devices split one video's UNet batch, its two guidance halves over "cfg" and over "window" its context
+windows in context mode unet (guided_eps, loop.py), or in context mode attention its frames inside the UNet: each
+chunk's frames in the spatial layers, its spatial sites in the motion modules, the activations moved between the
+two by all-to-alls (`Settings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
+use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies. The layout is a static setting of all three programs
 (`Settings.split`), each placing its outputs by video on it; the weights are replicated (`_weights` views them on
 the layout's devices). Batches hold `batch_size` videos per group (default: as many
 as the measured memory allows, memory.py) and run one after another through the same programs; the last is padded
@@ -81,6 +82,12 @@ class Settings:
     as_uint8: bool = True  # decode: uint8 frames, else float32 in [0, 1]
     context_mode: str = "attention"  # denoise: where the windows blend (options.CONTEXT_MODES)
     split: Mesh | None = None  # all: the devices as (video, cfg, window) (sharding.SAMPLER_AXES); outputs by video
+
+    @property
+    def frame_axis(self) -> str | None:
+        """The mesh axis that splits a video's frames inside the UNet (context mode attention), or None."""
+        spread = self.split is not None and self.split.shape["window"] > 1
+        return "window" if spread and self.window is not None and self.context_mode == "attention" else None
 
     def only(self, phase: str) -> "Settings":
         """The settings `phase` reads, the others at their defaults."""
@@ -143,7 +150,7 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
     if parts.text_to_video:
         mask = cond = None
     # what the loop denoises with is fixed by the static settings (no mutable hook outside the compile key)
-    guided = functools.partial(guided_eps, split=settings.split)
+    guided = functools.partial(guided_eps, split=settings.split, frame_axis=settings.frame_axis)
     if settings.window is None:
         denoiser = guided
     elif settings.context_mode == "attention":
@@ -326,7 +333,7 @@ class Animator:
         window = options.window(frames, self.config.unet.motion_max_seq_length)
         mode = options.mode if window is not None else Settings.context_mode  # no windows: one program for both
         window_batch, spread = options.window_batch, self._split.shape["window"]
-        if spread > 1:  # each of a video's window devices runs window_batch / spread windows per UNet call
+        if spread > 1 and mode == "unet":  # each window device runs window_batch / spread windows per call
             window_batch = spread * max(1, min(window_batch, len(window.frames)) // spread)
         return Settings(options.clip_skip, options.cfg, window, window_batch,
                         max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode,

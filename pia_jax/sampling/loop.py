@@ -9,6 +9,7 @@ windows over long videos: `windowed` around the whole UNet, `fused` inside its m
 scheduler's pure `step`.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -22,45 +23,61 @@ from pia_jax.sampling.windows import WindowSchedule, take_windows, windowed_eps
 
 
 def guided_eps(unet, latents_BxFxhxwxc, t, text_Bx2xLxD, mask_BxF, cond_Bxhxwxc, guidance, cfg: bool, image=None,
-               split=None):
+               split=None, frame_axis: str | None = None):
     """The noise prediction for a batch of videos. With `cfg` the UNet sees [negative, prompt] per video (kept
     next to each other so a video stays on its device) and eps = neg + guidance·(pos - neg); else the prompt only.
     Text may be per frame, (B, 2, F, L, D) (prompt travel). `image`: None, or the IP-Adapter's (tokens (B, 2, n, D)
     [unconditional, image prompt], scale (a number or (B,))), paired with the text branches as the text is.
     `split`: the sampler's mesh (sharding.SAMPLER_AXES) or None. Its rows are split over ("video", "window") (the
     window axis: a windowed call's windows, rows video-major); with a cfg axis of 2 the two branches go to its two
-    devices: the UNet batch is then branch-major [negatives; prompts], and the combination gathers the halves."""
+    devices: the UNet batch is then branch-major [negatives; prompts], and the combination gathers the halves.
+    `frame_axis`: a mesh axis of `split` ("window", context mode attention) that splits each video's frames
+    inside the UNet instead (models/frame_split.py): the rows then go over the other axes, the latents' frames over
+    it, and the UNet is traced under the mesh."""
     b = latents_BxFxhxwxc.shape[0]
     n = 2 if cfg else 1
     major = cfg and split is not None and split.shape["cfg"] > 1  # branch-major rows, one branch per cfg device
-    rows = _rows(n, major, split)
-    x = rows(jnp.broadcast_to(latents_BxFxhxwxc[:, None], (b, n) + latents_BxFxhxwxc.shape[1:]))
+    rows = _rows(n, major, split, frame_axis)
+    x = rows(jnp.broadcast_to(latents_BxFxhxwxc[:, None], (b, n) + latents_BxFxhxwxc.shape[1:]), frames=True)
+    if frame_axis is not None:
+        unet = functools.partial(unet, frame_axis=frame_axis)
     text = rows(text_Bx2xLxD[:, -n:])
     if image is not None:
         tokens, scale = image
         unet = functools.partial(unet, image_tokens=rows(tokens[:, -n:]),
                                  ip_adapter_scale=rows(jnp.broadcast_to(jnp.reshape(scale, (-1, 1)), (b, n))))
-    if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
-        eps = unet(x, t, text)
-    else:
-        mask = rows(jnp.broadcast_to(mask_BxF[:, None], (b, n) + mask_BxF.shape[1:]))[:, :, None, None, None]
-        cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame (keyframes) or video
-        eps = unet(x, t, text, mask=mask, condition=rows(jnp.broadcast_to(cond[:, None], (b, n) + cond.shape[1:])))
+    with _tracing_under(split if frame_axis is not None else None):
+        if mask_BxF is None:  # text-to-video: a 4-channel (AnimateDiff) UNet has no condition branch
+            eps = unet(x, t, text)
+        else:
+            mask = rows(jnp.broadcast_to(mask_BxF[:, None], (b, n) + mask_BxF.shape[1:]))[:, :, None, None, None]
+            cond = cond_Bxhxwxc if cond_Bxhxwxc.ndim == 5 else cond_Bxhxwxc[:, None]  # per frame or per video
+            cond = rows(jnp.broadcast_to(cond[:, None], (b, n) + cond.shape[1:]))
+            eps = unet(x, t, text, mask=mask, condition=cond)
     eps = eps.reshape((n, b) + x.shape[1:]) if major else eps.reshape((b, n) + x.shape[1:]).swapaxes(0, 1)
     return eps[0] + guidance * (eps[1] - eps[0]) if cfg else eps[0]
 
 
-def _rows(n: int, major: bool, split):
+def _rows(n: int, major: bool, split, frame_axis: str | None = None):
     """(b, n, ...) per video and branch -> the UNet batch (b·n, ...): video-major, or branch-major (`major`),
-    constrained to the split of `split` (guided_eps) when given."""
-    def rows(a):
+    constrained to the split of `split` (guided_eps) when given; rows(a, frames=True): a's frames (dimension 1)
+    over `frame_axis` when given."""
+    axes = tuple(a for a in (("cfg",) if major else ()) + ("video", "window") if a != frame_axis)
+
+    def rows(a, frames=False):
         a = a.swapaxes(0, 1) if major else a
         a = a.reshape((-1,) + a.shape[2:])
         if split is None:
             return a
-        spec = P(("cfg", "video", "window")) if major else P(("video", "window"))
+        split_frames = frames and frame_axis is not None and a.shape[1] % split.shape[frame_axis] == 0
+        spec = P(axes, frame_axis) if split_frames else P(axes)
         return jax.lax.with_sharding_constraint(a, NamedSharding(split, spec))
     return rows
+
+
+def _tracing_under(mesh):
+    """A context tracing under `mesh` (the UNet's frame split reads it: models/frame_split.py), or none."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
@@ -91,14 +108,15 @@ def windowed(denoiser, window: WindowSchedule, window_batch: int = 1):
     return eps
 
 
-def fused(denoiser, window: WindowSchedule):
+def fused(denoiser, window: WindowSchedule, chunked: bool = True):
     """`denoiser` with the UNet's motion modules attending within the windows of `window` and blending there
     (FreeNoise, context mode attention); the spatial layers see every frame once, in chunks of `window.length`
-    frames (the UNet's `frame_chunk`), so their temporaries do not grow with the frames. Every input stays whole."""
+    frames (the UNet's `frame_chunk`), so their temporaries do not grow with the frames (`chunked` False: all
+    frames at once, the same values). Every input stays whole."""
     arrays = window.arrays()
 
     def eps(unet, latents, t, text, mask, cond, guidance, cfg, image=None):
-        unet = functools.partial(unet, temporal_windows=arrays, frame_chunk=window.length)
+        unet = functools.partial(unet, temporal_windows=arrays, frame_chunk=window.length if chunked else None)
         return denoiser(unet, latents, t, text, mask, cond, guidance, cfg, **_image_kw(image))
 
     return eps

@@ -73,8 +73,9 @@ class SampleOptions:
                                   "--noise, which is used as given: reschedule it before saving it)",
                           ("none", *NOISE_TYPES))
     devices_per_video: int | None = opt(
-        None, "devices one video runs on: guidance's two halves (2) times, in context mode unet, its context windows "
-              "spread over them (default: as many as it can use while every video of the batch has its own)")
+        None, "devices one video runs on: guidance's two halves (2) times its context windows (context mode unet) or "
+              "its chunks of context-length frames (attention mode) spread over them (default: as many as it can "
+              "use while every video of the batch has its own; devices left over stay idle)")
     ip_adapter_scale: float | None = opt(
         None, "IP-Adapter image prompt strength, for a model converted with --ip-adapter (default there 1.0, as "
               "diffusers; 0 disables it); the image is --ip-adapter-image, else the condition image")
@@ -111,9 +112,13 @@ class SampleOptions:
 
     def device_parts(self, num_frames: int, max_positions: int) -> int:
         """What one video's devices may split beyond guidance's two halves (sharding.sampler_split's `parts`): its
-        context windows in context mode unet; 1 (nothing) otherwise."""
+        context windows in context mode unet, its chunks of context-length frames in context mode attention (the
+        UNet's `frame_chunk`: each device then holds about a chunk's frames, models/frame_split.py); 1 (nothing)
+        without windows."""
         window = self.window(num_frames, max_positions)
-        return len(window.frames) if window is not None and self.mode == "unet" else 1
+        if window is None:
+            return 1
+        return len(window.frames) if self.mode == "unet" else -(-num_frames // window.length)
 
     def check_frames(self, num_frames: int, config: PIAConfig):
         """ValueError when this model cannot make `num_frames` frames with these window options."""

@@ -23,6 +23,8 @@ Two places to blend (both use a `WindowSchedule`; sampling.options' `context_mod
     once. This is diffusers' FreeNoise (`AnimateDiffPipeline.enable_free_noise`), tail "diffusers". With a
     `frame_chunk` the spatial layers run on chunks of frames (diffusers' `enable_free_noise_split_inference`): what
     grows with N is then the per-frame activations the UNet keeps (skips, residual stream), not the layers' work.
+    A video's devices may split its frames (the sampler's "window" mesh axis, models/frame_split.py): each device
+    then runs about one chunk's frames of every layer, and the windows whole for its share of the spatial sites.
 
 FreeNoise noise rescheduling (`freenoise_source_frames`): frames past the first window take copies of the frames one
 window length earlier, shuffled within each block of `stride` frames (diffusers' `_prepare_latents_free_noise`,
