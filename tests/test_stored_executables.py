@@ -32,13 +32,27 @@ def test_a_stored_program_loads_without_lowering_and_runs_to_the_same_bits(execu
     first = program()
     want = first.get("k", *ARGS)(*ARGS)
     assert (first.compiles, first.loaded) == (1, 0) and len(list(executable_store.glob("*.pkl"))) == 1
+    monkeypatch.setattr(store, "save", lambda *a: pytest.fail("a note wrote the executable again"))
     assert first.remember("k", "flops", lambda: 42) == 42
+    monkeypatch.undo()
     monkeypatch.setattr(compiled.Program, "lower", no_lowering)
     second = program()
     got = second.get("k", *ARGS)(*ARGS)
     assert (second.compiles, second.loaded) == (0, 1)
     assert all(np.array_equal(got[k], want[k]) for k in want)
     assert second.remember("k", "flops", no_lowering) == 42  # stored with the executable: not computed again
+
+
+def test_a_damaged_or_foreign_notes_file_is_not_believed(executable_store):
+    first = program()
+    first.get("k", *ARGS)
+    first.remember("k", "flops", lambda: 42)
+    notes = next(executable_store.glob("*.notes.json"))
+    for text, value in (('{"parts": {"source": "another"}, "notes": {"flops": 1}}', 7), ("{", 8)):
+        notes.write_text(text)
+        again = program()
+        again.get("k", *ARGS)
+        assert again.loaded == 1 and again.remember("k", "flops", lambda value=value: value) == value
 
 
 def test_other_shapes_are_another_entry(executable_store):

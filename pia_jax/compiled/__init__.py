@@ -54,12 +54,13 @@ class Program:
 
     def remember(self, key, name: str, compute):
         """A small value about the executable for `key` (got first), e.g. its FLOP count: computed once, then
-        stored with it, so a process that loads the executable needs no trace to know it."""
+        stored beside it (a small notes file: the executable is not written again), so a process that loads the
+        executable needs no trace to know it."""
         notes = self.notes.setdefault(key, {})
         if name not in notes:
             notes[name] = compute()
-            if key in self.executables:
-                self._save(key, self.executables[key])
+            if key in self.executables and key in self.entries:
+                store.save_notes(*self.entries[key], notes)
         return notes[name]
 
     def _load(self, key, args):

@@ -21,6 +21,7 @@ must be as trusted as the code: it is the user's own cache folder, the same trus
 import functools
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -98,7 +99,7 @@ def load(where: str, name: str, parts: dict, note) -> tuple[object, dict] | None
         by_id = {d.id: d for d in jax.devices()}
         devices = [by_id[i] for i in entry["devices"]]  # the executable's own device assignment, in its order
         return serialize_executable.deserialize_and_load(*entry["executable"], execution_devices=devices), \
-            dict(entry["notes"])
+            {**entry["notes"], **_later_notes(path.with_suffix(".notes.json"), parts)}
     except Exception as e:  # noqa: BLE001 (a truncated, foreign or corrupt file, whatever fails: never used)
         note(f"stored executable {name} could not be loaded ({type(e).__name__}: {str(e)[:200]}): compiling it "
              f"again")
@@ -121,3 +122,19 @@ def save(where: str, name: str, parts: dict, executable, notes: dict, note) -> b
     with files.atomic_write(f"{where}/{name}.pkl") as tmp:
         Path(tmp).write_bytes(buffer.getvalue())
     return True
+
+
+def save_notes(where: str, name: str, parts: dict, notes: dict):
+    """Notes learnt after entry `name` was written (`Program.remember`), kept beside it in a small JSON file with
+    the checked parts, so that they count only for the executable they were learnt about."""
+    with files.atomic_write(f"{where}/{name}.notes.json") as tmp:
+        Path(tmp).write_text(json.dumps({"parts": parts, "notes": notes}))
+
+
+def _later_notes(path, parts: dict) -> dict:
+    """The notes of `save_notes` for an entry that agrees on `parts` ({} when none, or another program's)."""
+    try:
+        later = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):  # a damaged notes file: the notes are computed again
+        return {}
+    return dict(later.get("notes", {})) if later.get("parts") == parts else {}
