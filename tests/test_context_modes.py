@@ -33,6 +33,9 @@ from tests import torch_models as tm
 from tests.assets import write_vocab
 from tests.oracle import assert_close, rel_err
 
+# One pytest-xdist worker runs the module, so its sample.py batch (cli_run: ~30 s of compiling) is made once.
+pytestmark = pytest.mark.xdist_group("context_modes")
+
 UNET = dataclasses.replace(
     config.TINY.unet, in_channels=4, norm_semantics="diffusers", block_out_channels=(16, 32),
     down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
@@ -72,30 +75,45 @@ def t2v(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def cli_run(t2v):
-    """The six cases, made by one sample.py run -> ({name: (frames (F, H, W, 3) int, noise (1, F, h, w, 4))},
-    torch parts)."""
-    root, path, parts = t2v["root"], t2v["path"], t2v
+def run_cli(root, path, cases, out, animator=None):
+    """sample.py on a batch file of `cases` -> {name: (frames (F, H, W, 3) int, noise (1, F, h, w, 4))}, and the
+    Animator it loaded (`animator`: one to use instead of loading the model again)."""
+    from pia_jax.sampling import Animator
     lines = [f"  - {{name: {n}, context_mode: {m}, context_stride: {s}, context_weighting: {w}, free_noise: {z}}}"
-             for n, m, s, w, z in CASES]
+             for n, m, s, w, z in cases]
     prompt_map = ", ".join(f"{k}: {v}" for k, v in PROMPTS.items())
-    (root / "cases.yaml").write_text(
+    (root / f"{out}.yaml").write_text(
         f"defaults: {{frames: {FRAMES}, context_length: {LENGTH}, height: {H}, width: {W}, steps: {STEPS}, "
         f"guidance: {GUIDANCE}, negative_prompt: {NEGATIVE}, prompt_map: {{{prompt_map}}}, seed: 5}}\n"
         "cases:\n" + "\n".join(lines) + "\n")
+    loaded, load = [animator], Animator.load
+
+    def keep(*args, **kwargs):
+        if loaded[-1] is None:
+            loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(jax, "local_devices", lambda *a, **k: jax.devices()[:1])
-        code = sample.main([str(a) for a in ("--model", path, "--config", root / "cases.yaml", "--format", "png",
-                                             "--out", root / "out", "--save-noise", "--no-progress",
+        mp.setattr(Animator, "load", keep)
+        code = sample.main([str(a) for a in ("--model", path, "--config", root / f"{out}.yaml", "--format", "png",
+                                             "--out", root / out, "--save-noise", "--no-progress",
                                              "--compile-cache", "off")])
     assert code == 0
-    out = {}
-    for name, *_ in CASES:
-        (folder,) = (root / "out").glob(f"{name}-*_frames")
+    videos = {}
+    for name, *_ in cases:
+        (folder,) = (root / out).glob(f"{name}-*_frames")
         frames = np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob("*.png"))]).astype(np.int32)
-        out[name] = frames, np.load(str(folder).removesuffix("_frames") + "_noise.npy")
-    return out, {**parts, "pipe": pipeline(parts)}
+        videos[name] = frames, np.load(str(folder).removesuffix("_frames") + "_noise.npy")
+    return videos, loaded[-1]
+
+
+@pytest.fixture(scope="module")
+def cli_run(t2v):
+    """The six cases, made by one sample.py run -> ({name: (frames (F, H, W, 3) int, noise (1, F, h, w, 4))},
+    torch parts and the Animator sample.py loaded)."""
+    out, animator = run_cli(t2v["root"], t2v["path"], CASES, "out")
+    return out, {**t2v, "pipe": pipeline(t2v), "animator": animator, "oracle": {}}
 
 
 def pipeline(parts):
@@ -137,10 +155,12 @@ def unet_mode_oracle(pipe, unet, latents, stride, weighting):
     return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
 
 
-@pytest.mark.parametrize("name, mode, stride, weighting, noise_type", CASES)
-def test_cli_long_video_matches_oracle(cli_run, name, mode, stride, weighting, noise_type):
-    out, parts = cli_run
-    got, noise = out[name]
+def oracle_frames(parts, case, noise) -> np.ndarray:
+    """The oracle's frames of a case (CASES) from its saved noise, as sample.py writes them (truncated to 8 bits),
+    (F, H, W, 3) int; computed once per case."""
+    name, mode, stride, weighting, _ = case
+    if name in parts["oracle"]:
+        return parts["oracle"][name]
     latents = torch.from_numpy(noise).permute(0, 4, 1, 2, 3).contiguous()  # (1, 4, F, h, w)
     assert latents.shape == (1, 4, FRAMES, 5, 3)
     pipe = parts["pipe"]
@@ -152,17 +172,62 @@ def test_cli_long_video_matches_oracle(cli_run, name, mode, stride, weighting, n
                             output_type="np").frames[0]
         else:
             expected = unet_mode_oracle(pipe, parts["unet"], latents, stride, weighting)
-    want = (np.clip(expected, 0, 1) * 255).astype(np.int32)  # truncated, as sample.py writes them
+    parts["oracle"][name] = (np.clip(expected, 0, 1) * 255).astype(np.int32)  # truncated, as sample.py writes them
+    return parts["oracle"][name]
+
+
+@pytest.mark.parametrize("name, mode, stride, weighting, noise_type", CASES)
+def test_cli_long_video_matches_oracle(cli_run, name, mode, stride, weighting, noise_type):
+    out, parts = cli_run
+    got, noise = out[name]
+    want = oracle_frames(parts, (name, mode, stride, weighting, noise_type), noise)
     assert got.shape == want.shape == (FRAMES, H, W, 3)
     diff = np.abs(got - want)
     print(f"{name}: max {diff.max()} levels, {np.mean(diff > 0):.4f} of values off by one")
     assert diff.max() <= 1, diff.max()
 
 
+def test_the_oracle_check_catches_the_other_tail_rule(cli_run):
+    """Negative control for the tail rule (issue 28): case a4p again through sample.py (the Animator of cli_run: only
+    the denoise program compiles again), its windows given tail rule "exact" in place of diffusers', is far outside
+    the 1-level bound of test_cli_long_video_matches_oracle. 42 - 16 = 26 = 6·4 + 2: the tail window adds frames 40
+    and 41, pyramid weights 2 and 1 there; diffusers divides both by 2, "exact" by 2 and 1. Measured: frame 41 off by
+    74 levels, frame 40 by 16 (it attends to 41 in the tail window), the others by 1-3 (the motion modules'
+    GroupNorm pools over all frames); asserted: more than 20 levels on the tail's frames."""
+    from pia_jax.sampling.options import SampleOptions
+    out, parts = cli_run
+    case = CASES[0]
+    window = SampleOptions.window
+
+    def other_tail(self, num_frames, max_positions):
+        schedule = window(self, num_frames, max_positions)
+        assert schedule is not None and schedule.tail == "diffusers"  # attention mode's rule, about to be swapped
+        return dataclasses.replace(schedule, tail="exact")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SampleOptions, "window", other_tail)
+        compiled = parts["animator"].compilations
+        videos, _ = run_cli(parts["root"], parts["path"], [case], "other_tail", parts["animator"])
+        assert parts["animator"].compilations == compiled + 1  # the denoise program alone
+    got, noise = videos[case[0]]
+    np.testing.assert_array_equal(noise, out[case[0]][1])
+    diff = np.abs(got - oracle_frames(parts, case, noise))
+    tail = FRAMES - (FRAMES - LENGTH) % case[2]
+    print(f"tail rule exact vs diffusers' oracle: max levels by frame {diff.max(axis=(1, 2, 3)).tolist()}")
+    assert diff[tail:].max() > 20 * 1  # 20 times the bound the test applies
+
+
 # ---- the PIA image-to-video path (9-channel UNet, PIA's pooled ResNet norms), keyframes, both modes ----
 
 PIA_UNET = dataclasses.replace(UNET, in_channels=9, norm_semantics="pia")
 UNET_TOL = 2e-5  # one guided UNet evaluation, fp32 both sides (tests/test_unet.py)
+
+
+@pytest.fixture(scope="module")
+def pia_unet(t2v):
+    """The torch PIA UNet both PIA tests use (random weights; the tests copy it before changing it), built after
+    t2v has set torch's threads."""
+    return tm.unet_motion(PIA_UNET, seed=4)
 
 
 def torch_pia(unet, frames, fused=None):
@@ -180,7 +245,7 @@ def torch_pia(unet, frames, fused=None):
     return model
 
 
-def test_pia_two_windows_with_keyframes_equal_the_blend_by_hand(t2v):
+def test_pia_two_windows_with_keyframes_equal_the_blend_by_hand(pia_unet):
     """The sampler's two denoisers (loop.fused: attention mode, loop.windowed: unet mode) on a 6-frame PIA video with
     keyframes at 0 and 5 (a per-frame condition latent), per-frame affinity and guidance, in two 4-frame windows
     (0-3 and 2-5, pyramid weights [1, 2, 2, 1]). attention: diffusers' UNet with PIA's norms and FreeNoise motion
@@ -189,6 +254,7 @@ def test_pia_two_windows_with_keyframes_equal_the_blend_by_hand(t2v):
     from flax import nnx
 
     from pia_jax import weights
+    from pia_jax.models.abstract import abstract_model
     from pia_jax.models.unet import UNetMotionModel
     from pia_jax.sampling import loop, windows
     rng = np.random.default_rng(0)
@@ -198,9 +264,9 @@ def test_pia_two_windows_with_keyframes_equal_the_blend_by_hand(t2v):
     mask = np.float32([[1.0, 0.8, 0.6, 0.6, 0.8, 1.0]])
     keys = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
     cond = keys[np.asarray([0, 0, 0, 1, 1, 1])][None]  # each frame's nearest keyframe's latent
-    base = tm.unet_motion(PIA_UNET, seed=4)
-    ours = weights.load_state_dict(nnx.eval_shape(lambda: UNetMotionModel(PIA_UNET, rngs=nnx.Rngs(0))),
-                                   tm.numpy_state(base), weights.DIFFUSERS_UNET)
+    base = pia_unet
+    ours = weights.load_state_dict(abstract_model(UNetMotionModel, PIA_UNET), tm.numpy_state(base),
+                                   weights.DIFFUSERS_UNET)
     graphdef, state = nnx.split(ours)
     attention_w = windows.WindowSchedule(f, 4, 2, "pyramid", "diffusers")
     unet_w = windows.WindowSchedule(f, 4, 2, "pyramid", "exact")
@@ -230,7 +296,7 @@ def test_pia_two_windows_with_keyframes_equal_the_blend_by_hand(t2v):
     assert rel_err(got_attention, got_unet) > 1e-2  # the modes differ: each check sees its own algorithm
 
 
-def test_pia_one_window_is_the_plain_sampler(t2v, tmp_path):
+def test_pia_one_window_is_the_plain_sampler(t2v, pia_unet, tmp_path):
     """Through the Animator (the sampler sample.py drives): a PIA video with keyframes at 0 and 5 and one window as
     long as the video, in each mode, is the plain sampler: w·x / w on every frame; the programs differ in the
     scan or blend around the same sums, so in fp32 the float frames agree to rounding (1e-5 of the [0, 1] range;
@@ -240,8 +306,7 @@ def test_pia_one_window_is_the_plain_sampler(t2v, tmp_path):
     from pia_jax.sampling import Animator, SampleOptions
     write_vocab(tmp_path / "tokenizer")
     cfg = dataclasses.replace(CFG, unet=PIA_UNET)
-    path = tm.write_model_dir(tmp_path / "model", cfg, tm.unet_motion(PIA_UNET, seed=4), tm.vae(VAE, seed=2),
-                              tm.clip_text(CFG.text, seed=3), tmp_path / "tokenizer")
+    path = tm.write_model_dir(tmp_path / "model", cfg, pia_unet, t2v["vae"], t2v["text"], tmp_path / "tokenizer")
     animator = Animator.load(path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     images = np.random.default_rng(1).integers(0, 256, (1, 2, 16, 16, 3), dtype=np.uint8)
     affinity = np.float32([[1.0, 0.8, 0.6, 0.6, 0.8, 1.0]])

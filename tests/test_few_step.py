@@ -37,7 +37,8 @@ from tests import torch_models as tm
 from tests.helpers import kohya
 from tests.oracle import numpy_state, randomize
 
-pytestmark = pytest.mark.filterwarnings("ignore:::peft", "ignore:::diffusers")
+# One pytest-xdist worker runs the module, so the downloads fixture is written once.
+pytestmark = [pytest.mark.filterwarnings("ignore:::peft", "ignore:::diffusers"), pytest.mark.xdist_group("few_step")]
 UNET = dataclasses.replace(  # AnimateDiff v2's layout (mid-block motion module, 32 positions), small
     config.TINY.unet, in_channels=4, norm_semantics="diffusers", block_out_channels=(16, 32),
     down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),

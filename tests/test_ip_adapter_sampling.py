@@ -14,10 +14,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from PIL import Image
 
 from pia_jax import weights
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.clip_vision import CLIPVisionModelWithProjection
 from pia_jax.models.ip_adapter import ImageProjection
 from pia_jax.models.text_encoder import CLIPTextModel
@@ -43,18 +43,26 @@ from tests.test_sampling import (
     posterior_noise,
 )
 
-CFG_IP = dataclasses.replace(CFG, unet=dataclasses.replace(CFG.unet, ip_adapter_tokens=TINY_IP.num_tokens),
-                             ip_adapter=TINY_IP)
+# One pytest-xdist worker runs the module, so the tiny_ip models are written and their Animator compiled once.
+pytestmark = pytest.mark.xdist_group("ip_adapter_sampling")
+
+# tests/test_sampling.py's model with a smaller UNet (two blocks of one layer, as tests/test_context_modes.py's),
+# whose IP-Adapter layers sit in each kind of cross-attention (down, mid and up blocks): the samplers' compiles and
+# the pipelines' runs are what this module's time goes to
+SMALL = dataclasses.replace(CFG, unet=dataclasses.replace(
+    CFG.unet, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), layers_per_block=1, num_attention_heads=2,
+    motion_num_attention_heads=2, norm_num_groups=4))
 
 
 def _flat(cls, cfg, state, keymap):
-    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cls, cfg)  # nnx.eval_shape is quadratic in the model's size without its workaround
     return model_dir.flat_params(weights.load_state_dict(abstract, state, keymap))
 
 
-def write_ip_models(root, cfg):
-    """(model directory of `cfg` with an IP-Adapter, the same without, torch modules, adapter state, tokenizer
-    folder) from random weights in the real formats."""
+def write_ip_models(root, cfg, without=True):
+    """(model directory of `cfg` with an IP-Adapter, the same without (`without`; else None), torch modules, adapter
+    state, tokenizer folder) from random weights in the real formats."""
     cfg_ip = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, ip_adapter_tokens=TINY_IP.num_tokens),
                                  ip_adapter=TINY_IP)
     write_vocab(root / "tokenizer")
@@ -66,10 +74,11 @@ def write_ip_models(root, cfg):
     # the adapter's tensors through the converter's rules (the conversion itself: tests/test_ip_adapter.py)
     image_proj, layers, _, _ = ip_convert.split_adapter(ip_convert.read_adapter_file(root / "ip-adapter.bin"), "test")
     unet_state = numpy_state(modules["unet"])
-    base = {"unet": _flat(UNetMotionModel, cfg.unet, unet_state, weights.DIFFUSERS_UNET),
-            "vae": _flat(AutoencoderKL, cfg.vae, numpy_state(modules["vae"]), weights.DIFFUSERS_VAE),
+    base = {"vae": _flat(AutoencoderKL, cfg.vae, numpy_state(modules["vae"]), weights.DIFFUSERS_VAE),
             "text_encoder": _flat(CLIPTextModel, cfg.text, numpy_state(modules["text_encoder"]),
                                   weights.TRANSFORMERS_CLIP_TEXT)}
+    if without:
+        base["unet"] = _flat(UNetMotionModel, cfg.unet, unet_state, weights.DIFFUSERS_UNET)
     with_ip = {**base, "unet": _flat(UNetMotionModel, cfg_ip.unet,
                                      {**unet_state, **ip_convert.unet_ip_state(layers, cfg_ip.unet)},
                                      weights.DIFFUSERS_UNET),
@@ -78,13 +87,14 @@ def write_ip_models(root, cfg):
                "image_proj": _flat(ImageProjection, TINY_IP, image_proj, ip_convert.IMAGE_PROJ)}
     save = lambda name, cfg, models: model_dir.save_model_dir(
         root / name, cfg, models, tokenizer=root / "tokenizer", scheduler=schedulers.to_dict(schedulers.PIA_DDIM))
-    return save("ip", cfg_ip, with_ip), save("base", cfg, base), modules, adapter, root / "tokenizer"
+    return (save("ip", cfg_ip, with_ip), save("base", cfg, base) if without else None, modules, adapter,
+            root / "tokenizer")
 
 
 @pytest.fixture(scope="module")
 def tiny_ip(tmp_path_factory):
     """The PIA (9-channel) models of write_ip_models."""
-    return write_ip_models(tmp_path_factory.mktemp("pia-ip"), CFG)
+    return write_ip_models(tmp_path_factory.mktemp("pia-ip"), SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +160,7 @@ def test_matches_diffusers_pia_pipeline_with_ip_adapter(tiny_ip, animator):
     off, plain = run_both(tiny_ip, animator, 7.5, None)
     assert animator.compilations == compiled, "the scale is data: scale 0 runs the same programs"
     assert_close(off, plain, TOL, "IP-Adapter scale 0 vs PIAPipeline without one")
+    print(f"the image prompt moves the frames by {np.abs(got - off).max():.3g}")
     assert np.abs(got - off).max() > 1e-2  # the image prompt changes this video
 
 
@@ -238,8 +249,8 @@ def test_text_to_video_matches_diffusers_animatediff_pipeline_with_ip_adapter(tm
     condition image), against AnimateDiffPipeline + load_ip_adapter + set_ip_adapter_scale, same noise, guidance on."""
     from diffusers import AnimateDiffPipeline
     from transformers import CLIPTokenizer
-    cfg = dataclasses.replace(CFG, unet=dataclasses.replace(CFG.unet, in_channels=4))
-    path, _, modules, adapter, tok = write_ip_models(tmp_path, cfg)
+    cfg = dataclasses.replace(SMALL, unet=dataclasses.replace(SMALL.unet, in_channels=4))
+    path, _, modules, adapter, tok = write_ip_models(tmp_path, cfg, without=False)
     noise = np.random.default_rng(5).standard_normal((1, FRAMES, H // 2, W // 2, 4)).astype(np.float32)
     pipe = AnimateDiffPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"],
                                tokenizer=CLIPTokenizer.from_pretrained(str(tok)), unet=modules["unet"],
@@ -254,10 +265,11 @@ def test_text_to_video_matches_diffusers_animatediff_pipeline_with_ip_adapter(tm
                             noise.transpose(0, 4, 1, 2, 3)), ip_adapter_image=Image.fromarray(ip_image()),
                         output_type="np").frames
     animator = Animator.load(path)
-    run = lambda scale: animator(  # noqa: E731
+    run = lambda scale: animator(
         image(5)[None], [PROMPT], [NEGATIVE], affinity.preset_affinity("small", FRAMES)[None],
         SampleOptions(steps=STEPS, guidance_scale=7.5, ip_adapter_scale=scale), noise=noise,
         posterior_noise=posterior_noise(5), float_frames=True, ip_adapter_images=[ip_image()]).videos
-    got = run(0.8)
+    got, off = run(0.8), run(0.0)
     assert_close(got, np.asarray(expected), TOL, "text-to-video, IP-Adapter 0.8 vs AnimateDiffPipeline")
-    assert np.abs(got - run(0.0)).max() > 1e-2  # the image prompt moves the frames: the check is not vacuous
+    print(f"the image prompt moves the frames by {np.abs(got - off).max():.3g}")
+    assert np.abs(got - off).max() > 1e-2  # the image prompt moves the frames: the check is not vacuous

@@ -149,9 +149,8 @@ __all__ = ["unet2d", "motion_adapter", "unet_motion", "run_unet_motion", "Over5D
 def write_model_dir(path, cfg: PIAConfig, unet, vae_model, text_model, tokenizer_dir):
     """Our converted model directory from torch modules (UNetMotionModel, AutoencoderKL, CLIPTextModel), through
     the strict loaders; the conversion CLI is tested on its own."""
-    from flax import nnx
-
     from pia_jax import weights
+    from pia_jax.models.abstract import abstract_model
     from pia_jax.models.text_encoder import CLIPTextModel
     from pia_jax.models.unet import UNetMotionModel
     from pia_jax.models.vae import AutoencoderKL
@@ -159,7 +158,7 @@ def write_model_dir(path, cfg: PIAConfig, unet, vae_model, text_model, tokenizer
     from pia_jax.weights import model_dir
 
     def flat(cls, c, module, keymap):
-        abstract = nnx.eval_shape(lambda: cls(c, rngs=nnx.Rngs(0)))
+        abstract = abstract_model(cls, c)  # traced once per config, without nnx.eval_shape's quadratic cost
         return model_dir.flat_params(weights.load_state_dict(abstract, numpy_state(module), keymap))
 
     models = {"unet": flat(UNetMotionModel, cfg.unet, unet, weights.DIFFUSERS_UNET),
