@@ -21,7 +21,7 @@ from PIL import Image
 
 import sample
 from pia_jax import sharding
-from pia_jax.models import config
+from pia_jax.models import attention, config
 from pia_jax.sampling import Animator, SampleOptions, loop
 from tests import torch_models as tm
 from tests.assets import write_vocab
@@ -83,16 +83,22 @@ def test_the_split_follows_the_devices_and_the_batch():
     assert list(mesh.devices.flat) == jax.devices()[:6]
 
 
-def test_one_video_over_many_devices_is_the_one_device_video(model):
+def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch):
     """16 frames with guidance (cfg = 2: one group of 2 devices, 6 idle, no padding copies) and 64 frames in context
     mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the frames of
-    one device, and each device's share of the denoise work is 1/2 resp. ~1/8 of the one-device program's."""
+    one device, and each device's share of the denoise work is 1/2 resp. ~1/8 of the one-device program's. The
+    programs are traced for the layout's devices: attention kernels chosen, and Pallas ones partitioned, for the 2
+    devices the 16-frame video uses (over all 8 the splash kernel's shard_map does not lower: a TPU slice)."""
     one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     many = Animator.load(model)
     assert many.devices == 8
     short = SampleOptions(steps=2)
     expected, flops_one = video(one, 16, short), denoise_flops(one)
+    targets, pick = [], attention.pick_kernel
+    monkeypatch.setattr(attention, "pick_kernel", lambda *a, **k: targets.append(attention._TARGET.get()[0]) or
+                        pick(*a, **k))
     many.plan_batch_size(1, SIZE, SIZE, 16, short, float_frames=True, text_keys=2, keyframes=2)  # as sample.py does
+    assert targets and {m.devices.size for m in targets} == {2}
     compiled = many.compilations
     got = video(many, 16, short)
     assert many.compilations == compiled, "the plan compiled the split the call runs"

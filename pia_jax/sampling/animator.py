@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pia_jax import compiled, media, sharding
+from pia_jax.models import attention
 from pia_jax.models.config import PIAConfig
 from pia_jax.models.tokenizer import tokenize
 from pia_jax.sampling import compile_cache, memory, schedulers
@@ -129,6 +130,18 @@ class Parts:
     image_proj: Graph | None = None
 
 
+def _on_split(fn):
+    """fn traced for the devices of the call's layout (`settings.split`), not all the Animator's: "auto" attention
+    chooses for them and a Pallas kernel's shard_map spans them (models/attention.py; over all devices it would
+    not lower where a layout leaves devices idle)."""
+    @functools.wraps(fn)
+    def traced(parts: Parts, settings: Settings, *args, **kwargs):
+        with attention.compiling_for(settings.split):
+            return fn(parts, settings, *args, **kwargs)
+    return traced
+
+
+@_on_split
 def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_noise, noise, schedule, from_image,
                travel, nearest, clip_pixels=None):
     """-> (text states, condition latent, first latents, solver state, IP-Adapter image tokens (B, 2, n, D) or None);
@@ -141,6 +154,7 @@ def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_nois
     return _by_video(settings, (text, cond) + start(schedule, noise, cond, from_image) + (image,))
 
 
+@_on_split
 def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state, schedule, text, mask, cond,
                 guidance, step_keys, begin, end, image=None, ip_scale=None):
     """-> (latents, solver state, whether each video's latents are finite) after steps begin..end-1: the flags are
@@ -163,6 +177,7 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
     return _by_video(settings, (latents, solver_state, jnp.isfinite(latents).all(axis=(1, 2, 3, 4))))
 
 
+@_on_split
 def _decode_fn(parts: Parts, settings: Settings, weights, latents):
     """-> (frames, whether each video is finite); weights = the VAE's leaves."""
     return _by_video(settings, decode(parts.vae.merge(weights), parts.scaling_factor, latents, settings.decode_chunk,
