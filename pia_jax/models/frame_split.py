@@ -46,27 +46,27 @@ def over(a, axis: str | None):
 
 def chunked(fn, arrays: tuple, chunks: int, axis: str):
     """fn on `chunks` chunks along dimension 1 of `arrays` ((b, T, ...) each), one after another (a `lax.map`):
-    fn(*(b, k, ...)) -> (b, k, ...), each chunk's k rows split over mesh axis `axis`. -> (b, T, ...), its rows split
-    over the axis in contiguous blocks, one per device. A device's chunk i is rows i·k/w.. of its block (w devices),
-    so going in and out of the chunks moves no data between devices. T is zero-padded at its end to whole chunks of
-    a multiple of w rows (those rows are computed and dropped)."""
+    fn(*(b, k, ...)) -> (b, k, ...), each chunk's k rows split over mesh axis `axis` (w devices, k/w rows each).
+    -> (b, T, ...), its rows split over the axis in contiguous blocks, one per device. A device's part of chunk i
+    is rows i·k/w .. (i+1)·k/w - 1 of its block, so going in and out of the chunks moves no data between devices.
+    T is zero-padded at its end to whole chunks (those rows are computed and dropped)."""
     b, t = arrays[0].shape[:2]
     w = devices(axis)
-    k = -(-t // (chunks * w))  # rows per device and chunk
-    n = -(-t // (w * k))  # chunks (fewer than asked when they would be all padding)
+    per = -(-t // (chunks * w))  # rows per device and chunk
+    n = -(-t // (w * per))  # chunks (fewer than asked when they would be all padding)
 
-    def cut(a):  # (b, T, ...) -> (n, b, w·k, ...)
-        a = jnp.pad(a, [(0, 0), (0, w * n * k - t)] + [(0, 0)] * (a.ndim - 2))
-        a = jnp.moveaxis(a.reshape((b, w, n, k) + a.shape[2:]), 2, 0)
-        return a.reshape((n, b, w * k) + a.shape[4:])
+    def cut(a):  # (b, T, ...) -> (n, b, w·per, ...)
+        a = jnp.pad(a, [(0, 0), (0, w * n * per - t)] + [(0, 0)] * (a.ndim - 2))
+        a = jnp.moveaxis(a.reshape((b, w, n, per) + a.shape[2:]), 2, 0)
+        return a.reshape((n, b, w * per) + a.shape[4:])
 
     def one(xs):
         return over(fn(*(over(a, axis) for a in xs)), axis)
 
     xs = tuple(map(cut, arrays))
     out = jax.lax.map(one, xs) if n > 1 else one(tuple(a[0] for a in xs))[None]
-    out = jnp.moveaxis(out.reshape((n, b, w, k) + out.shape[3:]), 0, 2)
-    return over(out.reshape((b, w * n * k) + out.shape[4:])[:, :t], axis)
+    out = jnp.moveaxis(out.reshape((n, b, w, per) + out.shape[3:]), 0, 2)
+    return over(out.reshape((b, w * n * per) + out.shape[4:])[:, :t], axis)
 
 
 def frame_rows(fn, chunks: Chunks, frames: int, rows: tuple, context=None):
