@@ -58,7 +58,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other modules keep their order
     # Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) one worker runs every heavy module, one at
     # a time, so two full-size models are never in memory at once; the other tests go to whichever worker is free
-    # (grouping each module on one worker, to share its compiled functions, measured slower: 16:44 against 15:22).
+    # (grouping each module on one worker, to share its compiled functions, measured slower: 16:44 against 15:22;
+    # a module whose costly module-scoped fixture would otherwise run on both workers groups itself with a
+    # `pytestmark = pytest.mark.xdist_group(...)`, e.g. test_context_modes.py's sample.py batch).
     for item in items:
         if item.path.name in rank:
             item.add_marker(pytest.mark.xdist_group("heavy"))

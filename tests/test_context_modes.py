@@ -14,7 +14,8 @@ size. Every case has a tail window (42 - 16 is not a multiple of 4 or 8), where 
 fp32 on both sides (they differ only in summation order, ~1e-6 of the scale per network evaluation: test_unet.py),
 frames written as 8-bit PNGs (truncated, PIA's rule, applied to the oracle too): a value next to a level boundary may
 land on the neighbouring level, so the bound is 1 level; a wrong window, weight, tail rule or text slice moves
-frames by tens of levels (issue 28 measured 63-165 levels between the modes). The run uses one device, as a
+frames by tens of levels (issue 28 measured 63-165 levels between the modes; the other tail rule in attention mode:
+74 levels, test_the_oracle_check_catches_the_other_tail_rule). The run uses one device, as a
 one-GPU user's would (the tests' 8 fake CPU devices would pad the batch with 7 copies of the video).
 """
 
