@@ -16,7 +16,8 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 import sample
@@ -81,6 +82,25 @@ def test_the_split_follows_the_devices_and_the_batch():
         sharding.sampler_split(8, 1, True, 13, per_video=10)
     mesh = sharding.sampler_mesh(jax.devices(), (3, 2, 1))
     assert list(mesh.devices.flat) == jax.devices()[:6]
+
+
+def test_frame_chunks_over_devices_keep_every_row_in_place():
+    """frame_split.frame_rows, the UNet's frame chunks split over 4 devices, with several chunks per device (a
+    lax.map) and padding (30 frames: 3 chunks of 4 x 3): every row, and a per-frame text cut with it, comes back
+    where it was, exactly (the row-local function sees the same rows)."""
+    from pia_jax.models import frame_split
+    mesh = sharding.sampler_mesh(jax.devices(), (1, 2, 4))
+    rows = np.random.default_rng(0).standard_normal((2 * 30, 3)).astype(np.float32)
+    text = np.random.default_rng(1).standard_normal((2, 30, 5, 3)).astype(np.float32)
+
+    def fn(x, ctx):  # row by row, exact in floats (2x is), so any rounding difference is a misplaced row
+        return 2 * x + ctx.reshape((-1,) + ctx.shape[2:])[:, 0]
+
+    def split(x, ctx):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return frame_split.frame_rows(fn, frame_split.Chunks(3, "window"), 30, (x,), ctx)
+    x = jax.device_put(rows, NamedSharding(mesh, P("cfg")))  # a video per cfg device, as guided_eps places them
+    np.testing.assert_array_equal(np.asarray(jax.jit(split)(x, text)), np.asarray(fn(rows, text)))
 
 
 def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch):
