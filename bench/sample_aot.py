@@ -39,10 +39,14 @@ PEAKS = dict(CHIPS, h100=(790.0, 3000.0, 79.1, 0.0))
 TOPOLOGY = {("v5e", 1): "v5e:1x1", ("v5e", 8): "v5e:2x4", ("v6e", 1): "v6e:1x1", ("v6e", 8): "v6e:2x4"}
 HLO_DIR = Path("/tmp/sample_aot_hlo")  # the compiled programs (tens of MB each: not committed)
 STEPS = 25  # sample.py's default: the loop's trip count (data to the program) for the estimate
-BASE = {"config": "sd15", "size": 512, "videos": 1, "steps": STEPS}
+BASE = {"config": "sd15", "size": 512, "videos": 1, "steps": STEPS, "program_mesh": "animator"}
 # in the order they run: the H100, then per TPU generation 1 and 8 chips side by side, frames growing
+# program_mesh "split": the denoise program compiled for the devices of the call's split instead of all the
+# Animator's (cefb619's Animator compiles splash attention's shard_map over all its devices while one video's
+# arrays live on the first two: lowering fails on a TPU slice; the "split" rows show what the layout gives)
 TABLE = [dict(BASE, target="h100", chips=1, frames=f) for f in (16, 64, 256)] + [
-    dict(BASE, target=t, chips=c, frames=f) for t in ("v5e", "v6e") for f in (16, 64, 256) for c in (1, 8)]
+    dict(BASE, target=t, chips=c, frames=f, program_mesh=m) for t in ("v5e", "v6e") for f in (16, 64, 256)
+    for c, m in ((1, "animator"), (8, "animator"), (8, "split"))]
 KEYS = tuple(BASE) + ("target", "chips", "frames")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 PLUMBING = ("get-tuple-element", "tuple", "bitcast", "parameter", "constant", "after-all", "partition-id",
@@ -354,6 +358,8 @@ def build_program(row: dict):
     a._denoise = _Recording(a._denoise)
     options = SampleOptions(steps=row["steps"])
     a._use_split(a.split_for(row["videos"], row["frames"], options))  # as plan_batch_size, for this call
+    if row.get("program_mesh") == "split":  # a workaround, not what sample.py runs (TABLE)
+        a._denoise.program.mesh = a._encode.mesh = a._decode.mesh = a._split
     per_batch = -(-row["videos"] // a.groups) * a.groups
     settings = a._settings(options, row["frames"])
     # Animator._schedule, without placing it on devices that are not here
@@ -417,7 +423,7 @@ def compile_row(row: dict, hlo_path: str | None = None) -> dict:
                                 "temp": gib(mem.temp_size_in_bytes), "alias": gib(mem.alias_size_in_bytes),
                                 "total": gib(used), "hbm": PEAKS[chip][2]},
                   fits=bool(used <= (1 - HEADROOM) * PEAKS[chip][2] * 2**30),
-                  model_tflop_per_chip=round(model_flops(a) * row["steps"] / row["chips"] / 1e12, 2),
+                  model_tflop_total=round(model_flops(a) * row["steps"] / 1e12, 2),
                   xla_tflop_per_chip_loop_once=round(cost.get("flops", 0.0) / 1e12, 2))
     return score(result, hlo)
 
@@ -425,6 +431,10 @@ def compile_row(row: dict, hlo_path: str | None = None) -> dict:
 def score(result: dict, hlo: str) -> dict:
     """A row's HLO-read costs and estimate (`program_cost`, `estimate`), added to or replacing those in `result`."""
     chip = result["target"]
+    if "model_tflop_total" not in result:  # rows compiled before it was kept divided by every chip
+        result = dict(result, model_tflop_total=result["model_tflop_per_chip"] * result["chips"])
+    used = math.prod(result["layout"].values())  # chips the split uses (the others idle)
+    result = dict(result, chips_used=used, model_tflop_per_chip=round(result["model_tflop_total"] / used, 2))
     cost = program_cost(hlo, result["steps"], chip)
     est = estimate(chip, cost, result["model_tflop_per_chip"] * 1e12)
     return dict(result, hbm_GB_per_chip=round(cost["bytes"] / 1e9, 1), hlo_tflop_per_chip=round(cost["flops"] / 1e12, 2),
@@ -440,7 +450,8 @@ def _available_gb() -> float:
 
 
 def _hlo_path(row: dict, commit: str) -> Path:
-    return HLO_DIR / f"{row['target']}x{row['chips']}-{row['frames']}-{commit}.hlo.gz"
+    split = "-split" if row.get("program_mesh") == "split" else ""
+    return HLO_DIR / f"{row['target']}x{row['chips']}{split}-{row['frames']}-{commit}.hlo.gz"
 
 
 def run_table(out: Path, rows: list[dict], min_free_gb: float, stop_at: float | None, worktree: bool, fresh: bool):
@@ -449,7 +460,7 @@ def run_table(out: Path, rows: list[dict], min_free_gb: float, stop_at: float | 
     error; a row still compiling at `stop_at` (epoch seconds) is killed and left for a later run."""
     src = {} if worktree else {"PYTHONPATH": str(snapshot())}
     commit = _git("rev-parse", "--short", "HEAD")
-    done = {json.dumps({k: r[k] for k in KEYS}, sort_keys=True) for r in map(json.loads, out.open())
+    done = {json.dumps({k: r.get(k, BASE.get(k)) for k in KEYS}, sort_keys=True) for r in map(json.loads, out.open())
             if not fresh or r.get("source", {}).get("commit") == commit} if out.exists() else set()
     for i, row in enumerate(rows):
         key = json.dumps({k: row[k] for k in KEYS}, sort_keys=True)
@@ -471,7 +482,8 @@ def run_table(out: Path, rows: list[dict], min_free_gb: float, stop_at: float | 
             print(f"stopped at the deadline: {key}", flush=True)
             return
         line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else json.dumps(
-            dict(row, error=(proc.stderr.strip().splitlines() or ["no output"])[-1][:500]))
+            dict(row, source={"commit": commit, "uncommitted": []} if src else _source(), error=([line for line in proc.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception)\b", line)]
+                             or proc.stderr.strip().splitlines() or ["no output"])[-1][:1000]))
         with out.open("a") as f:
             f.write(line + "\n")
         print(line, flush=True)
@@ -484,7 +496,7 @@ def rescore(out: Path):
     rows = []
     for r in map(json.loads, out.open()):
         hlo = _hlo_path(r, r.get("source", {}).get("commit", ""))
-        if "error" not in r and hlo.exists():
+        if "error" not in r and "same_as" not in r and hlo.exists():
             with gzip.open(hlo, "rt") as f:
                 r = score({k: v for k, v in r.items() if k != "estimate"}, f.read())
         rows.append(r)
@@ -498,17 +510,18 @@ def markdown(rows: list[dict]) -> str:
             "GB/chip per call | compile | est. s/video: per-kernel roofline (whole-program bounds) "
             "| est. s/video with every video of the call used |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
+    for r in (r for r in rows if "same_as" not in r):
         commit = r.get("source", {}).get("commit", "-")
         if "error" in r:
             lines.append(f"| {r['target']} | {r['chips']} | {r['frames']} | {commit} | failed: {r['error'][:150]} |"
                          + " |" * 6)
             continue
         m, e, lay = r["per_chip_GiB"], r["estimate"], r["layout"]
+        chips = f"{r['chips']}{'*' if r.get('program_mesh') == 'split' else ''}"
         windows = f" ({r['context']['windows']})" if r["context"] else ""
         coll = sum(v["GB"] for v in r["collectives"].values())
         lines.append(
-            f"| {r['target']} | {r['chips']}: {lay['video']} x {lay['cfg']} x {lay['window']} ({r['batch_videos']}) "
+            f"| {r['target']} | {chips}: {lay['video']} x {lay['cfg']} x {lay['window']} ({r['batch_videos']}) "
             f"| {r['frames']}{windows} | {commit} | {m['argument']} + {m['temp']} = {m['total']} ({m['hbm']:g}) "
             f"| {'yes' if r['fits'] else '**no**'} | {r['model_tflop_per_chip']:,.0f} ({r['hlo_tflop_per_chip']:,.0f}) "
             f"| {r['hbm_GB_per_chip']:,.0f} | {coll:,.1f} | {r['compile_s'] / 60:.1f} min "
