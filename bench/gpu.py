@@ -1,23 +1,40 @@
 """Every speed target of one GPU, side by side with diffusers (eager and torch.compile), parts in priority order.
 
-    OUT=/path python -m bench.gpu                       # one H200: results as JSON lines in $OUT/results.jsonl
-    OUT=/tmp/g python -m bench.gpu --config tiny --frames 4 --size 64 --steps 2 --train-size 32 --train-frames 4
-                                                        # CPU smoke test of every part (minutes)
+    OUT=/path python -m bench.gpu                       # the run below: results as JSON lines in $OUT/results.jsonl
+    OUT=/tmp/g python -m bench.gpu --config tiny --frames 4 --size 64 --steps 2 --train-size 32 --train-frames 4 \
+        --train-batch 1 --total 3000 --guard-factor 8 --torch-modes eager      # CPU smoke test of every part
+                                                        # (6-8 minutes on the shared 2-core machine, 2026-12-07)
 
-No part starts after --total seconds (default 480): on one H200 the parts together take ~16 minutes (BENCHMARKS.md),
-so what is left goes to a later call with --parts. Each part runs in its own process (clean peak-memory counters,
-no jax/torch allocator fight) with a time guard, so a run cut short still returns the parts done; every result is
-one JSON line, written at once:
-  step        pia-jax UNet CFG step (2 x 16 frames, 64x64 latents): ms synced and back to back, memory; its XLA
-              program saved (roofline: ../shared/tools/gpu_aot/roofline.py on it, see BENCHMARKS.md)
-  torch_infer diffusers UNetMotionModel CFG step and PIAPipeline video, eager then torch.compile
-  sample      pia-jax standard video (16 x 512², 25 DDIM steps, CFG, VAE decode), peak memory, compile time
-  train       pia-jax training step (4 clips x 16 frames x 256², frozen base), clips/s, peak memory
-  warm        a fresh process: process start -> first video, loading the model directory that `sample` saved, with
-              the compilation cache that `sample` filled
-  torch_train diffusers training step, eager then torch.compile
-  step_short  `step` with the "short" temporal attention kernel (opt-in: 11 % slower than the default on an H200)
-Random weights throughout (timings do not depend on their values).
+The next GPU session's run (issue 33): one `run` of the device tool with `carry=[".whl"]` (diffusers' wheels, made
+as BENCHMARKS.md's "Prepared for the next GPU" says) and `timeout_s=570` (the parts end by --total; pip and the
+copies back fit the rest):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; PYTHONUNBUFFERED=1 python3 -m bench.gpu 2>&1 | tee $OUT/log
+
+No part starts after --total seconds (default TOTAL_S = 510: with the machine's start, ~12 of a session's 15
+minutes, leaving ~2.5 for a short rerun), nor with less left than it needs (NEED_S); what is skipped goes to a
+later call with --parts. Each part runs in its own process (clean peak-memory counters, no jax/torch allocator
+fight) under a time guard (GUARD_S), so a run cut short still returns the parts done; every result is one JSON line,
+written at once. Default order (issue 33's):
+  train       pia-jax training step (4 clips x 16 frames x 256², default config, frozen base), from pixels then
+              from a latent cache: clips/s, peak memory; compilation cache on (a rerun loads the stored step).
+              Guard 300 s: its first compile autotunes (it ran past 150 s on an H200); the second reuses that
+  torch_train diffusers training step, eager then torch.compile. Guard 240 s: eager took 39 s on an H200, and
+              torch.compile of forward and backward is unmeasured (the forward alone compiled in 105 s)
+  profile     `step` (below), then 3 more CFG steps under jax.profiler: top 25 kernels and time by kind
+              (bench/trace_summary.py), trace files copied flat into OUT. Guard 130 s: `step` took 64 s
+  sample      pia-jax standard video (16 x 512², 25 DDIM steps, CFG, VAE decode), peak memory, compile time; fills
+              jax's compilation cache and the stored executables beside it, and saves the model directory for
+              `warm`. Guard 150 s: 88 s on an H200
+  warm        a fresh process: process start -> first video, `Animator.load` of that model directory, its programs
+              loaded from the stored executables (`programs`: loaded vs compiled). Guard 60 s: 30 s on an H200
+  torch_infer diffusers UNetMotionModel CFG step and PIAPipeline video, eager then torch.compile. Guard 230 s: 192
+  step        pia-jax UNet CFG step alone (2 x 16 frames, 64x64 latents): ms synced and back to back, memory; its
+              XLA program saved (roofline: ../shared/tools/gpu_aot/roofline.py on it). `profile` already measures
+              it; here for a run after a kernel change. Guard 120 s
+  step_short  (not by default) `step` with the "short" temporal attention kernel (11 % slower on an H200)
+The guards add up to more than TOTAL_S: a full run reaches `profile` only if training compiles fast; the parts are
+in the order the issue ranks them. Random weights throughout (timings do not depend on their values).
 """
 
 import argparse
@@ -34,11 +51,16 @@ START = float(os.environ.setdefault("BENCH_GPU_START", str(time.time())))  # the
 OUT = Path(os.environ.get("OUT", "bench_gpu_out"))
 CACHE = os.environ.get("BENCH_GPU_CACHE", "/tmp/bench_gpu_xla_cache")  # not under OUT: that comes back whole
 MODEL_DIR = Path(os.environ.get("BENCH_GPU_MODEL_DIR", "/tmp/bench_gpu_model"))  # `sample` writes it, `warm` loads it
-PARTS = ("step", "torch_infer", "sample", "train", "warm", "torch_train", "step_short")
+PARTS = ("train", "torch_train", "profile", "sample", "warm", "torch_infer", "step", "step_short")
+DEFAULT_PARTS = PARTS[:-1]
+TOTAL_S = 510
 # Measured on one H200 (2026-12-01, BENCHMARKS.md): step 64 s, torch_infer 192, sample 88, warm 30, step_short 54,
-# torch_train eager 39; train ran past 150 s while autotuning its compile.
-GUARD_S = {"step": 120, "torch_infer": 230, "sample": 150, "train": 300, "warm": 60, "torch_train": 300,
-           "step_short": 90}
+# torch_train eager 39; train ran past 150 s while autotuning its compile. Guards: the docstring says why each.
+GUARD_S = {"train": 300, "torch_train": 240, "profile": 130, "sample": 150, "warm": 60, "torch_infer": 230,
+           "step": 120, "step_short": 90}
+# the least time left for a part to start: about what it needs to write its first line
+NEED_S = {"train": 150, "torch_train": 60, "profile": 90, "sample": 100, "warm": 40, "torch_infer": 100, "step": 70,
+          "step_short": 60}
 
 
 def emit(**record):
@@ -85,8 +107,8 @@ def random_models(cfg, dtype, attention_kernels=None):
     models = []
     for cls, part, extra in ((UNetMotionModel, cfg.unet, {"attention_kernels": attention_kernels}),
                              (AutoencoderKL, cfg.vae, {}), (CLIPTextModel, cfg.text, {})):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(part, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                                                **extra)))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda cls=cls, part=part, extra=extra: cls(
+            part, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, **extra)))
         models.append(nnx.merge(graphdef, random_state(state)))
     return models
 
@@ -97,9 +119,9 @@ def model_config(name):
 
 
 # ----------------------------------------------------------------------------------------------------------- pia-jax
-def jax_step(a, temporal=None):
-    """The UNet CFG step alone (bench/gpu_aot.py's cfg_step, the program the roofline was computed on), timed
-    synchronised per call and back to back; the gap between the two is the host's share per step."""
+def build_step(a, temporal=None):
+    """The UNet CFG step alone (bench/gpu_aot.py's cfg_step, the program the roofline was computed on), compiled:
+    (executable, weights, arguments, compile seconds)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -119,7 +141,15 @@ def jax_step(a, temporal=None):
     args = jax.device_put(args)
     begin = time.perf_counter()
     exe = jax.jit(lambda *x: cfg_step(graphdef, *x)).lower(state, *args).compile()
-    compile_s = time.perf_counter() - begin
+    return exe, state, args, time.perf_counter() - begin
+
+
+def jax_step(a, temporal=None):
+    """The CFG step timed synchronised per call and back to back (the gap between the two is the host's share per
+    step); its optimised HLO saved (kernel names in a profile are its fusions' names). Returns (exe, weights,
+    arguments), warm."""
+    import jax
+    exe, state, args, compile_s = build_step(a, temporal)
     exe(state, *args).block_until_ready()
     synced = []
     for _ in range(10):
@@ -137,6 +167,43 @@ def jax_step(a, temporal=None):
          compile_s=round(compile_s, 1), temp_GiB=round(memory.temp_size_in_bytes / 2**30, 2),
          weights_GiB=round(memory.argument_size_in_bytes / 2**30, 2), peak_GiB=jax_peak_gib(),
          device=str(jax.devices()[0]))
+    return exe, state, args
+
+
+PROFILE_STEPS = 3
+KEEP_MIB = 15  # the device tool brings back files of at most 16 MiB, at most 2 folders below OUT
+
+
+def jax_profile(a):
+    """`step` (timed, so warm), then PROFILE_STEPS more CFG steps under jax.profiler, summarised here from the
+    perfetto trace (bench/trace_summary.py: top kernels, time by kind). The trace is written outside OUT (jax
+    nests it 3 folders deep) and its perfetto JSON and xplane copied flat into OUT when under KEEP_MIB."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from bench import trace_summary
+    exe, state, args = jax_step(a)
+    raw = Path(tempfile.mkdtemp(prefix="bench_gpu_profile_"))
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python frames: not what is asked, and they grow the trace
+    begin = time.perf_counter()
+    with jax.profiler.trace(raw, create_perfetto_trace=True, profiler_options=options):
+        for i in range(PROFILE_STEPS):
+            with jax.profiler.StepTraceAnnotation("cfg_step", step_num=i):
+                exe(state, *args).block_until_ready()
+    trace_s = time.perf_counter() - begin
+    perfetto = max(raw.rglob("perfetto_trace.json.gz"), key=os.path.getmtime)
+    kept = {}
+    for source, name in ((perfetto, "profile.trace.json.gz"),
+                         (next(perfetto.parent.glob("*.xplane.pb"), None), "profile.xplane.pb")):
+        mib = source and round(source.stat().st_size / 2**20, 2)
+        if source and mib <= KEEP_MIB:
+            shutil.copyfile(source, OUT / name)
+        kept[name] = mib if source and mib <= KEEP_MIB else f"not kept ({mib} MiB)"
+    summary = trace_summary.summarize(trace_summary.load(perfetto), PROFILE_STEPS)
+    emit(part="jax_profile", trace_s=round(trace_s, 1), files_MiB=kept, raw_trace=str(raw), **summary)
 
 
 class IdsTokenizer:
@@ -187,7 +254,25 @@ def animate(animator, a):
     return result, time.perf_counter() - begin
 
 
+def cache_contents() -> dict:
+    """What the caches at CACHE hold: jax's compilation cache entries (its files at the top) and the executables
+    stored beside them (pia_jax.compiled.store), which `warm` loads without tracing or compiling."""
+    from pia_jax.compiled import store
+    cache, stored = Path(CACHE), Path(CACHE) / store.FOLDER
+    return {"xla_cache_files": sum(p.is_file() for p in cache.iterdir()) if cache.is_dir() else 0,
+            "stored_executables": len(list(stored.glob("*.pkl"))) if stored.is_dir() else 0}
+
+
+def programs(animator) -> dict:
+    """The sampler's three programs' counts: compiled in this process, loaded from stored executables (private
+    attributes read by this benchmark only)."""
+    phases = (animator._encode, animator._denoise, animator._decode)
+    return {"compiled": sum(p.compiles for p in phases), "loaded": sum(p.loaded for p in phases)}
+
+
 def jax_sample(a):
+    """The standard video, three times (the first compiles and fills the caches for `warm`); then the parts saved
+    as the model directory `warm` loads."""
     begin = time.perf_counter()
     animator, models = make_animator(a)
     setup_s = time.perf_counter() - begin
@@ -198,7 +283,7 @@ def jax_sample(a):
     emit(part="jax_sample", s_per_video=round(wall, 3), encode_s=round(s["encode"], 3),
          ms_per_step=round(1e3 * s["denoise"] / a.steps, 1), decode_s=round(s["decode"], 3),
          compile_s=round(first.seconds["compile"], 1), first_video_s=round(first_s, 1), setup_s=round(setup_s, 1),
-         peak_GiB=jax_peak_gib())
+         peak_GiB=jax_peak_gib(), programs=programs(animator), cache=first.cache, **cache_contents())
     begin = time.perf_counter()
     save_models(a, models)
     emit(part="jax_save_model_dir", s=round(time.perf_counter() - begin, 1))
@@ -206,37 +291,52 @@ def jax_sample(a):
 
 def jax_warm(a):
     """Process start (the parent's spawn time) -> first video: `Animator.load` of the model directory that `sample`
-    saved, with the compilation cache that `sample` filled."""
+    saved, its programs loaded from the executables `sample` stored (`programs`: loaded vs compiled; `cache`:
+    jax's compilation cache hits, for programs compiled after all)."""
     from pia_jax.sampling import Animator
     spawned = float(os.environ["BENCH_GPU_SPAWNED"])
+    found = cache_contents()
     animator = Animator.load(MODEL_DIR, compile_cache_dir=CACHE)
     ready = time.time()
     result, _ = animate(animator, a)
     emit(part="jax_warm_start", process_start_to_video_s=round(time.time() - spawned, 1),
-         to_animator_s=round(ready - spawned, 1), compile_or_cache_load_s=round(result.seconds["compile"], 1),
-         cache=result.cache)
+         to_animator_s=round(ready - spawned, 1), compile_or_load_s=round(result.seconds["compile"], 1),
+         programs=programs(animator), cache=result.cache, found=found)
 
 
 def jax_train(a):
-    """The training step of bench/train_step.py (synthetic clips, random weights). Written against the trainer API
-    of late Nov 2026 (state.build, Trainer, SyntheticLoader): adapt here if it changes."""
-    import jax
-
+    """pia-jax's training step (bench/train_step.py's: synthetic clips, random weights, the default config) from
+    pixels (the VAE encode inside the step, as diffusers' step has it), then from a latent cache's posteriors
+    (pia_jax/data/latents.py: no encoder in the step). jax's compilation cache is on at CACHE and the step is stored
+    beside it (as train.py does with `compilation_cache`), so a rerun on the same machine loads it instead of
+    compiling with autotuning (minutes); the second program reuses this process's autotuning results."""
+    from pia_jax.sampling import compile_cache
     from pia_jax.sharding import make_mesh
     from pia_jax.training import state as state_lib
-    from pia_jax.training.config import ModelConfig, OptimConfig
+    from pia_jax.training.config import ModelConfig, TrainConfig, program_identity
     from pia_jax.training.step import Trainer
     from pia_jax.training.synthetic import SyntheticLoader
+    compile_cache.enable(CACHE)
     begin = time.perf_counter()
-    model = ModelConfig(init=a.config)
-    setup = state_lib.build(model)
-    trainer = Trainer(setup, state_lib.make_optimizer(OptimConfig()), make_mesh())
-    loader = SyntheticLoader(batch_size=a.train_batch, n_frames=a.train_frames, resolution=a.train_size,
-                             num_clips=a.train_batch, vocab_size=setup.config.text.vocab_size)
+    cfg = TrainConfig(model=ModelConfig(init=a.config))
+    setup = state_lib.build(cfg.model)
+    trainer = Trainer(setup, state_lib.make_optimizer(cfg.optim), make_mesh(), identity=program_identity(cfg))
     state = trainer.init_state(0)
-    batch = trainer.put_batch([next(loader)])
     setup_s = time.perf_counter() - begin
-    begin = time.perf_counter()
+    for latents in (None, a.train_size // setup.config.vae.latent_factor):
+        loader = SyntheticLoader(batch_size=a.train_batch, n_frames=a.train_frames, resolution=a.train_size,
+                                 num_clips=a.train_batch, vocab_size=setup.config.text.vocab_size,
+                                 latent_size=latents)
+        state = train_timed(a, trainer, state, trainer.put_batch([next(loader)]),
+                            {"inputs": "latent cache" if latents else "pixels", "remat": cfg.model.remat_policy,
+                             "setup_s": round(setup_s, 1)})
+
+
+def train_timed(a, trainer, state, batch, record: dict):
+    """Compiles (or loads) the step for `batch`, then times 5 steps after one; emits one line, returns the state."""
+    import jax
+    program = trainer.program
+    loaded, begin = program.loaded, time.perf_counter()
     exe = trainer.compile(state, batch)
     compile_s = time.perf_counter() - begin
     state, metrics = trainer.step(state, batch)
@@ -249,20 +349,20 @@ def jax_train(a):
         times.append(time.perf_counter() - begin)
     s = statistics.median(times)
     memory = exe.memory_analysis()
-    emit(part="jax_train", remat=model.remat_policy,
-         ms_per_step=round(1e3 * s, 1), clips_per_s=round(a.train_batch / s, 2), compile_s=round(compile_s, 1),
-         setup_s=round(setup_s, 1), peak_GiB=jax_peak_gib(),
+    emit(part="jax_train", **record, ms_per_step=round(1e3 * s, 1), clips_per_s=round(a.train_batch / s, 2),
+         compile_s=round(compile_s, 1), stored_step_loaded=program.loaded > loaded, peak_GiB=jax_peak_gib(),
          temp_GiB=round(memory.temp_size_in_bytes / 2**30, 2), loss=float(metrics["loss"]))
+    return state
 
 
 # ------------------------------------------------------------------------------------------------------------- torch
 def torch_env():
     import torch
     cuda = torch.cuda.is_available()
-    return dict(dev="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
-                sync=torch.cuda.synchronize if cuda else (lambda: None),
-                reset=torch.cuda.reset_peak_memory_stats if cuda else (lambda: None),
-                peak=(lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)) if cuda else (lambda: None))
+    return {"dev": "cuda" if cuda else "cpu", "dtype": torch.float16 if cuda else torch.float32,
+            "sync": torch.cuda.synchronize if cuda else (lambda: None),
+            "reset": torch.cuda.reset_peak_memory_stats if cuda else (lambda: None),
+            "peak": (lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)) if cuda else (lambda: None)}
 
 
 def torch_frozen(cfg, dev):
@@ -302,7 +402,7 @@ def torch_infer(a):
                 fn(x, t, context)
             times = []
             for _ in range(n):
-                sync(); begin = time.perf_counter(); fn(x, t, context); sync()  # noqa: E702
+                sync(); begin = time.perf_counter(); fn(x, t, context); sync()
                 times.append(time.perf_counter() - begin)
         return round(1e3 * statistics.median(times), 2)
 
@@ -315,7 +415,7 @@ def torch_infer(a):
     embeds = torch.randn(1, 77, cfg.text.hidden_size, device=dev, dtype=dt)
 
     def video_s():
-        sync(); begin = time.perf_counter()  # noqa: E702
+        sync(); begin = time.perf_counter()
         with torch.no_grad():
             pipe(image=image, prompt_embeds=embeds, negative_prompt_embeds=embeds, num_frames=a.frames, height=a.size,
                  width=a.size, num_inference_steps=a.steps, guidance_scale=7.5, output_type="np")
@@ -325,7 +425,7 @@ def torch_infer(a):
     for mode in a.torch_modes.split(","):
         if mode == "torch.compile":
             pipe.unet = unet = torch.compile(unet, dynamic=False)
-            env["reset"](); begin = time.perf_counter()  # noqa: E702
+            env["reset"](); begin = time.perf_counter()
             with torch.no_grad():
                 unet(x, t, context)
             sync()
@@ -383,12 +483,12 @@ def torch_train(a):
             torch._dynamo.reset()
             unet.forward = torch.compile(unet.forward, dynamic=False)
         step = make_step(unet)
-        env["reset"](); begin = time.perf_counter(); step(); env["sync"]()  # noqa: E702
+        env["reset"](); begin = time.perf_counter(); step(); env["sync"]()
         first = time.perf_counter() - begin
-        step(); env["sync"]()  # noqa: E702
+        step(); env["sync"]()
         times = []
         for _ in range(4):
-            begin = time.perf_counter(); step(); env["sync"]()  # noqa: E702
+            begin = time.perf_counter(); step(); env["sync"]()
             times.append(time.perf_counter() - begin)
         ms = 1e3 * statistics.median(times)
         emit(part="torch_train", mode=mode, ms_per_step=round(ms, 1), clips_per_s=round(b * 1e3 / ms, 2),
@@ -397,14 +497,14 @@ def torch_train(a):
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-RUNNERS = {"step": jax_step, "torch_infer": torch_infer, "sample": jax_sample, "train": jax_train, "warm": jax_warm,
-           "torch_train": torch_train, "step_short": lambda a: jax_step(a, "short")}
+RUNNERS = {"train": jax_train, "torch_train": torch_train, "profile": jax_profile, "sample": jax_sample,
+           "warm": jax_warm, "torch_infer": torch_infer, "step": jax_step, "step_short": lambda a: jax_step(a, "short")}
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=PARTS, help="run one part in this process (the driver's child)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run, in this order")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma-separated parts to run, in this order")
     p.add_argument("--config", default="sd15", choices=("sd15", "tiny"))
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=512)
@@ -412,11 +512,24 @@ def main():
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-frames", type=int, default=16)
     p.add_argument("--train-size", type=int, default=256)
-    p.add_argument("--total", type=float, default=480, help="seconds for the whole run; no part starts after it")
+    p.add_argument("--total", type=float, default=TOTAL_S, help="seconds for the whole run; no part starts after it")
     p.add_argument("--guard-factor", type=float, default=1.0, help="scales each part's time guard (slow machines)")
     p.add_argument("--torch-modes", default="eager,torch.compile",
                    help="diffusers modes to time (torch.compile takes many minutes on a CPU)")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def skip_reason(part: str, left: float, guard_factor: float) -> str | None:
+    """Why `part` does not start with `left` seconds of the run left (None: it starts)."""
+    if left < NEED_S[part] * guard_factor:
+        return f"time budget: {left:.0f} s left, the part needs ~{NEED_S[part] * guard_factor:.0f}"
+    if part == "warm" and not (MODEL_DIR / "config.json").exists():
+        return f"no model directory at {MODEL_DIR} (`sample` makes it, with the caches `warm` loads)"
+    return None
+
+
+def main():
+    a = parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if a.part:
         return RUNNERS[a.part](a)
@@ -428,13 +541,13 @@ def main():
              if k not in ("part", "parts", "total", "guard_factor")]
     for part in parts:
         left = a.total - (time.time() - START)
-        if left < 10:
-            emit(part=part, skipped="time budget")
+        if reason := skip_reason(part, left, a.guard_factor):
+            emit(part=part, skipped=reason)
             continue
         env = {**os.environ, "OUT": str(OUT), "BENCH_GPU_SPAWNED": str(time.time()), "PYTHONUNBUFFERED": "1"}
         begin = time.perf_counter()
         try:
-            rc = subprocess.run([sys.executable, "-m", "bench.gpu", "--part", part] + flags, env=env,
+            rc = subprocess.run([sys.executable, "-m", "bench.gpu", "--part", part] + flags, env=env, check=False,
                                 timeout=min(GUARD_S[part] * a.guard_factor, left)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"

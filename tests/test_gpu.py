@@ -71,7 +71,7 @@ def test_no_weight_work_inside_the_sampling_loop():
     from pia_jax.models.vae import AutoencoderKL
     from pia_jax.sampling import Animator, SampleOptions
     from tests.hlo import weight_shapes, weight_work_in_loop_body
-    cfg, make = config.TINY, dict(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    cfg, make = config.TINY, {"rngs": nnx.Rngs(0), "dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16}
     animator = Animator(cfg, UNetMotionModel(cfg.unet, **make), AutoencoderKL(cfg.vae, **make),
                         CLIPTextModel(cfg.text, **make), tokenizer=None, compile_cache_dir="off")
     (_, _), (exe, _), (_, _) = animator._executables(1, 64, 64, 16, SampleOptions())
