@@ -18,7 +18,8 @@ fight) under a time guard (GUARD_S), so a run cut short still returns the parts 
 written at once. Default order (issue 33's):
   train       pia-jax training step (4 clips x 16 frames x 256², default config, frozen base), from pixels then
               from a latent cache: clips/s, peak memory; compilation cache on (a rerun loads the stored step).
-              Guard 300 s: its first compile autotunes (it ran past 150 s on an H200); the second reuses that
+              Guard 300 s: its first compile autotunes (it ran past 150 s on an H200); the second should reuse
+              most of that (same GEMM and convolution shapes; XLA keeps autotuning results, not yet seen on a GPU)
   torch_train diffusers training step, eager then torch.compile. Guard 240 s: eager took 39 s on an H200, and
               torch.compile of forward and backward is unmeasured (the forward alone compiled in 105 s)
   profile     `step` (below), then 3 more CFG steps under jax.profiler: top 25 kernels and time by kind
@@ -309,7 +310,8 @@ def jax_train(a):
     pixels (the VAE encode inside the step, as diffusers' step has it), then from a latent cache's posteriors
     (pia_jax/data/latents.py: no encoder in the step). jax's compilation cache is on at CACHE and the step is stored
     beside it (as train.py does with `compilation_cache`), so a rerun on the same machine loads it instead of
-    compiling with autotuning (minutes); the second program reuses this process's autotuning results."""
+    compiling with autotuning (minutes). peak_GiB is the process's peak so far (the second line's includes the
+    first program's); temp_GiB is each program's own."""
     from pia_jax.sampling import compile_cache
     from pia_jax.sharding import make_mesh
     from pia_jax.training import state as state_lib
