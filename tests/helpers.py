@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from pia_jax import weights
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.unet import UNetMotionModel
 from pia_jax.sharding import make_mesh
 from pia_jax.training import config as config_lib
@@ -94,7 +95,7 @@ UNET_TOL = 2e-5
 
 
 def load_ours(cfg, state):
-    abstract = nnx.eval_shape(lambda: UNetMotionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNetMotionModel, cfg)
     return weights.load_state_dict(abstract, state, weights.DIFFUSERS_UNET)
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from pia_jax import weights
 from pia_jax.models import config
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.text_encoder import CLIPTextModel
 from pia_jax.models.tokenizer import load_tokenizer, tokenize
 from pia_jax.models.unet import UNetMotionModel
@@ -43,10 +44,10 @@ def models(tmp_path_factory):
     write_vocab(tok_dir)
     (tok_dir / "tokenizer_config.json").write_text('{"model_max_length": 77}')
     unet, text = tm.unet_motion(UNET, seed=1), tm.clip_text(CFG.text, seed=3)
-    ours_unet = weights.load_state_dict(nnx.eval_shape(lambda: UNetMotionModel(UNET, rngs=nnx.Rngs(0))),
+    ours_unet = weights.load_state_dict(abstract_model(UNetMotionModel, UNET),
                                         numpy_state(unet), weights.DIFFUSERS_UNET)
     state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in numpy_state(text).items()}
-    ours_text = weights.load_state_dict(nnx.eval_shape(lambda: CLIPTextModel(CFG.text, rngs=nnx.Rngs(0))), state,
+    ours_text = weights.load_state_dict(abstract_model(CLIPTextModel, CFG.text), state,
                                         weights.TRANSFORMERS_CLIP_TEXT)
     return {"unet": unet, "text": text, "tok_dir": tok_dir, "ours_unet": ours_unet, "ours_text": ours_text}
 

@@ -9,6 +9,7 @@ import torch
 from flax import nnx
 
 from pia_jax import weights
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.config import SD15_PIA, TINY, TextConfig
 from pia_jax.models.text_encoder import CLIPTextModel
 from pia_jax.models.tokenizer import load_tokenizer, tokenize
@@ -28,7 +29,7 @@ def build_pair(cfg: TextConfig, seed=0, dtype=jnp.float32):
     text_encoder/model.safetensors (`text_model.` prefix; transformers 5 drops the prefix in memory)."""
     ref = clip_text(cfg, seed)
     state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in numpy_state(ref).items()}
-    model = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    model = abstract_model(CLIPTextModel, cfg, dtype=dtype)
     return ref, weights.load_state_dict(model, state, weights.TRANSFORMERS_CLIP_TEXT), state
 
 
@@ -93,7 +94,7 @@ def test_state_dict_variants():
     ref, model, state = build_pair(cfg)
     with_ids = dict(state, **{"text_model.embeddings.position_ids": np.arange(77)[None]})
     without_ids = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    abstract = lambda: nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = lambda: abstract_model(CLIPTextModel, cfg)
     ids = random_ids(cfg, 2, 77, seed=5)
     unprefixed = {k.removeprefix("text_model."): v for k, v in with_ids.items()}
     for sd in (with_ids, without_ids, unprefixed):
@@ -108,7 +109,7 @@ def test_state_dict_variants():
 def test_bf16_compute(full_pair):
     """bf16 activations with fp32 parameters and fp32 LayerNorm/softmax, at the full ViT-L size."""
     ref, model32, state = full_pair
-    model = nnx.eval_shape(lambda: CLIPTextModel(SD15_PIA.text, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    model = abstract_model(CLIPTextModel, SD15_PIA.text, dtype=jnp.bfloat16)
     model = weights.load_state_dict(model, state, weights.TRANSFORMERS_CLIP_TEXT)
     ids = random_ids(SD15_PIA.text, 2, 77, seed=3)
     out = nnx.jit(lambda m, x: m(x))(model, ids)

@@ -8,15 +8,16 @@ while a wrong weight, layout, norm grouping or skip order shows up at 1e-3 or mo
 import dataclasses
 
 import pytest
-from flax import nnx
 
 from pia_jax import weights
 from pia_jax.models import config
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.unet import UNetMotionModel
 from tests import torch_models as tm
 from tests.helpers import UNET_TOL as TOL
 from tests.helpers import inputs, jitted, load_ours
 from tests.oracle import assert_close
+
 
 @pytest.fixture(scope="module")
 def tiny_pair():
@@ -65,7 +66,7 @@ def test_full_sd15_pia_unet_matches_diffusers():
     expected = tm.run_unet_motion(torch_model, x["sample"], x["t"], x["context"], x["mask"], x["condition"])
     state = tm.numpy_state(torch_model)
     del torch_model  # `state` holds the only references to the weights now
-    abstract = nnx.eval_shape(lambda: UNetMotionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNetMotionModel, cfg)
     flat, problems = weights.map_keys(state, weights.DIFFUSERS_UNET, weights.param_shapes(abstract))
     assert not problems
     del state

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.config import SD15_PIA, TINY, VAEConfig
 from pia_jax.models.vae import AutoencoderKL, sample_posterior
 from pia_jax.weights import DIFFUSERS_VAE, load_state_dict
@@ -27,7 +28,7 @@ ENCODE = nnx.jit(AutoencoderKL.encode)
 DECODE = nnx.jit(AutoencoderKL.decode)
 
 def jax_vae(ref, cfg: VAEConfig, dtype=jnp.float32):
-    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    model = abstract_model(AutoencoderKL, cfg, dtype=dtype)
     return load_state_dict(model, numpy_state(ref), DIFFUSERS_VAE)  # strict: fails on any unused or missing key
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from pia_jax import weights
 from pia_jax.models import config
+from pia_jax.models.abstract import abstract_model
 from pia_jax.models.unet import UNetMotionModel
 from pia_jax.models.vae import AutoencoderKL
 from tests import torch_models as tm
@@ -21,7 +22,7 @@ def state():
 
 
 def abstract_unet():
-    return nnx.eval_shape(lambda: UNetMotionModel(CFG, rngs=nnx.Rngs(0)))
+    return abstract_model(UNetMotionModel, CFG)
 
 
 def load_error(state) -> str:
@@ -79,9 +80,9 @@ def test_legacy_vae_attention_names_load():
             key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
         legacy[key] = value
     assert legacy.keys() != state.keys()
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(config.TINY.vae, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(AutoencoderKL, config.TINY.vae)
     a = weights.load_state_dict(abstract, state, weights.DIFFUSERS_VAE)
-    b = weights.load_state_dict(nnx.eval_shape(lambda: AutoencoderKL(config.TINY.vae, rngs=nnx.Rngs(0))), legacy,
+    b = weights.load_state_dict(abstract_model(AutoencoderKL, config.TINY.vae), legacy,
                                 weights.DIFFUSERS_VAE)
     for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
         np.testing.assert_array_equal(x[...], y[...], err_msg=str(path))
