@@ -190,7 +190,7 @@ def test_each_step_of_the_loop_is_reported_as_it_is_ready():
 
 class _TooLarge:
     """An Animator stand-in whose memory plan refuses the batch, as Animator.plan_batch_size words it."""
-    compile_cache, compilations, compile_seconds, devices = None, 0, 0.0, 1
+    compile_cache, compilations, programs_loaded, compile_seconds, devices = None, 0, 0, 0.0, 1
 
     def plan_batch_size(self, videos, height, width, frames, *args, **kwargs):
         raise ValueError(f"one {frames}-frame {width}x{height} video needs 80.0 GiB per device, 1.0 GiB are free; "
@@ -228,3 +228,17 @@ def test_a_folder_of_models_is_a_picker_and_picking_unloads(tmp_path, capsys):
         runner.select("c")
     assert main(["--model", str(tmp_path / "models" / "notes")]) == 2  # refused before anything loads
     assert "is neither a model directory (with config.json) nor a folder of them" in capsys.readouterr().err
+
+
+def test_the_status_line_says_whether_programs_were_compiled_loaded_or_reused():
+    from types import SimpleNamespace
+
+    from pia_jax.app.runner import _status
+    animator = SimpleNamespace(compile_cache="/c", groups=1, devices_per_group=2)
+    seconds, cache = {"load": 0, "denoise": 2.0}, {"hits": 1, "misses": 2}
+    line = lambda made: _status(seconds, animator, made, 3.25, cache, 1)  # noqa: E731
+    assert "compiled 3 program(s) in 3.2s (cache /c: 1 hit(s), 2 miss(es))" in line((3, 0))
+    assert "compiled 1 program(s) in 3.2s (cache /c: 1 hit(s), 2 miss(es)), loaded 2 stored" in line((1, 2))
+    assert "no compiling: 3 program(s) loaded from stored executables in 3.2s" in line((0, 3))
+    assert "no compiling: the programs of an earlier request were reused" in line((0, 0))
+    assert line((0, 0)).endswith("batch 1 video(s) x 1 device group(s) of 2 device(s)")

@@ -91,7 +91,8 @@ class Runner:
         seconds = {"load": self.load(report)}
         animator = self.animator
         from pia_jax.sampling import compile_cache
-        cache, compiles, compile_seconds = compile_cache.counts(), animator.compilations, animator.compile_seconds
+        cache, compile_seconds = compile_cache.counts(), animator.compile_seconds
+        compiles = (animator.compilations, animator.programs_loaded)
         where = f"cache {animator.compile_cache}" if animator.compile_cache else "cache off"
         report(0.0, f"compiling the sampler ({where}; programs compiled earlier are reused)")
         sizes = [animator.plan_batch_size(len(g.videos), g.height, g.width, g.frames, g.options,
@@ -107,8 +108,8 @@ class Runner:
                 seconds[k] = seconds.get(k, 0) + v
             files += _write(a, g, result, single=len(p.videos) == 1)
         counts = {k: n - cache[k] for k, n in compile_cache.counts().items()}
-        status = _status(seconds, animator, animator.compilations - compiles,
-                         animator.compile_seconds - compile_seconds, counts, max(sizes))
+        made = (animator.compilations - compiles[0], animator.programs_loaded - compiles[1])
+        status = _status(seconds, animator, made, animator.compile_seconds - compile_seconds, counts, max(sizes))
         return Entry(self.count + 1, time.strftime("%H:%M:%S"), self.selected, params,
                      plan.shell(plan.command(a)), files, status)
 
@@ -173,12 +174,17 @@ def _write(a, g: cases.Group, result, single: bool) -> list:
     return written
 
 
-def _status(seconds: dict, animator, compiled: int, compile_seconds: float, cache: dict, batch: int) -> str:
-    """The compile/cache status line: what this request loaded, compiled (or reused) and sampled."""
+def _status(seconds: dict, animator, made: tuple, compile_seconds: float, cache: dict, batch: int) -> str:
+    """The compile/cache status line: what this request loaded, compiled (or reused) and sampled. `made`: programs
+    (compiled, loaded from stored executables) for this request."""
+    compiled, loaded = made
     if compiled:
         where = (f"cache {animator.compile_cache}: {cache['hits']} hit(s), {cache['misses']} miss(es)"
                  if animator.compile_cache else "cache off")
         compiling = f"compiled {compiled} program(s) in {compile_seconds:.1f}s ({where})"
+        compiling += f", loaded {loaded} stored" if loaded else ""
+    elif loaded:
+        compiling = f"no compiling: {loaded} program(s) loaded from stored executables in {compile_seconds:.1f}s"
     else:
         compiling = "no compiling: the programs of an earlier request were reused"
     load = f"loaded the model in {seconds['load']:.1f}s" if seconds["load"] else "the model was in memory"

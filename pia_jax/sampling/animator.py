@@ -313,6 +313,11 @@ class Animator:
         return self._encode.compiles + self._denoise.compiles + self._decode.compiles
 
     @property
+    def programs_loaded(self) -> int:
+        """Programs loaded from stored executables (pia_jax.compiled.store) instead of compiled, so far."""
+        return self._encode.loaded + self._denoise.loaded + self._decode.loaded
+
+    @property
     def compile_seconds(self) -> float:
         """Seconds spent compiling (or loading from the persistent cache) so far."""
         return self._encode.seconds + self._denoise.seconds + self._decode.seconds
