@@ -42,8 +42,10 @@ STEPS = 25  # sample.py's default: the loop's trip count (data to the program) f
 BASE = {"config": "sd15", "size": 512, "videos": 1, "steps": STEPS, "program_mesh": "animator"}
 # in the order they run: the H100, then per TPU generation 1 and 8 chips side by side, frames growing
 # program_mesh "split": the denoise program compiled for the devices of the call's split instead of all the
-# Animator's (cefb619's Animator compiles splash attention's shard_map over all its devices while one video's
-# arrays live on the first two: lowering fails on a TPU slice; the "split" rows show what the layout gives)
+# Animator's. cefb619..f9a138a built splash attention's shard_map over all the Animator's devices while one video's
+# arrays live on the first two, or under the split's (video, cfg, window) mesh: lowering failed on a TPU slice;
+# since 9644dba the sampler traces for the split itself and both compile the same program (the tiny model's HLO
+# at b579468, metadata aside, is identical)
 TABLE = [dict(BASE, target="h100", chips=1, frames=f) for f in (16, 64, 256)] + [
     dict(BASE, target=t, chips=c, frames=f, program_mesh=m) for t in ("v5e", "v6e") for f in (16, 64, 256)
     for c, m in ((1, "animator"), (8, "animator"), (8, "split"))]
@@ -246,6 +248,20 @@ def _touched(op: str, args: str, rest: str, size: dict, result: int, comps: dict
         min(n, read.get(i, n)) for i, n in enumerate(operands))
 
 
+def _async_slice_bytes(op: str, args: str, rest: str, size: dict, shapes: dict) -> int:
+    """HBM bytes of XLA:TPU's asynchronous dynamic slice (the slice, `dynamic_slice_sizes` of its buffer, read
+    where the buffer is in HBM) or dynamic update (the update written into its buffer in place, and read where it
+    is in HBM)."""
+    names = re.findall(r"%[\w.\-]+", args)
+    kind, _ = SHAPE.search(shapes.get(names[0], "pred[]")).groups()
+    if op == "dynamic-slice-start":
+        sizes = re.search(r"dynamic_slice_sizes=\{([\d,]*)\}", rest)
+        return BYTES[kind] * math.prod(int(d) for d in sizes.group(1).split(",")) if size.get(names[0]) else 0
+    update = sum(BYTES[t] * math.prod(int(d) for d in filter(None, dims.split(",")))
+                 for t, dims in SHAPE.findall(shapes.get(names[1], "")))
+    return update * (bool(size.get(names[0])) + bool(size.get(names[1])))
+
+
 def program_cost(hlo: str, steps: int, chip: str) -> dict:
     """HBM bytes, FLOPs, kernel time and collective bytes of one run of the program on one chip, read from its HLO.
     Each top-level instruction is a kernel: its bytes are its result and operands in HBM (not tuple plumbing; an
@@ -280,8 +296,12 @@ def program_cost(hlo: str, steps: int, chip: str) -> dict:
                 for callee in re.findall(r"(?:to_apply|branch_computations=\{|true_computation|false_computation)="
                                          r"?(%[\w.\-]+)", rest):
                     walk(callee, times)
+            elif op in ("dynamic-slice-start", "dynamic-update-slice-start"):  # XLA:TPU's async (V)MEM copies
+                started[var] = _async_slice_bytes(op, args, rest, size, shapes)
             elif op.endswith("-start"):  # an async op: its operands counted with its -done's result
                 started[var] = operands
+            elif op in ("dynamic-slice-done", "dynamic-update-slice-done"):
+                kernel(times, started.get(args.strip(), 0), 0.0)
             elif op.endswith("-done"):
                 kernel(times, size[var] + started.get(args.strip(), 0), 0.0)
             elif op not in PLUMBING:
@@ -333,11 +353,12 @@ def model_flops(animator) -> float:
     from pia_jax.sampling.animator import _denoise_fn
     from pia_jax.training.metrics import count_flops
     settings, *args = animator._denoise.args
-    saved, attention._cudnn_max_head_dim = attention._cudnn_max_head_dim, lambda: 0
-    try:  # outside compiling_for: "auto" picks XLA attention (the CPU's choice)
+    saved = attention._cudnn_max_head_dim, attention._on_tpu
+    attention._cudnn_max_head_dim, attention._on_tpu = (lambda: 0), (lambda: False)
+    try:  # "auto" picks XLA attention (the CPU's choice) whatever the devices the program is traced for
         return count_flops(functools.partial(_denoise_fn, animator._parts, settings), *args)
     finally:
-        attention._cudnn_max_head_dim = saved
+        attention._cudnn_max_head_dim, attention._on_tpu = saved
 
 
 def _hopper():
@@ -398,6 +419,24 @@ def _source() -> dict:
         return {"commit": where.name, "uncommitted": []}
     return {"commit": _git("rev-parse", "--short", "HEAD"),
             "uncommitted": sorted(line[3:] for line in _git("status", "--porcelain", "--", "pia_jax").splitlines())}
+
+
+def recount_row(row: dict) -> float:
+    """A row's model FLOPs (all chips, per call) from the traced program alone, nothing compiled: for rows whose
+    count picked the TPU kernels (before model_flops forced XLA attention: splash's FLOPs are not seen)."""
+    from pia_jax.sampling import SampleOptions, schedulers
+    devices, _ = _devices(row["target"], row["chips"])
+    from pia_jax.models import config
+    a = abstract_animator(config.MODELS[row["config"]], devices, donate=True)
+    a._denoise = _Recording(None)
+    a._denoise.get = lambda key, *args: setattr(a._denoise, "args", args)
+    options = SampleOptions(steps=row["steps"])
+    a._use_split(a.split_for(row["videos"], row["frames"], options))
+    schedule = schedulers.make_schedule(options.scheduler, a.scheduler_config, options.steps, options.strength,
+                                        length=a.scheduler_config.num_train_timesteps)
+    a._compile(-(-row["videos"] // a.groups) * a.groups, row["size"], row["size"], row["frames"],
+               a._settings(options, row["frames"]), schedule)
+    return round(model_flops(a) * row["steps"] / 1e12, 2)
 
 
 def compile_row(row: dict, hlo_path: str | None = None) -> dict:
@@ -539,6 +578,7 @@ def main():
     p.add_argument("--config", default=BASE["config"], help="pia_jax.models.config.MODELS: sd15, tiny")
     p.add_argument("--hlo", help="write the compiled HLO here (gzip)")
     p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--recount", help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="compile every row of TABLE not yet in --out")
     p.add_argument("--only", help="with --table: rows of this target only (h100, v5e, v6e)")
     p.add_argument("--min-free-gb", type=float, default=13.0, help="host memory available before a row starts")
@@ -562,6 +602,8 @@ def main():
             stop = time.time() + (hh * 3600 + mm * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
         rows = [r for r in TABLE if a.only in (None, r["target"]) and a.chips in (None, r["chips"])]
         return run_table(Path(a.out), rows, a.min_free_gb, stop, a.worktree, a.fresh)
+    if a.recount:
+        return print(json.dumps({"model_tflop_total": recount_row(json.loads(a.recount))}), flush=True)
     row = json.loads(a.row) if a.row else dict(BASE, target=a.target, chips=a.chips or 1, frames=a.frames, size=a.size,
                                                 config=a.config)
     print(json.dumps(compile_row(row, a.hlo)), flush=True)
