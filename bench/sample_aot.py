@@ -1,10 +1,11 @@
 """The sampler's denoise program compiled without a device, for one H100 and for TPU v5e / v6e with 1 and 8 chips:
 per-chip memory against the chip's HBM, FLOPs, HBM bytes and collective bytes per video, compile time, and a
-roofline estimate of the seconds per video. Nothing runs, so no time is measured: the time is an ESTIMATE.
+roofline estimate of the seconds per video (`estimate`). Nothing runs, so no time is measured: it is an ESTIMATE.
 
     /work/venv312/bin/python bench/sample_aot.py --target v5e --chips 8 --frames 64     # one row, a JSON line
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 /work/venv312/bin/python bench/sample_aot.py --table   # every row of TABLE
-    /work/venv312/bin/python bench/sample_aot.py --markdown                              # BENCHMARKS.md's table
+    /work/venv312/bin/python bench/sample_aot.py --table --only v5e --stop-at 12:03      # rows of TABLE not done
+    /work/venv312/bin/python bench/sample_aot.py --rescore     # score the rows again from their kept HLO
+    /work/venv312/bin/python bench/sample_aot.py --markdown    # BENCHMARKS.md's table
 
 (a python3.12 venv with jax==0.11.2, libtpu, jax[cuda13], flax, and `pip install --no-deps -e .`). The program is
 the one `sample.py` runs: SD1.5 PIA (random weights, shapes only), bf16, DDIM with guidance, SampleOptions'
@@ -12,12 +13,13 @@ defaults (one video, context mode attention, windows of 16 frames every 4 past 3
 program. It is built by the Animator's own code (`Animator.split_for`, `_settings`, `_compile`, `_denoise_fn`)
 on an Animator that holds weight shapes instead of weights (`abstract_animator`); only the denoise program
 compiles, the encode and decode programs are traced for their output shapes. The layout is the one the sampler
-picks for one video on the chips (`sharding.sampler_split`, read at run time and recorded per row); with its cfg
-axis of 2 and nothing else to split, one video on 8 chips pads its batch with copies to fill the other groups.
+picks for one video on the chips (`sharding.sampler_split`, read at run time and recorded per row).
 
 `--table` runs each row in its own process (XLA:TPU holds ~11 GB of host memory while it compiles SD1.5), one at a
-time, waiting while `free` shows less than --min-free-gb available, and appends its JSON line to --out; rows
-already there are skipped, so a stopped table resumes.
+time, waiting while /proc/meminfo shows less than --min-free-gb available, compiling HEAD's committed package
+(`snapshot`; the commit is recorded), and appends its JSON line to --out; rows already there are skipped, so a
+stopped table resumes (`--fresh`: rows compiled at another commit are compiled again). The compiled HLO is kept in
+HLO_DIR for `--rescore`.
 """
 
 import argparse
@@ -441,8 +443,13 @@ def recount_row(row: dict) -> float:
 
 def compile_row(row: dict, hlo_path: str | None = None) -> dict:
     import gzip
+    import inspect
 
     import jax
+
+    from pia_jax.sampling import animator
+    if row.get("program_mesh") == "split" and "compiling_for(settings.split)" in inspect.getsource(animator):
+        return dict(row, source=_source(), same_as="animator")  # the sampler traces for its split (9644dba)
     a, exe, settings, chip, per_batch = build_program(row)
     hlo = exe.as_text()
     if hlo_path:
