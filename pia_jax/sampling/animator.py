@@ -21,11 +21,11 @@ group's devices split one video's UNet batch, its two guidance halves over "cfg"
 windows in context mode unet (guided_eps, loop.py), or in context mode attention its frames inside the UNet: each
 chunk's frames in the spatial layers, its spatial sites in the motion modules, the activations moved between the
 two by all-to-alls (`Settings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
-use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies. The layout is a static setting of all three programs
-(`Settings.split`), each placing its outputs by video on it; the weights are replicated (`_weights` views them on
-the layout's devices). Batches hold `batch_size` videos per group (default: as many
-as the measured memory allows, memory.py) and run one after another through the same programs; the last is padded
-with copies of its last video.
+use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies.
+The layout is a static setting of all three programs (`Settings.split`), each placing its outputs by video on it;
+the weights are replicated (`_weights` views them on the layout's devices). Batches hold `batch_size` videos per
+group (default: as many as the measured memory allows, memory.py) and run one after another through the same
+programs; the last is padded with copies of its last video.
 
 Progress: with a `progress` function the loop runs in one-step pieces, all dispatched at once, and a step is
 reported when its latents are ready: truthful per step, the device never waits for the host. (A host callback in
@@ -600,9 +600,9 @@ class Animator:
         """The loop in one call, or (progress) in one-step pieces all queued before the first is waited for."""
         args = (rows(call.affinity), cond, run.guidance, rows(call.step_keys))
         bounds = [(i, i + 1) for i in range(run.steps)] if run.pieces else [(0, run.steps)]
-        pieces = []
+        pieces, weights = [], self._weights("denoise")
         for begin, end in bounds:
-            latents, state, finite = run.exes.denoise(self._weights("denoise"), latents, state, run.schedule, text, *args,
+            latents, state, finite = run.exes.denoise(weights, latents, state, run.schedule, text, *args,
                                                       self._put(np.int32(begin)), self._put(np.int32(end)), image,
                                                       run.ip_scale)
             pieces.append((end, finite))
