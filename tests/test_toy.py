@@ -529,14 +529,23 @@ def test_animate_says_what_it_is_doing_before_each_slow_step(monkeypatch):
 
     from pia_jax.eval import animate
 
-    fake = lambda images, *a, **k: SimpleNamespace(videos=np.zeros((len(images), 2, 4, 4, 3), np.uint8))  # noqa
+    class Fake:  # the cached Animator: counts the programs it compiled or loaded
+        compilations, programs_loaded = 0, 0
+
+        def __call__(self, images, *a, **k):
+            self.compilations = 3
+            return SimpleNamespace(videos=np.zeros((len(images), 2, 4, 4, 3), np.uint8))
+
+    fake = Fake()
     monkeypatch.setattr(animate, "animator", lambda model_dir, devices: fake)
-    said = []
-    videos = animate.animate("m", np.zeros((3, 4, 4, 3), np.uint8), ["p"] * 3, np.ones((3, 2)), [0, 1, 2], None,
-                             batch=2, log=said.append)
-    assert videos.shape == (3, 2, 4, 4, 3)
-    assert said == ["loading m (once per process)", "sampling videos 1-2 of 3 (compiling first)",
-                    "sampling videos 3-3 of 3"]
+    for first in (True, False):  # the second call finds the process's animator with its programs
+        said = []
+        videos = animate.animate("m", np.zeros((3, 4, 4, 3), np.uint8), ["p"] * 3, np.ones((3, 2)), [0, 1, 2], None,
+                                 batch=2, log=said.append)
+        assert videos.shape == (3, 2, 4, 4, 3)
+        assert said == ["loading m (once per process)",
+                        "sampling videos 1-2 of 3" + " (compiling or loading first)" * first,
+                        "sampling videos 3-3 of 3"]
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="models/toy is not in this checkout")

@@ -31,7 +31,8 @@ def animate(model_dir, images, prompts, affinities, seeds, options, *, negative_
     sampler = animator(str(model_dir), devices)
     out = []
     for start in range(0, n, batch):
-        log(f"sampling videos {start + 1}-{min(start + batch, n)} of {n}" + " (compiling first)" * (start == 0))
+        fresh = start == 0 and sampler.compilations + sampler.programs_loaded == 0  # not yet used in this process
+        log(f"sampling videos {start + 1}-{min(start + batch, n)} of {n}" + " (compiling or loading first)" * fresh)
         idx = [min(i, n - 1) for i in range(start, start + batch)]
         result = sampler(images[idx], [prompts[i] for i in idx], [negative_prompt] * batch, affinities[idx], options,
                          seeds=[int(seeds[i]) for i in idx], float_frames=float_frames)
