@@ -11,7 +11,7 @@ then per batch of videos, one compiled program each:
 The programs are pure module-level functions of the weights and the arrays (`_encode_fn`, `_denoise_fn`,
 `_decode_fn`). Each model's graph definition is static (`Graph`, bound into the programs); its weights travel as
 a flat list of arrays. What a program is compiled for besides its arguments' shapes is one frozen dataclass,
-`Settings`. Programs are compiled ahead of time from shapes alone (pia_jax.compiled, shared with the Trainer) by
+`ProgramSettings`. Programs are compiled ahead of time from shapes alone (pia_jax.compiled, shared with the Trainer) by
 `plan_batch_size`, which reads their memory needs; the batches then run the executables found, so a call walks no
 weight to find them.
 
@@ -20,9 +20,9 @@ count and the batch, or `SampleOptions.devices_per_video`): a batch of videos is
 group's devices split one video's UNet batch, its two guidance halves over "cfg" and over "window" its context
 windows in context mode unet (guided_eps, loop.py), or in context mode attention its frames inside the UNet: each
 chunk's frames in the spatial layers, its spatial sites in the motion modules, the activations moved between the
-two by all-to-alls (`Settings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
+two by all-to-alls (`ProgramSettings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
 use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies.
-The layout is a static setting of all three programs (`Settings.split`), each placing its outputs by video on it;
+The layout is a static setting of all three programs (`ProgramSettings.split`), each placing its outputs by video on it;
 the weights are replicated (`_weights` views them on the layout's devices). Batches hold `batch_size` videos per
 group (default: as many as the measured memory allows, memory.py) and run one after another through the same
 programs; the last is padded with copies of its last video.
@@ -71,7 +71,7 @@ def accelerator_default_dtype():
 # ---- the programs: pure functions of static structure, static settings, weights and arrays ----
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class ProgramSettings:
     """What the programs are compiled for besides their arguments' shapes (hashable: part of their keys). Each
     program is specialised for, and keyed by, only the fields it reads (`only`): e.g. another decode chunk compiles
     a new decode and nothing else."""
@@ -90,9 +90,9 @@ class Settings:
         spread = self.split is not None and self.split.shape["window"] > 1
         return "window" if spread and self.window is not None and self.context_mode == "attention" else None
 
-    def only(self, phase: str) -> "Settings":
+    def only(self, phase: str) -> "ProgramSettings":
         """The settings `phase` reads, the others at their defaults."""
-        return Settings(**{name: getattr(self, name) for name in _READS[phase]})
+        return ProgramSettings(**{name: getattr(self, name) for name in _READS[phase]})
 
 
 _READS = {"encode": ("clip_skip", "split"), "denoise": ("cfg", "window", "window_batch", "context_mode", "split"),
@@ -135,14 +135,14 @@ def _on_split(fn):
     chooses for them and a Pallas kernel's shard_map spans them (models/attention.py; over all devices it would
     not lower where a layout leaves devices idle)."""
     @functools.wraps(fn)
-    def traced(parts: Parts, settings: Settings, *args, **kwargs):
+    def traced(parts: Parts, settings: ProgramSettings, *args, **kwargs):
         with attention.compiling_for(settings.split):
             return fn(parts, settings, *args, **kwargs)
     return traced
 
 
 @_on_split
-def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_noise, noise, schedule, from_image,
+def _encode_fn(parts: Parts, settings: ProgramSettings, weights, ids, pixels, post_noise, noise, schedule, from_image,
                travel, nearest, clip_pixels=None):
     """-> (text states, condition latent, first latents, solver state, IP-Adapter image tokens (B, 2, n, D) or None);
     weights = (text encoder, VAE) leaves, and (image encoder, image projection) with an IP-Adapter."""
@@ -155,7 +155,7 @@ def _encode_fn(parts: Parts, settings: Settings, weights, ids, pixels, post_nois
 
 
 @_on_split
-def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state, schedule, text, mask, cond,
+def _denoise_fn(parts: Parts, settings: ProgramSettings, weights, latents, solver_state, schedule, text, mask, cond,
                 guidance, step_keys, begin, end, image=None, ip_scale=None):
     """-> (latents, solver state, whether each video's latents are finite) after steps begin..end-1: the flags are
     ready when the latents are, and unlike the latents (donated to the next piece on accelerators) they can be
@@ -178,13 +178,13 @@ def _denoise_fn(parts: Parts, settings: Settings, weights, latents, solver_state
 
 
 @_on_split
-def _decode_fn(parts: Parts, settings: Settings, weights, latents):
+def _decode_fn(parts: Parts, settings: ProgramSettings, weights, latents):
     """-> (frames, whether each video is finite); weights = the VAE's leaves."""
     return _by_video(settings, decode(parts.vae.merge(weights), parts.scaling_factor, latents, settings.decode_chunk,
                                       settings.as_uint8))
 
 
-def _by_video(settings: Settings, outputs):
+def _by_video(settings: ProgramSettings, outputs):
     """A program's outputs placed by video on its split (so the next program gets exactly what it was compiled
     for), replicated over a video's devices."""
     by_video = NamedSharding(settings.split, P("video"))
@@ -349,13 +349,13 @@ class Animator:
 
     # ---- compiling, from shapes alone ----
 
-    def _settings(self, options: SampleOptions, frames: int, float_frames: bool = False) -> Settings:
+    def _settings(self, options: SampleOptions, frames: int, float_frames: bool = False) -> ProgramSettings:
         window = options.window(frames, self.config.unet.motion_max_seq_length)
-        mode = options.mode if window is not None else Settings.context_mode  # no windows: one program for both
+        mode = options.mode if window is not None else ProgramSettings.context_mode  # no windows: one program for both
         window_batch, spread = options.window_batch, self._split.shape["window"]
         if spread > 1 and mode == "unet":  # each window device runs window_batch / spread windows per call
             window_batch = spread * max(1, min(window_batch, len(window.frames)) // spread)
-        return Settings(options.clip_skip, options.cfg, window, window_batch,
+        return ProgramSettings(options.clip_skip, options.cfg, window, window_batch,
                         max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode,
                         split=self._split)
 
@@ -377,13 +377,13 @@ class Animator:
         text, vae, unet, image = self._placed[n]
         return {"encode": (text, vae) + image, "denoise": unet, "decode": vae}[phase]
 
-    def _get(self, phase: str, settings: Settings, *arrays):
+    def _get(self, phase: str, settings: ProgramSettings, *arrays):
         """`phase`'s executable for these arrays (or shapes) and the settings it reads, compiled on first use."""
         settings = settings.only(phase)
         program = getattr(self, "_" + phase)
         return program.get((settings, compiled.signature(arrays)), settings, self._weights(phase), *arrays)
 
-    def _compile(self, b: int, height: int, width: int, frames: int, settings: Settings, schedule, text_keys=0,
+    def _compile(self, b: int, height: int, width: int, frames: int, settings: ProgramSettings, schedule, text_keys=0,
                  keyframes=0) -> Executables:
         """The three programs for a batch of b videos (all devices), compiled from shapes. `text_keys`: the most keys
         of a prompt map (prompt travel), 0 for plain prompts; `keyframes`: condition images per video (0: one)."""
