@@ -157,12 +157,10 @@ def say(start: float, what: str) -> None:
 def write_group(a, g, result, single: bool, formats) -> list[Path]:
     """Writes a group's videos (and with --save-noise their noise), each file complete or not at all."""
     written = []
-    writers = {"gif": lambda q, f: media.write_gif(q, f, a.fps), "mp4": lambda q, f: media.write_mp4(q, f, a.fps),
-               "png": media.write_png_frames}
     for i, video in enumerate(g.videos):
         paths = cases.output_paths(a.out, video.name, single, formats)
         for fmt, path in paths.items():
-            writers[fmt](path, result.videos[i])
+            media.write_video(fmt, path, result.videos[i], a.fps)
             written.append(path)
         if a.save_noise:
             cases.save_noise(paths, result.noise[i:i + 1], result.posterior_noise[i:i + 1])

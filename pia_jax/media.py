@@ -216,6 +216,16 @@ def write_png_frames(directory, frames: np.ndarray) -> None:
     _write_atomically(directory, write, directory=True)
 
 
+
+def write_video(fmt: str, path, frames: np.ndarray, fps: float = 8) -> None:
+    """`frames` written as format `fmt` ("gif", "mp4" or "png": a folder of frames) at `path`, complete or not at
+    all: the one place sample.py and the web UI turn a video into files."""
+    writers = {"gif": lambda: write_gif(path, frames, fps), "mp4": lambda: write_mp4(path, frames, fps),
+               "png": lambda: write_png_frames(path, frames)}
+    if fmt not in writers:
+        raise MediaError(f"video format must be one of {tuple(writers)}, got {fmt!r}")
+    writers[fmt]()
+
 # ---- CLIP's image preprocessing (the CLIP metric model and IP-Adapter's image encoder), step for step as
 # transformers' `CLIPImageProcessor` (PIL backend): 1. resize the short side to `resize` pixels, the long side to
 # int(resize * long / short) (truncated), PIL bicubic on the uint8 image; 2. centre crop to `crop` x `crop`, top-left

@@ -264,6 +264,19 @@ def test_writer_argument_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+
+def test_write_video_writes_each_format_as_its_writer(tmp_path):
+    frames = smooth_clip(3)
+    for fmt, write, name in (("gif", media.write_gif, "a.gif"), ("mp4", media.write_mp4, "a.mp4")):
+        media.write_video(fmt, tmp_path / "via" / name, frames, fps=6)
+        write(tmp_path / "direct" / name, frames, 6)
+        assert (tmp_path / "via" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), fmt
+    media.write_video("png", tmp_path / "frames", frames)
+    assert sorted(os.listdir(tmp_path / "frames")) == ["0000.png", "0001.png", "0002.png"]
+    with pytest.raises(MediaError, match=r"video format must be one of \('gif', 'mp4', 'png'\), got 'avi'"):
+        media.write_video("avi", tmp_path / "a.avi", frames)
+    assert sorted(os.listdir(tmp_path)) == ["direct", "frames", "via"]
+
 # ---------------------------------------------------------------------------------------------------------------
 # output paths and atomicity
 

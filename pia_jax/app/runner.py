@@ -168,8 +168,8 @@ def _write(a, g: cases.Group, result, single: bool) -> list:
     written = []
     for i, video in enumerate(g.videos):
         paths = cases.output_paths(a.out, video.name, single, plan.FORMATS)
-        media.write_mp4(paths["mp4"], result.videos[i], a.fps)
-        media.write_gif(paths["gif"], result.videos[i], a.fps)
+        for fmt, path in paths.items():
+            media.write_video(fmt, path, result.videos[i], a.fps)
         written.append({"name": video.name, **paths})
     return written
 
