@@ -264,22 +264,27 @@ def _async_slice_bytes(op: str, args: str, rest: str, size: dict, shapes: dict) 
     return update * (bool(size.get(names[0])) + bool(size.get(names[1])))
 
 
-def program_cost(hlo: str, steps: int, chip: str) -> dict:
+def program_cost(hlo: str, steps: int, chip: str, kernels: list | None = None) -> dict:
     """HBM bytes, FLOPs, kernel time and collective bytes of one run of the program on one chip, read from its HLO.
     Each top-level instruction is a kernel: its bytes are its result and operands in HBM (not tuple plumbing; an
     async -start / -done pair once), its time max(FLOPs / peak, bytes / bandwidth) (`_flops`). A while loop's body
     counts times its trip count (`_trip_count`; the denoising loop's is data: `steps`), called computations once.
-    Collective bytes are those of an op's results (an async -start op's second half)."""
+    Collective bytes are those of an op's results (an async -start op's second half). `kernels`: a list that gets
+    (seconds over all runs, runs, op, result shape, op_name) per kernel (`--top`)."""
     comps, entry = _computations(hlo)
     tflops, bandwidth = PEAKS[chip][0] * 1e12, PEAKS[chip][1] * 1e9
     out = {"bytes": 0, "flops": 0.0, "kernel_s": 0.0, "collectives": collections.defaultdict(lambda: [0, 0]),
            "unknown_loops": 0}
     cache = {}
 
-    def kernel(times: int, nbytes: int, flops: float):
+    def kernel(times: int, nbytes: int, flops: float, line: str = ""):
         out["bytes"] += times * nbytes
         out["flops"] += times * flops
         out["kernel_s"] += times * max(flops / tflops, nbytes / bandwidth)
+        if kernels is not None and line:
+            m, name = INSTRUCTION.match(line), re.search(r'op_name="([^"]*)"', line)
+            kernels.append((times * max(flops / tflops, nbytes / bandwidth), times, m.group(3), m.group(2)[:90],
+                            name.group(1)[-90:] if name else ""))
 
     def walk(name: str, times: int):
         size, shapes, started = {}, {}, {}
@@ -303,12 +308,12 @@ def program_cost(hlo: str, steps: int, chip: str) -> dict:
             elif op.endswith("-start"):  # an async op: its operands counted with its -done's result
                 started[var] = operands
             elif op in ("dynamic-slice-done", "dynamic-update-slice-done"):
-                kernel(times, started.get(args.strip(), 0), 0.0)
+                kernel(times, started.get(args.strip(), 0), 0.0, line)
             elif op.endswith("-done"):
-                kernel(times, size[var] + started.get(args.strip(), 0), 0.0)
+                kernel(times, size[var] + started.get(args.strip(), 0), 0.0, line)
             elif op not in PLUMBING:
                 kernel(times, _touched(op, args, rest, size, size[var], comps, cache),
-                       _flops(var, op, shape, args, rest, shapes, comps, cache))
+                       _flops(var, op, shape, args, rest, shapes, comps, cache), line)
             kind = op.removesuffix("-start")
             if kind in COLLECTIVES:
                 arrays = SHAPE.findall(shape)
@@ -490,6 +495,18 @@ def score(result: dict, hlo: str) -> dict:
                               s_per_video_full_batch=round(est["s_per_call"] / result["batch_videos"], 2)))
 
 
+def top(hlo_path: str, chip: str, n: int = 25):
+    """The `n` kernels of a kept HLO that take longest by the roofline over a 25-step video, with their share."""
+    import gzip
+    with gzip.open(hlo_path, "rt") as f:
+        hlo = f.read()
+    kernels = []
+    cost = program_cost(hlo, STEPS, chip, kernels)
+    for seconds, runs, op, shape, name in sorted(kernels, reverse=True)[:n]:
+        print(f"{seconds:8.3f} s {100 * seconds / cost['kernel_s']:5.1f} % x{runs:<7} {op:22} {shape:60} {name}")
+    print(f"{cost['kernel_s']:8.3f} s in all (kernels; collectives apart)")
+
+
 def _available_gb() -> float:
     with open("/proc/meminfo") as f:
         return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) / 2**20
@@ -595,11 +612,14 @@ def main():
     p.add_argument("--worktree", action="store_true", help="with --table: compile this working tree, not HEAD's "
                    "snapshot")
     p.add_argument("--out", default="bench/sample_aot.jsonl")
+    p.add_argument("--top", metavar="HLO", help="list the longest kernels of a kept HLO (HLO_DIR) for --target")
     p.add_argument("--rescore", action="store_true", help="score the rows in --out again from their kept HLO")
     p.add_argument("--markdown", action="store_true", help="print the results in --out as BENCHMARKS.md's table")
     a = p.parse_args()
     if a.rescore:
         return rescore(Path(a.out))
+    if a.top:
+        return top(a.top, a.target or "v6e")
     if a.markdown:
         return print(markdown([json.loads(line) for line in Path(a.out).open()]))
     if a.table:
