@@ -9,20 +9,20 @@ then per batch of videos, one compiled program each:
   decode  (decode.py)  latents -> uint8 frames, a few frames per video at a time inside the program.
 
 The programs are pure module-level functions of the weights and the arrays (`_encode_fn`, `_denoise_fn`,
-`_decode_fn`). Each model's graph definition is static (`Graph`, bound into the programs); its weights travel as
-a flat list of arrays. What a program is compiled for besides its arguments' shapes is one frozen dataclass,
-`ProgramSettings`. Programs are compiled ahead of time from shapes alone (pia_jax.compiled, shared with the Trainer) by
-`plan_batch_size`, which reads their memory needs; the batches then run the executables found, so a call walks no
+`_decode_fn`). Each model's graph definition is static (`Graph`, bound into the programs); its weights travel as a
+flat list of arrays. What a program is compiled for besides its arguments' shapes is one frozen dataclass,
+`ProgramSettings`. Programs are compiled ahead of time from shapes alone (pia_jax.compiled, shared with the Trainer)
+by `plan_batch_size`, which reads their memory needs; the batches then run the executables found, so a call walks no
 weight to find them.
 
 Devices: each call lays the mesh's devices out as (video, cfg, window) (sharding.sampler_split, from the device
 count and the batch, or `SampleOptions.devices_per_video`): a batch of videos is split over "video" groups; a
 group's devices split one video's UNet batch, its two guidance halves over "cfg" and over "window" its context
 windows in context mode unet (guided_eps, loop.py), or in context mode attention its frames inside the UNet: each
-chunk's frames in the spatial layers, its spatial sites in the motion modules, the activations moved between the
-two by all-to-alls (`ProgramSettings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
-use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies.
-The layout is a static setting of all three programs (`ProgramSettings.split`), each placing its outputs by video on it;
+chunk's frames in the spatial layers, its spatial sites in the motion modules, the activations moved between the two
+by all-to-alls (`ProgramSettings.frame_axis`, models/frame_split.py). Spare devices go to a video as far as it can
+use them; the rest stay idle (the layout then holds the first devices only) instead of computing padding copies. The
+layout is a static setting of all three programs (`ProgramSettings.split`), each placing its outputs by video on it;
 the weights are replicated (`_weights` views them on the layout's devices). Batches hold `batch_size` videos per
 group (default: as many as the measured memory allows, memory.py) and run one after another through the same
 programs; the last is padded with copies of its last video.
@@ -356,8 +356,8 @@ class Animator:
         if spread > 1 and mode == "unet":  # each window device runs window_batch / spread windows per call
             window_batch = spread * max(1, min(window_batch, len(window.frames)) // spread)
         return ProgramSettings(options.clip_skip, options.cfg, window, window_batch,
-                        max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode,
-                        split=self._split)
+                               max(1, min(options.decode_chunk, frames)), not float_frames, context_mode=mode,
+                               split=self._split)
 
     def _schedule(self, options: SampleOptions):
         config = self.scheduler_config
