@@ -78,7 +78,7 @@ def sampler_split(devices: int, videos: int, cfg: bool, parts: int, per_video: i
 
     A video can use 2 devices for guidance's halves (1 without guidance) times `parts`, what its devices may split
     beyond them (SampleOptions.device_parts: its context windows in context mode unet, its chunks of context-length
-    frames in context mode attention; 1 for nothing). Each video
+    frames in context mode attention, its groups of frames without windows; 1 for nothing). Each video
     gets `per_video` devices, by default as many as it can use while every video of the batch has its own (even
     with guidance, whose halves need a pair): spare devices go to the video. As many groups as the videos fill,
     at most devices // per_video, and no more than one batch round needs (12 videos on 8 groups: 6 groups of 2):
@@ -93,8 +93,9 @@ def sampler_split(devices: int, videos: int, cfg: bool, parts: int, per_video: i
         raise ValueError(f"devices per video must be in 1..{devices} (the devices there are), got {per_video}")
     if per_video > useful or (cfg and per_video % 2 and per_video > 1):
         raise ValueError(f"devices per video {per_video}: a video can use {useful} (2 for guidance's halves, times "
-                         f"its {max(1, parts)} context windows in context mode unet or chunks of context-length "
-                         "frames in context mode attention), as an even number with guidance; give fewer")
+                         f"its {max(1, parts)} context windows in context mode unet, chunks of context-length frames "
+                         "in context mode attention, or groups of frames without windows), as an even number with "
+                         "guidance; give fewer")
     halves = 2 if cfg and per_video % 2 == 0 else 1
     rounds = -(-videos // (devices // per_video))  # videos per group
     return max(1, -(-videos // rounds)), halves, per_video // halves

@@ -1,6 +1,7 @@
 """One video over many devices (issue 30): guidance's two halves on a `cfg` mesh axis, a long video's context
-windows (context mode unet) or its frames inside the UNet (context mode attention: each chunk's frames in the
-spatial layers, its sites in the motion modules) on a `window` axis, chosen from the device count and the batch.
+windows (context mode unet) or its frames inside the UNet (context mode attention, and videos without windows:
+each chunk's frames in the spatial layers, its sites in the motion modules) on a `window` axis, chosen from the
+device count and the batch.
 
 Oracle: the same video on one device. Both sides are fp32 on the same CPU and run the same per-row UNet; the
 split only changes which device computes a row and the order of the blend's, the guidance's and the frame-pooled
@@ -82,6 +83,9 @@ def test_the_split_follows_the_devices_and_the_batch():
         sharding.sampler_split(8, 1, True, 13, per_video=10)
     mesh = sharding.sampler_mesh(jax.devices(), (3, 2, 1))
     assert list(mesh.devices.flat) == jax.devices()[:6]
+    parts = lambda frames, **k: SampleOptions(**k).device_parts(frames, 32)  # noqa: E731
+    assert (parts(16), parts(7), parts(3)) == (4, 1, 1)  # no windows: groups of 4 frames
+    assert (parts(64), parts(64, context_mode="unet")) == (4, 13)  # 4 chunks of 16 frames, 13 windows
 
 
 def test_frame_chunks_over_devices_keep_every_row_in_place():
@@ -104,27 +108,36 @@ def test_frame_chunks_over_devices_keep_every_row_in_place():
 
 
 def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch):
-    """16 frames with guidance (cfg = 2: one group of 2 devices, 6 idle, no padding copies) and 64 frames in context
-    mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the frames of
-    one device, and each device's share of the denoise work is 1/2 resp. ~1/8 of the one-device program's. The
-    programs are traced for the layout's devices: attention kernels chosen, and Pallas ones partitioned, for the 2
-    devices the 16-frame video uses (over all 8 the splash kernel's shard_map does not lower: a TPU slice)."""
+    """16 frames with guidance (no windows: cfg = 2 x window = 4, the frames in groups of 4 split inside the UNet as
+    attention mode's chunks are), the same with 2 devices per video (6 idle, no padding copies), and 64 frames in
+    context mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the
+    frames of one device, and each device's share of the denoise work is ~1/8, 1/2 resp. ~1/8 of the one-device
+    program's. The programs are traced for the layout's devices: attention kernels chosen, and Pallas ones
+    partitioned, for the 2 devices the pair uses (over all 8 the splash kernel's shard_map does not lower: a TPU
+    slice)."""
     one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     many = Animator.load(model)
     assert many.devices == 8
     short = SampleOptions(steps=2)
     expected, flops_one = video(one, 16, short), denoise_flops(one)
+    got = video(many, 16, short)
+    assert many._split.shape == {"video": 1, "cfg": 2, "window": 4} and many.devices_per_group == 8
+    assert_close(got, expected, TOL, "16 frames, cfg x frames over 8 devices")
+    print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
+    assert denoise_flops(many) < 0.2 * flops_one, "each device runs 4 of the 16 frames of one guidance half"
+
+    pair = dataclasses.replace(short, devices_per_video=2)
     targets, pick = [], attention.pick_kernel
     monkeypatch.setattr(attention, "pick_kernel", lambda *a, **k: targets.append(attention._TARGET.get()[0]) or
                         pick(*a, **k))
-    many.plan_batch_size(1, SIZE, SIZE, 16, short, float_frames=True, text_keys=2, keyframes=2)  # as sample.py does
+    many.plan_batch_size(1, SIZE, SIZE, 16, pair, float_frames=True, text_keys=2, keyframes=2)  # as sample.py does
     assert targets and {m.devices.size for m in targets} == {2}
     compiled = many.compilations
-    got = video(many, 16, short)
+    got = video(many, 16, pair)
     assert many.compilations == compiled, "the plan compiled the split the call runs"
     assert many._split.shape == {"video": 1, "cfg": 2, "window": 1} and many.devices_per_group == 2
     assert_close(got, expected, TOL, "16 frames, cfg over 2 devices")
-    print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
+    print(f"per-device denoise FLOPs, 2 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.6 * flops_one, "each device runs one guidance half of its video"
 
     long = SampleOptions(steps=2, context_length=16, context_mode="unet")
@@ -137,8 +150,8 @@ def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch)
     assert_close(got, expected, TOL, "64 frames, cfg x windows over 8 devices")
     print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.2 * flops_one, "each device runs 1 of the 4 windows of one guidance half"
-    with pytest.raises(ValueError, match="devices per video 8: a video can use 2"):
-        video(many, 16, SampleOptions(steps=2, devices_per_video=8))
+    with pytest.raises(ValueError, match="devices per video 8: a video can use 4"):
+        video(many, 8, SampleOptions(steps=2, devices_per_video=8))  # 8 frames: 2 groups of 4 x guidance
 
 
 def test_unusable_devices_per_video_fails_before_loading(model, tmp_path, capsys, monkeypatch):
@@ -147,8 +160,8 @@ def test_unusable_devices_per_video_fails_before_loading(model, tmp_path, capsys
     monkeypatch.setattr("pia_jax.sampling.animator.Animator.load", lambda *a, **k: pytest.fail("the model was loaded"))
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "img.png")
     argv = ["--model", str(model), "--image", str(tmp_path / "img.png"), "--prompt", "cat", "--size", str(SIZE),
-            "--out", str(tmp_path / "out")]
-    assert sample.main(argv + ["--devices-per-video", "4"]) == 2  # 16 frames with guidance: 2 devices of use
+            "--out", str(tmp_path / "out"), "--frames", "6"]
+    assert sample.main(argv + ["--devices-per-video", "4"]) == 2  # 6 frames (one group of 4+) with guidance: 2
     err = capsys.readouterr().err
     assert err.startswith("error: img-cat-42: devices per video 4: a video can use 2"), err
     assert not (tmp_path / "out").exists()

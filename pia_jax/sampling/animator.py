@@ -86,9 +86,10 @@ class ProgramSettings:
 
     @property
     def frame_axis(self) -> str | None:
-        """The mesh axis that splits a video's frames inside the UNet (context mode attention), or None."""
+        """The mesh axis that splits a video's frames inside the UNet (context mode attention, or no windows: then
+        the mode is attention's default), or None."""
         spread = self.split is not None and self.split.shape["window"] > 1
-        return "window" if spread and self.window is not None and self.context_mode == "attention" else None
+        return "window" if spread and self.context_mode == "attention" else None
 
     def only(self, phase: str) -> "ProgramSettings":
         """The settings `phase` reads, the others at their defaults."""

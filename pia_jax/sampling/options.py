@@ -21,6 +21,7 @@ DEFAULT_CONTEXT_LENGTH = 16  # what PIA and AnimateDiff were trained on
 _WINDOW_OPTIONS = ("context_mode", "context_stride", "context_weighting", "window_batch")  # only with windows
 CONTEXT_MODES = ("attention", "unet")
 DEFAULT_CONTEXT_MODE = "attention"
+FRAMES_PER_DEVICE = 4  # without windows a video's frames split over devices in groups of at least this many
 
 # The reference's negative prompt when a config gives none (PIA i2v_pipeline.py DEFAULT_N_PROMPT).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -73,9 +74,10 @@ class SampleOptions:
                                   "--noise, which is used as given: reschedule it before saving it)",
                           ("none", *NOISE_TYPES))
     devices_per_video: int | None = opt(
-        None, "devices one video runs on: guidance's two halves (2) times its context windows (context mode unet) or "
-              "its chunks of context-length frames (attention mode) spread over them (default: as many as it can "
-              "use while every video of the batch has its own; devices left over stay idle)")
+        None, "devices one video runs on: guidance's two halves (2) times its context windows (context mode unet), "
+              "its chunks of context-length frames (attention mode) or, without windows, its frames in groups of "
+              f"{FRAMES_PER_DEVICE} spread over them (default: as many as it can use while every video of the batch "
+              "has its own; devices left over stay idle)")
     ip_adapter_scale: float | None = opt(
         None, "IP-Adapter image prompt strength, for a model converted with --ip-adapter (default there 1.0, as "
               "diffusers; 0 disables it); the image is --ip-adapter-image, else the condition image")
@@ -113,11 +115,11 @@ class SampleOptions:
     def device_parts(self, num_frames: int, max_positions: int) -> int:
         """What one video's devices may split beyond guidance's two halves (sharding.sampler_split's `parts`): its
         context windows in context mode unet, its chunks of context-length frames in context mode attention (the
-        UNet's `frame_chunk`: each device then holds about a chunk's frames, models/frame_split.py); 1 (nothing)
-        without windows."""
+        UNet's `frame_chunk`: each device then holds about a chunk's frames, models/frame_split.py), and without
+        windows its frames in groups of FRAMES_PER_DEVICE (split as attention mode's one chunk is)."""
         window = self.window(num_frames, max_positions)
         if window is None:
-            return 1
+            return max(1, num_frames // FRAMES_PER_DEVICE)
         return len(window.frames) if self.mode == "unet" else -(-num_frames // window.length)
 
     def check_frames(self, num_frames: int, config: PIAConfig):
