@@ -488,7 +488,8 @@ def score(result: dict, hlo: str) -> dict:
     result = dict(result, chips_used=used, model_tflop_per_chip=round(result["model_tflop_total"] / used, 2))
     cost = program_cost(hlo, result["steps"], chip)
     est = estimate(chip, cost, result["model_tflop_per_chip"] * 1e12)
-    return dict(result, hbm_GB_per_chip=round(cost["bytes"] / 1e9, 1), hlo_tflop_per_chip=round(cost["flops"] / 1e12, 2),
+    return dict(result, hbm_GB_per_chip=round(cost["bytes"] / 1e9, 1),
+                hlo_tflop_per_chip=round(cost["flops"] / 1e12, 2),
                 loops_without_trip_count=cost["unknown_loops"], collectives=cost["collectives"],
                 custom_calls=dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))),
                 estimate=dict(est, s_per_video=round(est["s_per_call"] / result["videos"], 2),
@@ -540,13 +541,15 @@ def run_table(out: Path, rows: list[dict], min_free_gb: float, stop_at: float | 
         HLO_DIR.mkdir(exist_ok=True)
         try:
             proc = subprocess.run([sys.executable, __file__, "--row", key, "--hlo", str(hlo)], capture_output=True,
-                                  check=False, text=True, env=env, timeout=None if stop_at is None else stop_at - time.time())
+                                  check=False, text=True, env=env,
+                                  timeout=None if stop_at is None else stop_at - time.time())
         except subprocess.TimeoutExpired:
             print(f"stopped at the deadline: {key}", flush=True)
             return
+        errors = [line for line in proc.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception)\b", line)]
         line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else json.dumps(
-            dict(row, source={"commit": commit, "uncommitted": []} if src else _source(), error=([line for line in proc.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception)\b", line)]
-                             or proc.stderr.strip().splitlines() or ["no output"])[-1][:1000]))
+            dict(row, source={"commit": commit, "uncommitted": []} if src else _source(),
+                 error=(errors or proc.stderr.strip().splitlines() or ["no output"])[-1][:1000]))
         with out.open("a") as f:
             f.write(line + "\n")
         print(line, flush=True)
