@@ -264,6 +264,12 @@ def _async_slice_bytes(op: str, args: str, rest: str, size: dict, shapes: dict) 
     return update * (bool(size.get(names[0])) + bool(size.get(names[1])))
 
 
+def _named(line: str) -> tuple[str, str, str]:
+    """(op, result shape, op_name) of an HLO instruction line, shortened for `--top`."""
+    m, name = INSTRUCTION.match(line), re.search(r'op_name="([^"]*)"', line)
+    return m.group(3), m.group(2)[:90], name.group(1)[-90:] if name else ""
+
+
 def program_cost(hlo: str, steps: int, chip: str, kernels: list | None = None) -> dict:
     """HBM bytes, FLOPs, kernel time and collective bytes of one run of the program on one chip, read from its HLO.
     Each top-level instruction is a kernel: its bytes are its result and operands in HBM (not tuple plumbing; an
@@ -282,9 +288,7 @@ def program_cost(hlo: str, steps: int, chip: str, kernels: list | None = None) -
         out["flops"] += times * flops
         out["kernel_s"] += times * max(flops / tflops, nbytes / bandwidth)
         if kernels is not None and line:
-            m, name = INSTRUCTION.match(line), re.search(r'op_name="([^"]*)"', line)
-            kernels.append((times * max(flops / tflops, nbytes / bandwidth), times, m.group(3), m.group(2)[:90],
-                            name.group(1)[-90:] if name else ""))
+            kernels.append((times * max(flops / tflops, nbytes / bandwidth), times) + _named(line))
 
     def walk(name: str, times: int):
         size, shapes, started = {}, {}, {}
