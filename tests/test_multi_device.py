@@ -109,7 +109,7 @@ def test_frame_chunks_over_devices_keep_every_row_in_place():
 
 def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch):
     """16 frames with guidance (no windows: cfg = 2 x window = 4, the frames in groups of 4 split inside the UNet as
-    attention mode's chunks are), the same with 2 devices per video (6 idle, no padding copies), and 64 frames in
+    attention mode's chunks are; 13 frames: window 3, padded), the same with 2 devices per video (6 idle, no padding copies), and 64 frames in
     context mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the
     frames of one device, and each device's share of the denoise work is ~1/8, 1/2 resp. ~1/8 of the one-device
     program's. The programs are traced for the layout's devices: attention kernels chosen, and Pallas ones
@@ -125,6 +125,9 @@ def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch)
     assert_close(got, expected, TOL, "16 frames, cfg x frames over 8 devices")
     print(f"per-device denoise FLOPs, 8 devices / 1: {denoise_flops(many) / flops_one:.3f}")
     assert denoise_flops(many) < 0.2 * flops_one, "each device runs 4 of the 16 frames of one guidance half"
+    odd = video(many, 13, short)  # 3 groups of 4+ frames: 13 rows padded to 15 inside the UNet, 2 dropped
+    assert many._split.shape == {"video": 1, "cfg": 2, "window": 3}
+    assert_close(odd, video(one, 13, short), TOL, "13 frames, cfg x frames over 6 devices")
 
     pair = dataclasses.replace(short, devices_per_video=2)
     targets, pick = [], attention.pick_kernel
