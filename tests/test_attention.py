@@ -145,13 +145,28 @@ def test_splash_on_a_mesh_runs_per_device():
 def test_chunked_keeps_a_query_split_over_devices(small_chunks):
     """Frames folded into the query sequence and split over 4 devices in contiguous blocks (frame_split.py):
     each query chunk keeps that split, so the compiled program moves no queries between devices (with contiguous
-    chunks GSPMD all-gathered them, 5.4 TB per chip per 64-frame video, BENCHMARKS.md); values as XLA's (TOL)."""
+    chunks GSPMD all-gathered them, 5.4 TB per chip per 64-frame video, BENCHMARKS.md); values as XLA's (TOL).
+    Under `queries_split(4)` (the UNet says so) a chunk holds CHUNK_QUERIES rows per device: 3 chunks, not 12."""
     from jax.sharding import Mesh, NamedSharding
     mesh = Mesh(np.array(jax.devices()[:4]), ("window",))
-    q, k, v = qkv(4 * 256 * 3, 77, b=2, h=2, d=16)  # 3 chunks of 256 rows each, 192 rows per device
+    q, k, v = qkv(4 * 256 * 3, 77, b=2, h=2, d=16)  # 192 rows per device
     rows = NamedSharding(mesh, P(None, "window"))
     q = jax.device_put(q, rows)
-    fn = jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="chunked"), out_shardings=rows)
-    hlo = fn.lower(q, k, v).compile().as_text()
-    assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op in hlo], hlo
-    assert_close(fn(q, k, v), attention.dot_product_attention(q, k, v, kernel="xla"), TOL, "chunked, rows split")
+    expected = attention.dot_product_attention(q, k, v, kernel="xla")
+    for devices, chunks in ((1, 12), (4, 3)):
+        with attention.queries_split(devices):
+            fn = jax.jit(lambda *a: attention.dot_product_attention(*a, kernel="chunked"), out_shardings=rows)
+            lowered = fn.lower(q, k, v)
+        hlo = lowered.compile().as_text()
+        assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op in hlo], hlo
+        assert f"tensor<{chunks}x2x{256 * devices}x2x16xf32>" in lowered.as_text(), devices  # (n, B, C, H, D)
+        assert_close(fn(q, k, v), expected, TOL, f"chunked, rows split, queries_split({devices})")
+
+
+def test_auto_chunks_by_one_devices_queries():
+    """64 frames x 4096 tokens folded into a cross-attention's queries (77 text keys) take chunks on one device, and
+    plain XLA where 4 devices each hold 16 frames' queries (attention.queries_split, set by the UNet)."""
+    assert attention.pick_kernel("auto", 64 * 4096, 40, jnp.float32, kv_len=77) == "chunked"
+    with attention.queries_split(4):
+        assert attention.pick_kernel("auto", 64 * 4096, 40, jnp.float32, kv_len=77) == "xla"
+        assert attention.pick_kernel("auto", 256 * 4096, 40, jnp.float32, kv_len=77) == "chunked"

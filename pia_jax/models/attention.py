@@ -63,6 +63,21 @@ def compiling_for(mesh: jax.sharding.Mesh | None, manual: bool = False):
         _TARGET.reset(token)
 
 
+_QUERY_DEVICES: contextvars.ContextVar = contextvars.ContextVar("query_devices", default=1)
+
+
+@contextlib.contextmanager
+def queries_split(devices: int):
+    """Within this block each attention's query sequence is split over `devices` devices in contiguous blocks
+    (frames folded into a cross-attention's queries under the frame split, frame_split.py): "auto" chooses chunks by
+    one device's part, and a chunk holds CHUNK_QUERIES rows on each device. Read while a function is traced."""
+    token = _QUERY_DEVICES.set(devices)
+    try:
+        yield
+    finally:
+        _QUERY_DEVICES.reset(token)
+
+
 def _on_tpu() -> bool:
     mesh, _ = _TARGET.get()
     return (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "tpu"
@@ -94,6 +109,7 @@ def pick_kernel(kernel: str, q_len: int, head_dim: int, dtype, kv_len: int | Non
             and head_dim <= _cudnn_max_head_dim())
     if fits and q_len >= CUDNN_MIN_QUERY_LEN:
         return "cudnn"
+    q_len = -(-q_len // _QUERY_DEVICES.get())  # one device's queries decide (queries_split)
     return "chunked" if q_len > CHUNK_QUERIES and q_len * kv_len >= CHUNK_MIN_LOGITS else "xla"
 
 
@@ -103,12 +119,13 @@ def _chunked(q, k, v):
     every device attends over its own rows; contiguous chunks would each lie on one device, and GSPMD would gather
     them to all (bench/sample_aot.py measured 5.4 TB per chip per 64-frame video)."""
     b, lq, h, d = q.shape
-    n = -(-lq // CHUNK_QUERIES)
-    q = jnp.pad(q, ((0, 0), (0, n * CHUNK_QUERIES - lq), (0, 0), (0, 0)))  # padded query rows are dropped below
-    blocks = jnp.moveaxis(q.reshape(b, CHUNK_QUERIES, n, h, d), 2, 0)  # (n, B, C, H, D): row c*n + j in block j
+    size = CHUNK_QUERIES * _QUERY_DEVICES.get()  # CHUNK_QUERIES rows on each device holding a part (queries_split)
+    n = -(-lq // size)
+    q = jnp.pad(q, ((0, 0), (0, n * size - lq), (0, 0), (0, 0)))  # padded query rows are dropped below
+    blocks = jnp.moveaxis(q.reshape(b, size, n, h, d), 2, 0)  # (n, B, C, H, D): row c*n + j in block j
     attend = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
     out = jnp.moveaxis(jax.lax.map(attend, blocks), 0, 2)  # (B, C, n, H, D)
-    return out.reshape(b, n * CHUNK_QUERIES, h, d)[:, :lq]
+    return out.reshape(b, n * size, h, d)[:, :lq]
 
 
 @functools.cache

@@ -8,6 +8,8 @@ The caller names the axis (`UNetMotionModel(..., frame_axis=)`, plain data) and 
 the chunk count, as a `Chunks` where a plain count went before.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -39,6 +41,24 @@ def devices(axis: str | None) -> int:
     return mesh.shape[axis]
 
 
+_ROWS_DEVICES: contextvars.ContextVar = contextvars.ContextVar("rows_devices", default=1)
+
+
+def rows_devices() -> int:
+    """Devices the rows being traced are split over: w inside a `chunked` function, else 1 (read by the spatial
+    cross-attention, which folds a chunk's frames into one query sequence: attention.queries_split)."""
+    return _ROWS_DEVICES.get()
+
+
+@contextlib.contextmanager
+def _rows_on(devices: int):
+    token = _ROWS_DEVICES.set(devices)
+    try:
+        yield
+    finally:
+        _ROWS_DEVICES.reset(token)
+
+
 def over(a, axis: str | None):
     """`a` (b, rows, ...) with its rows split over mesh axis `axis` (the batch as XLA has it, the rest whole)."""
     return a if axis is None else jax.lax.with_sharding_constraint(a, P(P.UNCONSTRAINED, axis))
@@ -61,7 +81,8 @@ def chunked(fn, arrays: tuple, chunks: int, axis: str):
         return a.reshape((n, b, w * per) + a.shape[4:])
 
     def one(xs):
-        return over(fn(*(over(a, axis) for a in xs)), axis)
+        with _rows_on(w):
+            return over(fn(*(over(a, axis) for a in xs)), axis)
 
     xs = tuple(map(cut, arrays))
     out = jax.lax.map(one, xs) if n > 1 else one(tuple(a[0] for a in xs))[None]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pia_jax.models import frame_split, ip_adapter
+from pia_jax.models import attention, frame_split, ip_adapter
 from pia_jax.models.config import LATENT_CHANNELS, PIA_IN_CHANNELS, UNetConfig
 from pia_jax.models.layers import Attention, Builder, FeedForward, nearest_resize
 from pia_jax.models.motion import MotionModule
@@ -62,9 +62,10 @@ class BasicTransformerBlock(nnx.Module):
         if context.ndim == 4:  # (b, f, T, D): each frame attends to its own text (prompt travel)
             x_NxSxC = x_NxSxC + self.attn2(self.norm2(x_NxSxC), context.reshape((n,) + context.shape[2:]))
         else:  # (b, T, D): every frame attends to the same text: fold frames into the query sequence, project
-            b = context.shape[0]  # k/v once per video
+            b = context.shape[0]  # k/v once per video; the frames' rows split over devices split the sequence
             x_BxFSxC = x_NxSxC.reshape(b, (n // b) * s, c)
-            x_BxFSxC = x_BxFSxC + self.attn2(self.norm2(x_BxFSxC), context)
+            with attention.queries_split(frame_split.rows_devices()):
+                x_BxFSxC = x_BxFSxC + self.attn2(self.norm2(x_BxFSxC), context)
             x_NxSxC = x_BxFSxC.reshape(n, s, c)
         return x_NxSxC + self.ff(self.norm3(x_NxSxC))
 
