@@ -1,15 +1,15 @@
-"""One video over many devices (issue 30): guidance's two halves on a `cfg` mesh axis, a long video's context
-windows (context mode unet) or its frames inside the UNet (context mode attention, and videos without windows:
-each chunk's frames in the spatial layers, its sites in the motion modules) on a `window` axis, chosen from the
-device count and the batch.
+"""One video over many devices (issue 30): guidance's two halves on a `cfg` mesh axis, a long video's context windows
+(context mode unet) or its frames inside the UNet (context mode attention, and videos without windows: each chunk's
+frames in the spatial layers, its sites in the motion modules) on a `window` axis, chosen from the device count and
+the batch.
 
-Oracle: the same video on one device. Both sides are fp32 on the same CPU and run the same per-row UNet; the
-split only changes which device computes a row and the order of the blend's, the guidance's and the frame-pooled
-GroupNorm statistics' sums (an all-reduce or a gather instead of a local sum): measured 4e-6 to 5.5e-6 of the
-frame range, guidance 7.5 amplifying the rounding of each UNet evaluation; the bound is 1e-5 of the [0, 1] frame
-range (test_sampling.py uses the same for 8 devices vs 1). A wrong branch pairing, window, weight, text slice or
-frame order moves frames by > 1e-2 (test_context_modes.py). That the work is split, not replicated, is read from the compiled denoise
-program: XLA's per-device FLOP count falls with the devices a video gets.
+Oracle: the same video on one device. Both sides are fp32 on the same CPU and run the same per-row UNet; the split
+only changes which device computes a row and the order of the blend's, the guidance's and the frame-pooled GroupNorm
+statistics' sums (an all-reduce or a gather instead of a local sum): measured 4e-6 to 5.5e-6 of the frame range,
+guidance 7.5 amplifying the rounding of each UNet evaluation; the bound is 1e-5 of the [0, 1] frame range
+(test_sampling.py uses the same for 8 devices vs 1). A wrong branch pairing, window, weight, text slice or frame
+order moves frames by > 1e-2 (test_context_modes.py). That the work is split, not replicated, is read from the
+compiled denoise program: XLA's per-device FLOP count falls with the devices a video gets.
 """
 
 import dataclasses
@@ -91,13 +91,16 @@ def test_the_split_follows_the_devices_and_the_batch():
 def test_frame_chunks_over_devices_keep_every_row_in_place():
     """frame_split.frame_rows, the UNet's frame chunks split over 4 devices, with several chunks per device (a
     lax.map) and padding (30 frames: 3 chunks of 4 x 3): every row, and a per-frame text cut with it, comes back
-    where it was, exactly (the row-local function sees the same rows)."""
+    where it was, exactly (the row-local function sees the same rows). The function is traced knowing its rows are
+    split over 4 devices (frame_split.rows_devices, which the cross-attention's chunk choice reads), 1 elsewhere."""
     from pia_jax.models import frame_split
     mesh = sharding.sampler_mesh(jax.devices(), (1, 2, 4))
     rows = np.random.default_rng(0).standard_normal((2 * 30, 3)).astype(np.float32)
     text = np.random.default_rng(1).standard_normal((2, 30, 5, 3)).astype(np.float32)
+    seen = []
 
     def fn(x, ctx):  # row by row, exact in floats (2x is), so any rounding difference is a misplaced row
+        seen.append(frame_split.rows_devices())
         return 2 * x + ctx.reshape((-1,) + ctx.shape[2:])[:, 0]
 
     def split(x, ctx):
@@ -105,16 +108,17 @@ def test_frame_chunks_over_devices_keep_every_row_in_place():
             return frame_split.frame_rows(fn, frame_split.Chunks(3, "window"), 30, (x,), ctx)
     x = jax.device_put(rows, NamedSharding(mesh, P("cfg")))  # a video per cfg device, as guided_eps places them
     np.testing.assert_array_equal(np.asarray(jax.jit(split)(x, text)), np.asarray(fn(rows, text)))
+    assert seen == [4, 1]  # traced inside the split, then called outside it
 
 
 def test_one_video_over_many_devices_is_the_one_device_video(model, monkeypatch):
     """16 frames with guidance (no windows: cfg = 2 x window = 4, the frames in groups of 4 split inside the UNet as
-    attention mode's chunks are; 13 frames: window 3, padded), the same with 2 devices per video (6 idle, no padding copies), and 64 frames in
-    context mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes and prompt travel: the
-    frames of one device, and each device's share of the denoise work is ~1/8, 1/2 resp. ~1/8 of the one-device
-    program's. The programs are traced for the layout's devices: attention kernels chosen, and Pallas ones
-    partitioned, for the 2 devices the pair uses (over all 8 the splash kernel's shard_map does not lower: a TPU
-    slice)."""
+    attention mode's chunks are; 13 frames: window 3, padded), the same with 2 devices per video (6 idle, no padding
+    copies), and 64 frames in context mode unet (13 windows of 16, stride 4: cfg = 2 x window = 4), with keyframes
+    and prompt travel: the frames of one device, and each device's share of the denoise work is ~1/8, 1/2 resp. ~1/8
+    of the one-device program's. The programs are traced for the layout's devices: attention kernels chosen, and
+    Pallas ones partitioned, for the 2 devices the pair uses (over all 8 the splash kernel's shard_map does not
+    lower: a TPU slice)."""
     one = Animator.load(model, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     many = Animator.load(model)
     assert many.devices == 8
