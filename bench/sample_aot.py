@@ -522,16 +522,21 @@ def _hlo_path(row: dict, commit: str) -> Path:
     return HLO_DIR / f"{row['target']}x{row['chips']}{split}-{row['frames']}-{commit}.hlo.gz"
 
 
+def _row_key(row: dict) -> str:
+    """A row's identity (KEYS, BASE's values for keys older lines lack) as a string."""
+    return json.dumps({k: row.get(k, BASE.get(k)) for k in KEYS}, sort_keys=True)
+
+
 def run_table(out: Path, rows: list[dict], min_free_gb: float, stop_at: float | None, worktree: bool, fresh: bool):
     """Each row not yet in `out` (`fresh`: not yet compiled at this commit), one process at a time once enough host
     memory is free, compiling HEAD's snapshot (or, `worktree`, this working tree); a failed row is recorded with its
     error; a row still compiling at `stop_at` (epoch seconds) is killed and left for a later run."""
     src = {} if worktree else {"PYTHONPATH": str(snapshot())}
     commit = _git("rev-parse", "--short", "HEAD")
-    done = {json.dumps({k: r.get(k, BASE.get(k)) for k in KEYS}, sort_keys=True) for r in map(json.loads, out.open())
+    done = {_row_key(r) for r in map(json.loads, out.open())
             if not fresh or r.get("source", {}).get("commit") == commit} if out.exists() else set()
     for i, row in enumerate(rows):
-        key = json.dumps({k: row[k] for k in KEYS}, sort_keys=True)
+        key = _row_key(row)
         if key in done:
             continue
         while _available_gb() < min_free_gb and (stop_at is None or time.time() < stop_at):
@@ -577,10 +582,9 @@ def markdown(rows: list[dict]) -> str:
     """BENCHMARKS.md's table from result lines (failed rows with their error): the newest line of each row (KEYS),
     in TABLE's order, without the `split` workaround's where sample.py's own program compiled; the older lines stay
     in the JSON lines file."""
-    newest = {json.dumps({k: r.get(k, BASE.get(k)) for k in KEYS}, sort_keys=True): r for r in rows}
-    order = [json.dumps({k: r[k] for k in KEYS}, sort_keys=True) for r in TABLE]
-    rows = sorted(newest.values(), key=lambda r: order.index(json.dumps({k: r.get(k, BASE.get(k)) for k in KEYS},
-                                                                      sort_keys=True)))
+    newest = {_row_key(r): r for r in rows}
+    order = [_row_key(r) for r in TABLE]
+    rows = sorted(newest.values(), key=lambda r: order.index(_row_key(r)))
     where = lambda r: (r["target"], r["chips"], r["frames"])  # noqa: E731
     ran = {where(r) for r in rows if r.get("program_mesh") == "animator" and "error" not in r}
     rows = [r for r in rows if r.get("program_mesh") != "split" or where(r) not in ran]

@@ -216,7 +216,6 @@ def write_png_frames(directory, frames: np.ndarray) -> None:
     _write_atomically(directory, write, directory=True)
 
 
-
 def write_video(fmt: str, path, frames: np.ndarray, fps: float = 8) -> None:
     """`frames` written as format `fmt` ("gif", "mp4" or "png": a folder of frames) at `path`, complete or not at
     all: the one place sample.py and the web UI turn a video into files."""
@@ -225,6 +224,7 @@ def write_video(fmt: str, path, frames: np.ndarray, fps: float = 8) -> None:
     if fmt not in writers:
         raise MediaError(f"video format must be one of {tuple(writers)}, got {fmt!r}")
     writers[fmt]()
+
 
 # ---- CLIP's image preprocessing (the CLIP metric model and IP-Adapter's image encoder), step for step as
 # transformers' `CLIPImageProcessor` (PIL backend): 1. resize the short side to `resize` pixels, the long side to
